@@ -1,0 +1,43 @@
+"""onpo_jax: Optimistic Nash Policy Optimization (arXiv 2502.16852) in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="onpo_jax",
+    version="0.1.0",
+    description=(
+        "ONPO: aligning LLMs with general (non-Bradley-Terry) preferences by "
+        "optimistic online mirror descent, in JAX / Flax NNX."
+    ),
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["onpo_jax", "onpo_jax.*", "experiments", "configs"]),
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.11",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "transformers>=5.0",
+        "tensorflow-datasets>=4.9.9",
+        "array-record>=0.7",
+        "ml-collections>=1.0",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "scipy>=1.13",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+        "safetensors>=0.4",
+        "pyarrow>=15",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # torch is only used by tests and benchmarks, as the independent peer
+        # (logits parity against transformers' PyTorch models).
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+        ],
+    },
+)
