@@ -9,6 +9,7 @@ import ml_collections
 # does not pay for importing the model stack.
 EXPERIMENTS = {
     "tabular": "onpo_jax.tabular.experiment:run",
+    "selfplay": "onpo_jax.train:run",
 }
 
 
