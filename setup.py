@@ -34,6 +34,7 @@ setuptools.setup(
         # (logits parity against transformers' PyTorch models).
         "test": [
             "pytest>=8",
+            "datasets>=5.2",  # only to write a real save_to_disk directory in tests
             "torch==2.13.0",
             "nbclient>=0.10",
             "nbformat>=5.10",

@@ -10,6 +10,7 @@ import ml_collections
 EXPERIMENTS = {
     "tabular": "onpo_jax.tabular.experiment:run",
     "selfplay": "onpo_jax.train:run",
+    "llm": "onpo_jax.llm:run",
 }
 
 
