@@ -1,0 +1,268 @@
+"""Decoder-only transformer (Llama / Mistral / Qwen2) in Flax NNX.
+
+Public API (shared with the sampler, testbed and judge code):
+  Decoder(config, rngs=...)(tokens, positions, attention_mask, cache)
+      -> (logits [B, L, V] float32, new_cache | None)
+  Decoder.hidden_states / logits_from_hidden / token_logprobs
+  KVCache, init_cache, positions_from_mask, chunked_token_logprobs.
+
+Left padding: pads have attention_mask False and positions come from the mask,
+so the first real token has position 0 whatever the padding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from onpo_jax.models import layers
+from onpo_jax.models import rope as rope_lib
+from onpo_jax.models.config import DecoderConfig
+from onpo_jax.models.sharding import constrain
+
+
+class KVCache(NamedTuple):
+  """Key/value cache, a plain pytree (donatable under jit).
+
+  Attributes:
+    k, v: [num_layers, B, S, num_kv_heads, head_dim], compute dtype.
+    mask: [B, S] bool, slot holds a real token.
+    index: int32 scalar, next slot to write.
+  """
+  k: jnp.ndarray
+  v: jnp.ndarray
+  mask: jnp.ndarray
+  index: jnp.ndarray
+
+
+def init_cache(config: DecoderConfig, batch_size: int, max_length: int,
+               dtype=None) -> KVCache:
+  """An empty cache with `max_length` slots (dtype defaults to config.dtype)."""
+  if batch_size <= 0 or max_length <= 0:
+    raise ValueError(
+        f'batch_size and max_length: expected positive ints, got '
+        f'{batch_size}, {max_length}')
+  dtype = jnp.dtype(dtype or config.dtype)
+  shape = (config.num_layers, batch_size, max_length, config.num_kv_heads,
+           config.head_dim)
+  return KVCache(
+      k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+      mask=jnp.zeros((batch_size, max_length), bool),
+      index=jnp.zeros((), jnp.int32))
+
+
+def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
+  """Positions counted over real tokens: clip(cumsum(mask) - 1, 0), int32.
+
+  The first real token of a left-padded row gets position 0; pads get 0.
+  """
+  return jnp.clip(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def chunked_token_logprobs(h: jnp.ndarray, tokens: jnp.ndarray,
+                           attention_mask: jnp.ndarray, unembed,
+                           chunk_size: int | None = None) -> jnp.ndarray:
+  """Aligned next-token log-probs without materialising [B, L, V] logits.
+
+  out[b, t] = log softmax(unembed(h[b, t-1]))[tokens[b, t]] for t ≥ 1, i.e.
+  log p(tokens[b, t] | tokens[b, <t]); out[b, 0] = 0. Positions whose token
+  or predecessor is masked out (pads, and the first real token of a
+  left-padded row, which has no real context) are 0 as well.
+
+  The sequence is cut into chunks of `chunk_size` predictions; each chunk's
+  logits ([B, chunk, V] float32) are built, log-softmaxed and gathered inside
+  a rematerialised scan step, so neither the forward nor the backward pass
+  keeps more than one chunk of logits.
+
+  Args:
+    h: [B, L, D] final hidden states.
+    tokens: [B, L] int token ids.
+    attention_mask: [B, L] bool.
+    unembed: function [B, C, D] -> [B, C, V] float32 logits.
+    chunk_size: predictions per chunk; None means one chunk of L - 1.
+
+  Returns:
+    [B, L], float32 (float64 if the logits are float64).
+  """
+  if h.ndim != 3 or tokens.shape != h.shape[:2]:
+    raise ValueError(
+        f'h / tokens: expected [B, L, D] and [B, L], got {h.shape}, '
+        f'{tokens.shape}')
+  if attention_mask.shape != tokens.shape:
+    raise ValueError(
+        f'attention_mask: expected shape {tokens.shape}, '
+        f'got {attention_mask.shape}')
+  b, l, d = h.shape
+  n = l - 1
+  if n == 0:
+    return jnp.zeros((b, l), jnp.promote_types(h.dtype, jnp.float32))
+  if chunk_size is None:
+    chunk_size = n
+  if chunk_size <= 0:
+    raise ValueError(f'chunk_size: expected a positive int, got {chunk_size}')
+  chunk_size = min(chunk_size, n)
+  num_chunks = -(-n // chunk_size)
+  pad = num_chunks * chunk_size - n
+  h_prev = jnp.pad(h[:, :-1], ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))
+  h_prev = h_prev.reshape(b, num_chunks, chunk_size, d).swapaxes(0, 1)
+  targets = targets.reshape(b, num_chunks, chunk_size).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_chunk(hc, tc):
+    logits = unembed(hc)
+    # float32 at least (float64 stays float64 for reference tests).
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp, tc[..., None], axis=-1)[..., 0]
+
+  def step(carry, xs):
+    return carry, one_chunk(*xs)
+
+  _, out = jax.lax.scan(step, None, (h_prev, targets))
+  out = out.swapaxes(0, 1).reshape(b, num_chunks * chunk_size)[:, :n]
+  valid = attention_mask[:, 1:] & attention_mask[:, :-1]
+  out = jnp.where(valid, out, 0.0)
+  return jnp.concatenate([jnp.zeros((b, 1), out.dtype), out], axis=1)
+
+
+class Decoder(nnx.Module):
+  """Decoder-only transformer configured by a DecoderConfig."""
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    c = config
+    pd = c.jnp_param_dtype
+    self.config = c
+    self.embed = layers.param(rngs, (c.vocab_size, c.hidden_size),
+                              ('vocab', 'embed'), pd)
+    self.layers = nnx.List(
+        [layers.Block(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = layers.RMSNorm(c.hidden_size, c.rms_norm_eps, pd)
+    if not c.tie_word_embeddings:
+      self.lm_head = layers.param(rngs, (c.hidden_size, c.vocab_size),
+                                  ('embed', 'vocab'), pd)
+
+  def _check_inputs(self, tokens, positions, attention_mask):
+    if tokens.ndim != 2:
+      raise ValueError(f'tokens: expected [B, L], got shape {tokens.shape}')
+    if positions.shape != tokens.shape:
+      raise ValueError(
+          f'positions: expected shape {tokens.shape}, got {positions.shape}')
+    if attention_mask.shape != tokens.shape:
+      raise ValueError(
+          f'attention_mask: expected shape {tokens.shape}, '
+          f'got {attention_mask.shape}')
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f'tokens: expected an integer dtype, got {tokens.dtype}')
+
+  def hidden_states(self, tokens, positions, attention_mask,
+                    cache: KVCache | None = None):
+    """Final-norm hidden states (as HF's last_hidden_state).
+
+    Args:
+      tokens: [B, L] int32.
+      positions: [B, L] int32 RoPE positions (use positions_from_mask).
+      attention_mask: [B, L] bool, False on pads.
+      cache: None, or a KVCache; the L tokens are written at slots
+        [index, index + L) (the caller keeps index + L ≤ S) and each query at
+        slot s attends to the valid slots s' ≤ s (and s - s' < sliding_window).
+
+    Returns:
+      (h [B, L, D] in the compute dtype, new cache with index + L, or None).
+    """
+    self._check_inputs(tokens, positions, attention_mask)
+    c = self.config
+    attention_mask = attention_mask.astype(bool)
+    b, l = tokens.shape
+    # FSDP gathers the embed dimension before use; gathering rows straight
+    # from an fsdp-sharded table makes XLA replicate the whole lookup.
+    table = constrain(self.embed[...], ('vocab', None))
+    h = jnp.take(table, tokens, axis=0).astype(c.jnp_dtype)
+    h = constrain(h, ('batch', 'length', None))
+    # A constant of the config; kept off the module so it is not nnx state.
+    inv_freq = jnp.asarray(_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
+    if cache is None:
+      slots = jnp.arange(l, dtype=jnp.int32)
+      mask = layers.attention_weights_mask(slots, slots, attention_mask,
+                                           c.sliding_window)
+      cache_k = cache_v = None
+      index = jnp.zeros((), jnp.int32)
+    else:
+      if cache.mask.shape[0] != b:
+        raise ValueError(
+            f'cache: batch size {cache.mask.shape[0]} != tokens batch {b}')
+      s = cache.mask.shape[1]
+      # dynamic_update_slice would silently clamp an overflowing write; check
+      # whenever the index is concrete (outside jit).
+      if (not isinstance(cache.index, jax.core.Tracer)
+          and int(cache.index) + l > s):
+        raise ValueError(
+            f'cache: writing {l} tokens at slot {int(cache.index)} overflows '
+            f'max_length {s}')
+      index = jnp.asarray(cache.index, jnp.int32)
+      key_mask = jax.lax.dynamic_update_slice(
+          cache.mask, attention_mask, (jnp.zeros((), jnp.int32), index))
+      mask = layers.attention_weights_mask(
+          index + jnp.arange(l, dtype=jnp.int32),
+          jnp.arange(s, dtype=jnp.int32), key_mask, c.sliding_window)
+      cache_k, cache_v = cache.k, cache.v
+
+    for i, block in enumerate(self.layers):
+      if c.remat:
+        h, cache_k, cache_v = nnx.remat(
+            lambda blk, *args: blk(*args), static_argnums=(7,))(
+                block, h, positions, inv_freq, mask, cache_k, cache_v, i,
+                index)
+      else:
+        h, cache_k, cache_v = block(h, positions, inv_freq, mask, cache_k,
+                                    cache_v, i, index)
+    h = self.final_norm(h)
+    if cache is None:
+      return h, None
+    return h, KVCache(k=cache_k, v=cache_v, mask=key_mask, index=index + l)
+
+  def _unembedding(self):
+    """[D, V] output projection (the transposed embedding when tied)."""
+    if self.config.tie_word_embeddings:
+      return self.embed[...].T
+    return self.lm_head[...]
+
+  def logits_from_hidden(self, h):
+    """[..., D] hidden states -> [..., V] float32 logits."""
+    return _unembed(h, self._unembedding())
+
+  def __call__(self, tokens, positions, attention_mask,
+               cache: KVCache | None = None):
+    """Returns (logits [B, L, V] float32, new cache or None)."""
+    h, new_cache = self.hidden_states(tokens, positions, attention_mask,
+                                      cache)
+    logits = constrain(self.logits_from_hidden(h),
+                       ('batch', 'length', 'vocab'))
+    return logits, new_cache
+
+  def token_logprobs(self, tokens, positions, attention_mask, *,
+                     chunk_size: int | None = None):
+    """Aligned log p(tokens[b, t] | tokens[b, <t]), [B, L] float32.
+
+    See chunked_token_logprobs for the convention (out[:, 0] = 0, masked
+    positions 0) and the chunking.
+    """
+    h, _ = self.hidden_states(tokens, positions, attention_mask)
+    w = self._unembedding()
+    return chunked_token_logprobs(
+        h, tokens, attention_mask.astype(bool),
+        lambda hc: _unembed(hc, w), chunk_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _inv_freq(head_dim, theta, scaling):
+  return rope_lib.rope_inv_freq(head_dim, theta, scaling)
+
+
+def _unembed(h, w):
+  return jnp.einsum('...d,dv->...v', h, w.astype(h.dtype),
+                    preferred_element_type=jnp.float32)

@@ -1,0 +1,225 @@
+"""Decoder building blocks: RMSNorm, GQA attention, SwiGLU MLP, block.
+
+Parameter layouts keep heads as their own axis so that tensor parallelism can
+shard them by logical name; hf_io.py reshapes to/from HF's fused [out, in]
+matrices.
+
+References:
+  Zhang & Sennrich, "Root Mean Square Layer Normalization", arXiv 1910.07467,
+  eq. (4).
+  Ainslie et al., "GQA", arXiv 2305.13245 (grouped key/value heads).
+  Shazeer, "GLU Variants Improve Transformer", arXiv 2002.05202, eq. (6)
+  (SwiGLU).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from onpo_jax.models import rope as rope_lib
+from onpo_jax.models.config import DecoderConfig
+from onpo_jax.models.sharding import constrain
+
+# Finite mask value: a query with no visible key (a left pad) gets a uniform
+# softmax instead of NaN, so pads never poison gradients.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_INIT_STD = 0.02
+
+
+def param(rngs: nnx.Rngs | None, shape, names, dtype, init: str = 'normal'
+          ) -> nnx.Param:
+  """A Param carrying logical axis names (sharded later, not eagerly)."""
+  if len(shape) != len(names):
+    raise ValueError(f'names {names} do not match shape {shape}')
+  if init == 'normal':
+    value = _INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+  elif init == 'ones':
+    value = jnp.ones(shape, jnp.float32)
+  elif init == 'zeros':
+    value = jnp.zeros(shape, jnp.float32)
+  else:
+    raise ValueError(f'init: unknown initialiser {init!r}')
+  return nnx.Param(value.astype(dtype), out_sharding=tuple(names),
+                   eager_sharding=False)
+
+
+def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
+  """RMSNorm (Zhang & Sennrich eq. 4): x / sqrt(mean(x²) + eps) · scale.
+
+  The statistic is computed in float32 (float64 for float64 inputs) and the
+  result cast back to x.dtype before scaling, as HF Llama does.
+  """
+  if scale.shape != x.shape[-1:]:
+    raise ValueError(f'scale: expected shape {x.shape[-1:]}, got {scale.shape}')
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+  normed = (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+  return scale.astype(x.dtype) * normed
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with a learned per-channel scale."""
+
+  def __init__(self, dim: int, eps: float, param_dtype):
+    self.scale = param(None, (dim,), ('norm',), param_dtype, init='ones')
+    self.eps = eps
+
+  def __call__(self, x):
+    return rms_norm(x, self.scale[...], self.eps)
+
+
+def attention_weights_mask(q_slots: jnp.ndarray, k_slots: jnp.ndarray,
+                           key_mask: jnp.ndarray,
+                           sliding_window: int | None) -> jnp.ndarray:
+  """Which keys each query may see: causal by slot, valid keys, window.
+
+  Args:
+    q_slots: [Lq] slot index of each query.
+    k_slots: [S] slot index of each key.
+    key_mask: [B, S] bool, key slot holds a real token.
+    sliding_window: None, or keep only keys with q_slot - k_slot < window.
+
+  Returns:
+    [B, Lq, S] bool.
+  """
+  visible = k_slots[None, :] <= q_slots[:, None]
+  if sliding_window is not None:
+    visible &= k_slots[None, :] > q_slots[:, None] - sliding_window
+  return visible[None] & key_mask[:, None, :]
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE."""
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    c = config
+    pd = c.jnp_param_dtype
+    self.config = c
+    self.q = param(rngs, (c.hidden_size, c.num_heads, c.head_dim),
+                   ('embed', 'heads', 'head_dim'), pd)
+    self.k = param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim),
+                   ('embed', 'kv_heads', 'head_dim'), pd)
+    self.v = param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim),
+                   ('embed', 'kv_heads', 'head_dim'), pd)
+    self.o = param(rngs, (c.num_heads, c.head_dim, c.hidden_size),
+                   ('heads', 'head_dim', 'embed'), pd)
+    if c.attention_bias:
+      self.q_bias = param(rngs, (c.num_heads, c.head_dim),
+                          ('heads', 'head_dim'), pd, init='zeros')
+      self.k_bias = param(rngs, (c.num_kv_heads, c.head_dim),
+                          ('kv_heads', 'head_dim'), pd, init='zeros')
+      self.v_bias = param(rngs, (c.num_kv_heads, c.head_dim),
+                          ('kv_heads', 'head_dim'), pd, init='zeros')
+
+  def project_kv(self, x, positions, inv_freq):
+    """Rotated keys and values of x: two [B, L, Hkv, d] arrays."""
+    dt = x.dtype
+    k = jnp.einsum('bld,dhk->blhk', x, self.k[...].astype(dt))
+    v = jnp.einsum('bld,dhk->blhk', x, self.v[...].astype(dt))
+    if self.config.attention_bias:
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
+    k = rope_lib.apply_rope(k, positions, inv_freq)
+    names = ('batch', 'length', 'kv_heads', 'head_dim')
+    return constrain(k, names), constrain(v, names)
+
+  def __call__(self, x, positions, inv_freq, keys, values, mask):
+    """Attends the queries of x to keys/values.
+
+    Args:
+      x: [B, L, D] normalised inputs (compute dtype).
+      positions: [B, L] RoPE positions.
+      inv_freq: [d/2] RoPE inverse frequencies.
+      keys, values: [B, S, Hkv, d] (S = L without a cache).
+      mask: [B, L, S] bool visibility.
+
+    Returns:
+      [B, L, D].
+    """
+    c = self.config
+    dt = x.dtype
+    b, l, _ = x.shape
+    q = jnp.einsum('bld,dhk->blhk', x, self.q[...].astype(dt))
+    if c.attention_bias:
+      q = q + self.q_bias[...].astype(dt)
+    q = rope_lib.apply_rope(q, positions, inv_freq)
+    q = constrain(q, ('batch', 'length', 'heads', 'head_dim'))
+    groups = c.num_heads // c.num_kv_heads
+    # Query head h uses kv head h // groups (HF repeat_kv order).
+    q = q.reshape(b, l, c.num_kv_heads, groups, c.head_dim)
+    scores = jnp.einsum('blkgd,bskd->bkgls', q, keys.astype(dt),
+                        preferred_element_type=jnp.float32)
+    scores = scores * (c.head_dim ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum('bkgls,bskd->blkgd', probs, values.astype(dt))
+    out = out.reshape(b, l, c.num_heads, c.head_dim)
+    out = constrain(out, ('batch', 'length', 'heads', 'head_dim'))
+    return jnp.einsum('blhk,hkd->bld', out, self.o[...].astype(dt))
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate x) ⊙ up x) (Shazeer eq. 6)."""
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    c = config
+    pd = c.jnp_param_dtype
+    self.gate = param(rngs, (c.hidden_size, c.intermediate_size),
+                      ('embed', 'mlp'), pd)
+    self.up = param(rngs, (c.hidden_size, c.intermediate_size),
+                    ('embed', 'mlp'), pd)
+    self.down = param(rngs, (c.intermediate_size, c.hidden_size),
+                      ('mlp', 'embed'), pd)
+
+  def __call__(self, x):
+    dt = x.dtype
+    g = x @ self.gate[...].astype(dt)
+    u = x @ self.up[...].astype(dt)
+    h = constrain(jax.nn.silu(g) * u, ('batch', 'length', 'mlp'))
+    return h @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm x), then x + mlp(norm x)."""
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    pd = config.jnp_param_dtype
+    self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd)
+    self.attn = Attention(config, rngs=rngs)
+    self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, positions, inv_freq, mask, cache_k, cache_v, layer,
+               index):
+    """One block, reading and writing this layer's KV-cache slots.
+
+    Args:
+      x: [B, L, D].
+      positions: [B, L].
+      inv_freq: [d/2].
+      mask: [B, L, S] bool visibility.
+      cache_k, cache_v: [num_layers, B, S, Hkv, d] caches, or None (then the
+        keys are this call's own tokens, S = L).
+      layer: int, this block's index into the caches.
+      index: int32 scalar, first slot to write.
+
+    Returns:
+      (x [B, L, D], cache_k, cache_v) with this layer's slots written.
+    """
+    h = self.attn_norm(x)
+    k, v = self.attn.project_kv(h, positions, inv_freq)
+    if cache_k is not None:
+      zero = jnp.zeros((), jnp.int32)
+      start = (jnp.asarray(layer, jnp.int32), zero, index, zero, zero)
+      cache_k = jax.lax.dynamic_update_slice(
+          cache_k, k[None].astype(cache_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(
+          cache_v, v[None].astype(cache_v.dtype), start)
+      k, v = cache_k[layer], cache_v[layer]
+    x = x + self.attn(h, positions, inv_freq, k, v, mask)
+    x = constrain(x, ('batch', 'length', None))
+    x = x + self.mlp(self.mlp_norm(x))
+    x = constrain(x, ('batch', 'length', None))
+    return x, cache_k, cache_v
