@@ -1,0 +1,252 @@
+"""Sampler and train-step throughput: onpo_jax (JAX) vs transformers (PyTorch).
+
+Both sides run the same Llama-architecture model with the same weights: a
+randomly initialised `transformers.LlamaForCausalLM` is saved to a temporary
+directory and imported with `onpo_jax.models.load_hf_checkpoint`. Measured:
+  * sampling: tokens/s of `onpo_jax.sampler.Sampler` (jitted prefill + decode
+    loop, donated KV cache) vs `model.generate` (KV cache, do_sample, top_k=0),
+    exactly `--new-tokens` tokens per prompt on both sides (no EOS stop);
+  * training: tokens/s of one jitted forward+backward+Adam step on a
+    sequence log-prob loss (sum of response-token log-probs) vs the same step
+    in PyTorch (eager).
+The first call of each JAX function (compilation) and of each torch function
+(warm-up) is timed separately and excluded from the throughput.
+
+Run (CPU, defaults: 4 layers, d=256, vocab 32k, batch 32, 64 new tokens):
+  python -m benchmarks.sampler
+  python -m benchmarks.sampler --layers 2 --batch 8 --new-tokens 16   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import transformers
+from flax import nnx
+
+from onpo_jax import sampler as sampler_lib
+from onpo_jax.models import decoder as decoder_lib
+from onpo_jax.models import hf_io
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--hidden", type=int, default=256)
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--kv-heads", type=int, default=4)
+  p.add_argument("--intermediate", type=int, default=1024)
+  p.add_argument("--vocab", type=int, default=32000)
+  p.add_argument("--batch", type=int, default=32, help="prompts per sampling call")
+  p.add_argument("--prompt-len", type=int, default=32, help="longest prompt (left-padded)")
+  p.add_argument("--new-tokens", type=int, default=64)
+  p.add_argument("--train-batch", type=int, default=8)
+  p.add_argument("--train-len", type=int, default=128, help="prompt + response length")
+  p.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--threads", type=int, default=1,
+                  help="CPU threads for both torch and XLA (0 = library defaults). Default 1: "
+                  "on a shared, oversubscribed machine multi-threaded torch spin-waits and "
+                  "runs >10x slower, which would flatter JAX")
+  p.add_argument("--skip-train", action="store_true")
+  return p.parse_args(argv)
+
+
+def build_models(args, workdir):
+  """A random torch Llama and the same weights in our Decoder (via hf_io)."""
+  torch.manual_seed(args.seed)
+  hf_config = transformers.LlamaConfig(
+      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+      num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
+      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+  torch_model = transformers.LlamaForCausalLM(hf_config).eval()
+  torch_model.save_pretrained(workdir)
+  jax_model = hf_io.load_hf_checkpoint(workdir)
+  return torch_model, jax_model
+
+
+def make_prompts(args, rng):
+  """Left-padded prompts with lengths between prompt_len/2 and prompt_len."""
+  lengths = rng.integers(max(1, args.prompt_len // 2), args.prompt_len + 1, size=args.batch)
+  tokens = rng.integers(3, args.vocab, size=(args.batch, args.prompt_len))
+  mask = np.arange(args.prompt_len)[None, :] >= (args.prompt_len - lengths)[:, None]
+  return np.where(mask, tokens, 0).astype(np.int64), mask
+
+
+def timed(fn, repeats):
+  """First-call wall seconds, then medians of wall and process-CPU seconds of the next calls.
+
+  CPU time (all threads of this process) is reported next to wall time because
+  on a shared machine wall time mostly measures the other tenants.
+  """
+  t0 = time.perf_counter()
+  fn()
+  first = time.perf_counter() - t0
+  walls, cpus = [], []
+  for _ in range(repeats):
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    walls.append(time.perf_counter() - t0)
+    cpus.append(time.process_time() - c0)
+  return first, float(np.median(walls)), float(np.median(cpus))
+
+
+def _rates(n_tokens, jax_timing, torch_timing):
+  (jf, jw, jc), (tf, tw, tc) = jax_timing, torch_timing
+  return dict(jax_first=jf, torch_first=tf, jax_wall=n_tokens / jw, torch_wall=n_tokens / tw,
+              jax_cpu=n_tokens / jc, torch_cpu=n_tokens / tc)
+
+
+def check_parity(torch_model, jax_model, tokens, mask):
+  """Max |Δ logits| at the last prompt slot: the two sides really share weights."""
+  with torch.no_grad():
+    ref = torch_model(input_ids=torch.from_numpy(tokens),
+                      attention_mask=torch.from_numpy(mask.astype(np.int64))).logits[:, -1]
+  m = jnp.asarray(mask)
+  ours, _ = jax_model(jnp.asarray(tokens, jnp.int32), decoder_lib.positions_from_mask(m), m)
+  return float(np.abs(np.asarray(ours[:, -1]) - ref.numpy()).max())
+
+
+def bench_sampling(args, torch_model, jax_model, tokens, mask):
+  n_tokens = args.batch * args.new_tokens
+  cfg = sampler_lib.SamplingConfig(max_new_tokens=args.new_tokens, eos_ids=(),
+                                   prompt_buckets=(args.prompt_len,))
+  graphdef, state = nnx.split(jax_model)
+  smp = sampler_lib.Sampler(graphdef, cfg, model_config=jax_model.config)
+  keys = iter(jax.random.split(jax.random.key(args.seed), args.repeats + 1))
+  jax_timing = timed(
+      lambda: jax.block_until_ready(smp(state, tokens, mask, next(keys))), args.repeats)
+
+  gen_cfg = transformers.GenerationConfig(
+      do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
+      min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=2, use_cache=True)
+  t_tokens = torch.from_numpy(tokens)
+  t_mask = torch.from_numpy(mask.astype(np.int64))
+
+  def torch_generate():
+    with torch.no_grad():
+      out = torch_model.generate(input_ids=t_tokens, attention_mask=t_mask,
+                                 generation_config=gen_cfg)
+    assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
+
+  return _rates(n_tokens, jax_timing, timed(torch_generate, args.repeats))
+
+
+def bench_training(args, torch_model, jax_model, rng):
+  """Returns {variant: rates} for two JAX losses against the same torch step.
+
+  'token_logprobs' uses `Decoder.token_logprobs` (chunked, rematerialised: never
+  stores [B, L, V] logits); 'full_logits' takes log_softmax of the full logits,
+  as the torch step does.
+  """
+  b, l = args.train_batch, args.train_len
+  tokens = rng.integers(3, args.vocab, size=(b, l))
+  attn = np.ones((b, l), bool)
+  resp = np.zeros((b, l), bool)
+  resp[:, l // 2:] = True  # second half plays the response; prompt tokens are masked out
+  n_tokens = b * l
+  graphdef, params = nnx.split(jax_model)
+  tx = optax.adam(1e-5)
+  j_tokens, j_attn, j_resp = jnp.asarray(tokens, jnp.int32), jnp.asarray(attn), jnp.asarray(resp)
+
+  def jax_timing(full_logits):
+    def loss_fn(params, tokens, attn, resp):
+      model = nnx.merge(graphdef, params)
+      positions = decoder_lib.positions_from_mask(attn)
+      if full_logits:
+        logits, _ = model(tokens, positions, attn)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), tokens[:, 1:, None],
+                                 axis=-1)[..., 0]
+        lp = jnp.pad(lp, ((0, 0), (1, 0)))
+      else:
+        lp = model.token_logprobs(tokens, positions, attn)
+      return -jnp.mean(jnp.sum(jnp.where(resp, lp, 0.0), axis=-1))
+
+    def step(params, opt_state, tokens, attn, resp):
+      loss, grads = jax.value_and_grad(loss_fn)(params, tokens, attn, resp)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    fresh = jax.tree.map(jnp.copy, params)  # donation must not consume the model's arrays
+    carry = [fresh, tx.init(fresh)]
+
+    def jax_step():
+      carry[0], carry[1], loss = step(carry[0], carry[1], j_tokens, j_attn, j_resp)
+      jax.block_until_ready(loss)
+
+    return timed(jax_step, args.repeats)
+
+  timings = {name: jax_timing(name == "full_logits")
+             for name in ("token_logprobs", "full_logits")}
+
+  torch_model.train()
+  opt = torch.optim.Adam(torch_model.parameters(), lr=1e-5)
+  t_tokens = torch.from_numpy(tokens)
+  t_resp = torch.from_numpy(resp[:, 1:])
+
+  def torch_step():
+    opt.zero_grad(set_to_none=True)
+    logits = torch_model(input_ids=t_tokens).logits[:, :-1].float()
+    lp = torch.log_softmax(logits, -1).gather(-1, t_tokens[:, 1:, None])[..., 0]
+    loss = -(lp * t_resp).sum(-1).mean()
+    loss.backward()
+    opt.step()
+
+  torch_timing = timed(torch_step, args.repeats)
+  torch_model.eval()
+  return {name: _rates(n_tokens, t, torch_timing) for name, t in timings.items()}
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.threads > 0:
+    # Read when the XLA CPU backend starts, i.e. at the first JAX computation below.
+    multi = "true" if args.threads > 1 else "false"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_cpu_multi_thread_eigen={multi}"
+                               f" intra_op_parallelism_threads={args.threads}")
+    torch.set_num_threads(args.threads)
+  rng = np.random.default_rng(args.seed)
+  print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {len(jax.devices())} devices), "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}, cpus={os.cpu_count()}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"model: llama {args.layers} layers, d={args.hidden}, heads={args.heads}/{args.kv_heads}, "
+        f"ffn={args.intermediate}, vocab={args.vocab}, float32")
+  with tempfile.TemporaryDirectory() as workdir:
+    torch_model, jax_model = build_models(args, workdir)
+  tokens, mask = make_prompts(args, rng)
+  print(f"parity: max |logits_jax - logits_torch| = "
+        f"{check_parity(torch_model, jax_model, tokens, mask):.2e}")
+  rows = [("sampling", f"batch {args.batch}, prompt<={args.prompt_len}, "
+           f"{args.new_tokens} new tokens", bench_sampling(args, torch_model, jax_model,
+                                                         tokens, mask))]
+  if not args.skip_train:
+    for variant, rates in bench_training(args, torch_model, jax_model, rng).items():
+      rows.append(("train step", f"{args.train_batch}x{args.train_len} tok, adam, {variant}",
+                   rates))
+  header = (f"{'task':<11}{'setting':<38}{'tok/s (wall) jax/torch/ratio':>31}"
+            f"{'tok/s (cpu) jax/torch/ratio':>30}{'1st call s jax/torch':>23}")
+  print(header)
+  print("-" * len(header))
+  for name, setting, r in rows:
+    wall = f"{r['jax_wall']:.0f} / {r['torch_wall']:.0f} / {r['jax_wall'] / r['torch_wall']:.2f}"
+    cpu = f"{r['jax_cpu']:.0f} / {r['torch_cpu']:.0f} / {r['jax_cpu'] / r['torch_cpu']:.2f}"
+    first = f"{r['jax_first']:.1f} / {r['torch_first']:.1f}"
+    print(f"{name:<11}{setting:<38}{wall:>31}{cpu:>30}{first:>23}")
+  print("ratio = jax / torch (> 1: jax faster). 1st call = compilation (jax) / warm-up (torch), "
+        f"excluded from tok/s, which come from the median of {args.repeats} calls.")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,592 @@
+"""Jitted autoregressive sampling with a KV cache, incl. Nash-MD geometric mixtures.
+
+Two jitted functions per sampler, as in tunix `generate/sampler.py`:
+  * `prefill`: runs the left-padded prompt through every model once, filling a
+    fresh KV cache, and returns the next-token logits at the last prompt slot;
+  * `decode`: a `lax.while_loop` that samples one token per step for the whole
+    batch and feeds it back through the model(s); the KV caches are donated.
+Prompts are padded on the left up to a bucket length (`SamplingConfig.prompt_buckets`)
+on the host, so a new batch of the same size within a bucket reuses the compiled
+code. Positions always come from the padding mask (`positions_from_mask`), so the
+first real token sits at position 0 whatever the padding.
+
+Geometric mixture (Nash-MD, Munos et al. 2023, arXiv 2312.00886): the
+mixture policy is π_α(y_t | x, y_<t) ∝ π_θ(y_t | ·)^{1−α} · π_ref(y_t | ·)^{α}, a
+per-token normalised product. `MixtureSampler` advances the policy's and the
+reference's caches together and samples every token from
+softmax((1−α)·ℓ_θ + α·ℓ_ref), never mixing whole sequences.
+
+Log-prob conventions (shared with the losses): `response_logprobs[b, j]` is the
+log-probability of the sampled token under the model's *unmodified* distribution
+(temperature 1, no top-k / top-p), which equals
+`Decoder.token_logprobs(sequences, ...)[b, P + j]` in the aligned convention
+(out[b, t] = log p(tokens[b, t] | tokens[b, <t])). `sampling_logprobs` holds the
+log-probabilities under the distribution actually sampled from (after
+temperature / top-k / top-p; 0 for greedy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from onpo_jax.models import decoder as decoder_lib
+
+_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static sampling settings; changing any of them recompiles the sampler.
+
+  Attributes:
+    max_new_tokens: N, number of response tokens generated per prompt (> 0).
+    temperature: divides the logits before sampling (> 0); ignored when greedy.
+    top_k: keep only the k most likely tokens (0 = off). Ties with the k-th
+      logit are kept, as in transformers' `TopKLogitsWarper`.
+    top_p: nucleus sampling, keep the smallest top set of mass ≥ top_p
+      (1.0 = off), applied after temperature and top-k as in transformers.
+    greedy: take the argmax of the model's logits (temperature/top-k/top-p
+      cannot change the argmax, so they are ignored).
+    eos_ids: a sequence stops after generating any of these ids (Llama 3 lists
+      several); empty = never stop (fixed-length responses).
+    pad_id: written on every response position after the first EOS.
+    prompt_buckets: strictly increasing prompt lengths; a prompt batch is
+      left-padded to the smallest bucket that fits it.
+    cache_dtype: KV-cache dtype ('float32' | 'bfloat16' | 'float16'); None
+      uses the model's compute dtype.
+  """
+
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+  prompt_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
+  cache_dtype: str | None = None
+
+  def __post_init__(self):
+    # Lists (e.g. generation_config.json's eos_token_id) are accepted and frozen.
+    for name in ("eos_ids", "prompt_buckets"):
+      value = getattr(self, name)
+      if isinstance(value, (list, np.ndarray)):
+        object.__setattr__(self, name, tuple(int(v) for v in value))
+    _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+    if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
+        or not math.isfinite(self.temperature) or self.temperature <= 0:
+      raise ValueError(
+          f"SamplingConfig.temperature must be a finite float > 0, got {self.temperature!r}")
+    _check_int("top_k", self.top_k, minimum=0)
+    if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) \
+        or not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
+    if not isinstance(self.greedy, bool):
+      raise ValueError(f"SamplingConfig.greedy must be a bool, got {self.greedy!r}")
+    if not isinstance(self.eos_ids, tuple):
+      raise ValueError(f"SamplingConfig.eos_ids must be a tuple of ints, got {self.eos_ids!r}")
+    for e in self.eos_ids:
+      _check_int("eos_ids[...]", e, minimum=0)
+    _check_int("pad_id", self.pad_id, minimum=0)
+    if not isinstance(self.prompt_buckets, tuple) or not self.prompt_buckets:
+      raise ValueError(
+          "SamplingConfig.prompt_buckets must be a non-empty tuple of ints, "
+          f"got {self.prompt_buckets!r}")
+    for b in self.prompt_buckets:
+      _check_int("prompt_buckets[...]", b, minimum=1)
+    if any(b >= c for b, c in zip(self.prompt_buckets, self.prompt_buckets[1:])):
+      raise ValueError(
+          f"SamplingConfig.prompt_buckets must be strictly increasing, got {self.prompt_buckets}")
+    if self.cache_dtype is not None and self.cache_dtype not in _CACHE_DTYPES:
+      raise ValueError(
+          f"SamplingConfig.cache_dtype must be None or one of {_CACHE_DTYPES}, "
+          f"got {self.cache_dtype!r}")
+
+
+def _check_int(name, value, *, minimum):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"SamplingConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+
+# ------------------------------------------------------------------ pure functions
+
+
+def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+  """Temperature, then top-k, then top-p (nucleus) filtering of logits.
+
+  Removed tokens get -inf, so `softmax` of the result is the sampling
+  distribution. Order and tie rules follow transformers' logits warpers
+  (temperature → top-k → top-p); nucleus sampling is Holtzman et al. 2020
+  (arXiv 1904.09751): keep the smallest set of most likely tokens whose
+  mass is ≥ top_p, i.e. token i survives iff the mass strictly above it is < p.
+
+  Args:
+    logits: [..., V] unnormalised log-probabilities (log-probs also work: the
+      result is shift invariant).
+    temperature: > 0, static.
+    top_k: 0 (off) or number of tokens kept, static.
+    top_p: in (0, 1]; 1.0 is off, static.
+
+  Returns:
+    [..., V] float32 filtered logits.
+
+  Raises:
+    ValueError: on a bad hyper-parameter or a scalar `logits`.
+  """
+  if logits.ndim < 1:
+    raise ValueError(f"logits must have shape [..., V], got shape {logits.shape}")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0, got {top_k}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  x = logits.astype(jnp.float32) if logits.dtype != jnp.float64 else logits
+  if temperature != 1.0:
+    x = x / temperature
+  neg_inf = jnp.array(-jnp.inf, x.dtype)
+  vocab = x.shape[-1]
+  if 0 < top_k < vocab:
+    kth = jax.lax.top_k(x, top_k)[0][..., -1:]
+    x = jnp.where(x < kth, neg_inf, x)
+  if top_p < 1.0:
+    # A threshold on the logit (not a scatter of the sorted mask) keeps ties
+    # together and avoids an inverse permutation.
+    sorted_desc = jnp.flip(jnp.sort(x, axis=-1), axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_above = jnp.cumsum(probs, axis=-1) - probs
+    num_kept = jnp.sum(mass_above < top_p, axis=-1, keepdims=True)
+    num_kept = jnp.maximum(num_kept, 1)  # float rounding can never empty the set
+    threshold = jnp.take_along_axis(sorted_desc, num_kept - 1, axis=-1)
+    x = jnp.where(x < threshold, neg_inf, x)
+  return x
+
+
+def geometric_mixture_logprobs(logits_policy: jax.Array, logits_ref: jax.Array,
+                               alpha: jax.Array | float) -> jax.Array:
+  """Per-token geometric mixture log π_α ∝ (1−α)·log π_θ + α·log π_ref.
+
+  Nash-MD (Munos et al. 2023, arXiv 2312.00886, the regularised policy
+  π^α_θ(y) ∝ π_θ(y)^{1−α} π_ref(y)^{α}), applied token by token so sampling needs
+  only both models' next-token logits. Mixing logits or log-probs gives the same
+  distribution (each differs by a per-row constant); log-probs are mixed here so
+  the intermediate values stay bounded.
+
+  Args:
+    logits_policy: [..., V] next-token logits of π_θ.
+    logits_ref: [..., V] next-token logits of π_ref, same shape.
+    alpha: scalar in [0, 1]; 0 gives π_θ, 1 gives π_ref.
+
+  Returns:
+    [..., V] normalised log-probabilities of the mixture.
+
+  Raises:
+    ValueError: if the shapes differ or alpha is not a scalar.
+  """
+  if logits_policy.shape != logits_ref.shape:
+    raise ValueError(
+        f"logits_policy {logits_policy.shape} and logits_ref {logits_ref.shape} "
+        "must have the same shape")
+  if logits_policy.ndim < 1:
+    raise ValueError(f"logits must have shape [..., V], got {logits_policy.shape}")
+  alpha = jnp.asarray(alpha)
+  if alpha.ndim != 0:
+    raise ValueError(f"alpha must be a scalar, got shape {alpha.shape}")
+  dtype = jnp.result_type(logits_policy.dtype, jnp.float32)
+  logp_policy = jax.nn.log_softmax(logits_policy.astype(dtype), axis=-1)
+  logp_ref = jax.nn.log_softmax(logits_ref.astype(dtype), axis=-1)
+  alpha = alpha.astype(dtype)
+  # Select instead of multiplying at the ends so that α=0 (α=1) ignores -inf
+  # entries of the other model (0·(-inf) would be NaN).
+  mixed = jnp.where(alpha == 0, logp_policy,
+                    jnp.where(alpha == 1, logp_ref,
+                              (1 - alpha) * logp_policy + alpha * logp_ref))
+  return jax.nn.log_softmax(mixed, axis=-1)
+
+
+def response_mask_from_tokens(tokens: jax.Array, eos_ids: Sequence[int]
+                              ) -> tuple[jax.Array, jax.Array]:
+  """Marks generated tokens up to and including the first EOS.
+
+  Only the generated tokens are passed in, so an EOS id inside the prompt can
+  never stop a sequence (a bug seen in public code).
+
+  Args:
+    tokens: [B, N] generated token ids.
+    eos_ids: ids that end a sequence; empty means all N tokens are kept.
+
+  Returns:
+    (mask [B, N] bool, lengths [B] int32): mask[b, j] is True iff no EOS occurs
+    in tokens[b, :j]; lengths counts the True entries (EOS included).
+  """
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must have shape [B, N], got {tokens.shape}")
+  if not eos_ids:
+    mask = jnp.ones(tokens.shape, bool)
+  else:
+    is_eos = jnp.isin(tokens, jnp.asarray(tuple(eos_ids), tokens.dtype))
+    eos_before = (jnp.cumsum(is_eos, axis=-1) - is_eos) > 0
+    mask = ~eos_before
+  return mask, jnp.sum(mask, axis=-1, dtype=jnp.int32)
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+  """Smallest bucket ≥ length; raises if the prompt fits no bucket."""
+  for b in buckets:
+    if length <= b:
+      return int(b)
+  raise ValueError(
+      f"prompt length {length} exceeds the largest prompt bucket {max(buckets)}; "
+      "add a larger entry to SamplingConfig.prompt_buckets")
+
+
+def pad_prompts_to_bucket(prompt_tokens, prompt_mask, buckets: Sequence[int], pad_id: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads a left-padded prompt batch (host side) to its bucket length.
+
+  Leading all-pad columns are dropped first, so the bucket depends on the
+  longest real prompt, not on how the caller padded.
+
+  Args:
+    prompt_tokens: [B, P] int token ids, left-padded.
+    prompt_mask: [B, P] bool, False on padding; every row needs one real token
+      and the padding must all be on the left.
+    buckets: increasing prompt lengths.
+    pad_id: id written on the new padding.
+
+  Returns:
+    (tokens [B, bucket] int32, mask [B, bucket] bool) as numpy arrays.
+
+  Raises:
+    ValueError: on shape mismatch, an empty row, right padding or no bucket.
+  """
+  tokens = np.asarray(prompt_tokens)
+  mask = np.asarray(prompt_mask)
+  if tokens.ndim != 2:
+    raise ValueError(f"prompt_tokens must have shape [B, P], got {tokens.shape}")
+  if mask.shape != tokens.shape:
+    raise ValueError(
+        f"prompt_mask shape {mask.shape} must equal prompt_tokens shape {tokens.shape}")
+  if not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f"prompt_tokens must be integer, got dtype {tokens.dtype}")
+  mask = mask.astype(bool)
+  if not mask.any(axis=1).all():
+    raise ValueError(
+        f"prompt_mask rows {np.flatnonzero(~mask.any(axis=1)).tolist()} have no real token")
+  if (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+    raise ValueError("prompts must be left-padded: prompt_mask must be False...False True...True "
+                     "in every row")
+  length = int(mask.sum(axis=1).max())
+  tokens, mask = tokens[:, -length:], mask[:, -length:]
+  bucket = bucket_length(length, buckets)
+  pad = bucket - length
+  tokens = np.pad(tokens.astype(np.int32), ((0, 0), (pad, 0)), constant_values=pad_id)
+  mask = np.pad(mask, ((0, 0), (pad, 0)), constant_values=False)
+  return tokens, mask
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class SampleOutput(NamedTuple):
+  """Sampler output; P is the bucket length, N = max_new_tokens.
+
+  Attributes:
+    sequences: [B, P+N] int32, left-padded prompt then response; pad_id after EOS.
+    attention_mask: [B, P+N] bool, real prompt tokens and response_mask.
+    response_mask: [B, P+N] bool, True exactly on generated tokens up to and
+      including the first EOS.
+    response_tokens: [B, N] int32, sequences[:, P:].
+    response_logprobs: [B, N] float32, log-prob of each response token under the
+      unmodified model (temperature 1, no filtering) — for `MixtureSampler`,
+      under the unmodified geometric mixture; 0 after EOS.
+    sampling_logprobs: [B, N] float32, log-prob under the distribution sampled
+      from (temperature/top-k/top-p applied; 0 for greedy); 0 after EOS.
+    model_logprobs: [M, B, N] float32, per-model unmodified log-probs (M = 1 for
+      `Sampler`; [policy, ref] for `MixtureSampler`); 0 after EOS.
+    lengths: [B] int32, number of response tokens (EOS included).
+  """
+
+  sequences: jax.Array
+  attention_mask: jax.Array
+  response_mask: jax.Array
+  response_tokens: jax.Array
+  response_logprobs: jax.Array
+  sampling_logprobs: jax.Array
+  model_logprobs: jax.Array
+  lengths: jax.Array
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+class _MultiModelSampler:
+  """Shared machinery: M models advanced in lock step, one combined next-token law."""
+
+  def __init__(self, graphdefs, model_configs, config: SamplingConfig,
+               combine: Callable[[Sequence[jax.Array], Any], jax.Array]):
+    if not isinstance(config, SamplingConfig):
+      raise TypeError(f"sampling_config must be a SamplingConfig, got {type(config).__name__}")
+    self.config = config
+    self._graphdefs = tuple(graphdefs)
+    self._model_configs = tuple(model_configs)
+    self._combine = combine
+    vocabs = {int(c.vocab_size) for c in self._model_configs}
+    if len(vocabs) != 1:
+      raise ValueError(f"all models must share one vocabulary, got vocab sizes {sorted(vocabs)}")
+    self.vocab_size = vocabs.pop()
+    for name, ids in (("eos_ids", config.eos_ids), ("pad_id", (config.pad_id,))):
+      if any(i >= self.vocab_size for i in ids):
+        raise ValueError(
+            f"SamplingConfig.{name}={getattr(config, name)} out of range for vocab_size "
+            f"{self.vocab_size}")
+    if config.top_k > self.vocab_size:
+      raise ValueError(
+          f"SamplingConfig.top_k={config.top_k} exceeds vocab_size {self.vocab_size}")
+    self.prefill = jax.jit(self._prefill_impl)
+    # Caches are argument 1: donated so the loop updates them in place.
+    self.decode = jax.jit(self._decode_impl, donate_argnums=(1,))
+
+  # -- jitted bodies ------------------------------------------------------------
+
+  def _prefill_impl(self, states, prompt_tokens, prompt_mask):
+    """Fills a fresh cache per model; returns (caches, last-slot logits per model)."""
+    batch, prompt_len = prompt_tokens.shape
+    max_len = prompt_len + self.config.max_new_tokens
+    positions = decoder_lib.positions_from_mask(prompt_mask)
+    dtype = None if self.config.cache_dtype is None else jnp.dtype(self.config.cache_dtype)
+    caches, logits = [], []
+    for graphdef, state, mcfg in zip(self._graphdefs, states, self._model_configs):
+      model = nnx.merge(graphdef, state)
+      cache = decoder_lib.init_cache(mcfg, batch, max_len, dtype)
+      h, cache = model.hidden_states(prompt_tokens, positions, prompt_mask, cache)
+      # Only the last slot's logits are needed: [B, 1, V] instead of [B, P, V].
+      logits.append(model.logits_from_hidden(h[:, -1:, :])[:, 0, :].astype(jnp.float32))
+      caches.append(cache)
+    return tuple(caches), tuple(logits)
+
+  def _choose(self, logp_combined, key):
+    """Samples one token per row; returns (token [B], sampling log-prob [B])."""
+    cfg = self.config
+    if cfg.greedy:
+      tok = jnp.argmax(logp_combined, axis=-1).astype(jnp.int32)
+      return tok, jnp.zeros(tok.shape, jnp.float32)
+    if cfg.temperature == 1.0 and cfg.top_k == 0 and cfg.top_p == 1.0:
+      # `logp_combined` is already normalised: skip two passes over the vocabulary.
+      tok = categorical(key, logp_combined)
+      return tok, _gather(logp_combined, tok)
+    filtered = filter_logits(logp_combined, temperature=cfg.temperature, top_k=cfg.top_k,
+                             top_p=cfg.top_p)
+    tok = categorical(key, filtered)
+    logp_sampling = jax.nn.log_softmax(filtered, axis=-1)
+    return tok, _gather(logp_sampling, tok)
+
+  def _decode_impl(self, states, caches, last_logits, prompt_tokens, prompt_mask, key, extra):
+    """Samples N tokens (stopping early once every row hit EOS)."""
+    cfg = self.config
+    n_new = cfg.max_new_tokens
+    batch = prompt_tokens.shape[0]
+    num_models = len(self._graphdefs)
+    eos = jnp.asarray(cfg.eos_ids, jnp.int32) if cfg.eos_ids else None
+    # The j-th response token sits at position (#real prompt tokens) + j.
+    next_pos0 = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
+    models = [nnx.merge(g, s) for g, s in zip(self._graphdefs, states)]
+
+    def sample_step(step, logits_per_model, bufs, done):
+      tokens, lp_comb, lp_samp, lp_models = bufs
+      logp_models = [jax.nn.log_softmax(l, axis=-1) for l in logits_per_model]
+      logp_comb = self._combine(logp_models, extra)
+      # fold_in keeps each step's randomness independent of early stopping.
+      tok, lp_s = self._choose(logp_comb, jax.random.fold_in(key, step))
+      tokens = tokens.at[:, step].set(tok)
+      lp_comb = lp_comb.at[:, step].set(_gather(logp_comb, tok))
+      lp_samp = lp_samp.at[:, step].set(lp_s)
+      lp_models = lp_models.at[:, :, step].set(
+          jnp.stack([_gather(lp, tok) for lp in logp_models]))
+      if eos is not None:
+        done = done | jnp.isin(tok, eos)
+      return (tokens, lp_comb, lp_samp, lp_models), done, tok
+
+    bufs = (jnp.full((batch, n_new), cfg.pad_id, jnp.int32),
+            jnp.zeros((batch, n_new), jnp.float32),
+            jnp.zeros((batch, n_new), jnp.float32),
+            jnp.zeros((num_models, batch, n_new), jnp.float32))
+    bufs, done, tok = sample_step(0, last_logits, bufs, jnp.zeros((batch,), bool))
+
+    def cond(carry):
+      step, _, _, done, _ = carry
+      return (step < n_new) & ~jnp.all(done)
+
+    def body(carry):
+      step, caches, prev_tok, done, bufs = carry
+      pos = (next_pos0 + step - 1)[:, None]
+      real = jnp.ones((batch, 1), bool)
+      new_caches, logits = [], []
+      for model, cache in zip(models, caches):
+        lg, cache = model(prev_tok[:, None], pos, real, cache)
+        logits.append(lg[:, 0, :].astype(jnp.float32))
+        new_caches.append(cache)
+      bufs, done, tok = sample_step(step, logits, bufs, done)
+      return step + 1, tuple(new_caches), tok, done, bufs
+
+    _, caches, _, _, bufs = jax.lax.while_loop(
+        cond, body, (jnp.asarray(1, jnp.int32), tuple(caches), tok, done, bufs))
+    tokens, lp_comb, lp_samp, lp_models = bufs
+
+    resp_mask, lengths = response_mask_from_tokens(tokens, cfg.eos_ids)
+    tokens = jnp.where(resp_mask, tokens, cfg.pad_id)
+    zero = jnp.zeros((), jnp.float32)
+    prompt_tokens = prompt_tokens.astype(jnp.int32)
+    out = SampleOutput(
+        sequences=jnp.concatenate([prompt_tokens, tokens], axis=1),
+        attention_mask=jnp.concatenate([prompt_mask, resp_mask], axis=1),
+        response_mask=jnp.concatenate([jnp.zeros_like(prompt_mask), resp_mask], axis=1),
+        response_tokens=tokens,
+        response_logprobs=jnp.where(resp_mask, lp_comb, zero),
+        sampling_logprobs=jnp.where(resp_mask, lp_samp, zero),
+        model_logprobs=jnp.where(resp_mask[None], lp_models, zero),
+        lengths=lengths)
+    return out, caches
+
+  # -- host side ------------------------------------------------------------------
+
+  def _run(self, states, prompt_tokens, prompt_mask, key, extra) -> SampleOutput:
+    tokens, mask = pad_prompts_to_bucket(prompt_tokens, prompt_mask,
+                                         self.config.prompt_buckets, self.config.pad_id)
+    if (tokens >= self.vocab_size).any() or (tokens < 0).any():
+      raise ValueError(f"prompt_tokens must lie in [0, {self.vocab_size})")
+    total = tokens.shape[1] + self.config.max_new_tokens
+    for mcfg in self._model_configs:
+      limit = getattr(mcfg, "max_position_embeddings", None)
+      if limit is not None and total > limit:
+        raise ValueError(
+            f"bucket length {tokens.shape[1]} + SamplingConfig.max_new_tokens "
+            f"{self.config.max_new_tokens} = {total} exceeds max_position_embeddings {limit}")
+    key = jnp.asarray(key)
+    if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or
+            (key.dtype == jnp.uint32 and key.shape == (2,))):
+      raise ValueError(f"key must be a jax.random key, got dtype {key.dtype} shape {key.shape}")
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    caches, last_logits = self.prefill(states, tokens, mask)
+    out, _ = self.decode(states, caches, last_logits, tokens, mask, key, extra)
+    return out
+
+
+def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+  """One sample per row of softmax(logits) by the Gumbel-max trick, [..., V] -> [...] int32.
+
+  Same noise and tie rule (first maximal index) as `jax.random.categorical`, so
+  the samples are identical; written as max-then-first-index because XLA:CPU
+  fuses the random-number generation into argmax's variadic reduction, which
+  then runs ~2.5x slower (measured at [32, 32000]).
+  """
+  y = logits + jax.random.gumbel(key, logits.shape, logits.dtype)
+  is_max = y == jnp.max(y, axis=-1, keepdims=True)
+  iota = jax.lax.broadcasted_iota(jnp.int32, y.shape, y.ndim - 1)
+  return jnp.min(jnp.where(is_max, iota, y.shape[-1]), axis=-1)
+
+
+def _gather(logp, tok):
+  return jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
+class Sampler(_MultiModelSampler):
+  """Samples responses from one decoder.
+
+  Usage:
+    graphdef, state = nnx.split(model)
+    sampler = Sampler(graphdef, SamplingConfig(max_new_tokens=64), model_config=cfg)
+    out = sampler(state, prompt_tokens, prompt_mask, jax.random.key(0))
+
+  `sampler.prefill` and `sampler.decode` are the two jitted functions (their
+  `_cache_size()` counts compilations).
+  """
+
+  def __init__(self, graphdef, sampling_config: SamplingConfig, *, model_config):
+    """Builds the jitted functions.
+
+    Args:
+      graphdef: `nnx.split(model)[0]` of a model with the decoder API.
+      sampling_config: static sampling settings.
+      model_config: the model's `DecoderConfig` (vocab size, cache shape).
+    """
+    super().__init__((graphdef,), (model_config,), sampling_config,
+                     combine=lambda logps, _: logps[0])
+
+  def __call__(self, state, prompt_tokens, prompt_mask, key) -> SampleOutput:
+    """Samples N tokens per left-padded prompt.
+
+    Args:
+      state: `nnx.split(model)[1]`.
+      prompt_tokens: [B, P] int, left-padded.
+      prompt_mask: [B, P] bool, False on padding.
+      key: PRNG key; the same key and inputs give the same samples.
+
+    Returns:
+      `SampleOutput` with P the bucket length.
+    """
+    return self._run((state,), prompt_tokens, prompt_mask, key, jnp.zeros((), jnp.float32))
+
+
+class MixtureSampler(_MultiModelSampler):
+  """Samples from the per-token geometric mixture π_θ^{1−α}·π_ref^{α} (Nash-MD).
+
+  Both models keep their own KV cache and are advanced by the same sampled
+  token; `alpha` is a traced argument, so changing it does not recompile.
+  Temperature / top-k / top-p apply to the mixture's log-probs.
+  """
+
+  def __init__(self, policy_graphdef, ref_graphdef, sampling_config: SamplingConfig, *,
+               policy_model_config, ref_model_config):
+    def combine(logps, alpha):
+      return geometric_mixture_logprobs(logps[0], logps[1], alpha)
+
+    super().__init__((policy_graphdef, ref_graphdef), (policy_model_config, ref_model_config),
+                     sampling_config, combine=combine)
+
+  def __call__(self, policy_state, ref_state, prompt_tokens, prompt_mask, key,
+               alpha: float) -> SampleOutput:
+    """Samples N tokens per prompt from the geometric mixture.
+
+    Args:
+      policy_state: state of π_θ.
+      ref_state: state of π_ref.
+      prompt_tokens: [B, P] int, left-padded.
+      prompt_mask: [B, P] bool.
+      key: PRNG key.
+      alpha: mixture weight α ∈ [0, 1] on the reference.
+
+    Returns:
+      `SampleOutput`; `response_logprobs` are under the mixture and
+      `model_logprobs` are [policy, ref].
+    """
+    if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
+      raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return self._run((policy_state, ref_state), prompt_tokens, prompt_mask, key,
+                     jnp.asarray(alpha, jnp.float32))
+
+
+def sample_mixture(policy_model: nnx.Module, ref_model: nnx.Module, prompt_tokens, prompt_mask,
+                   key, *, alpha: float, sampling_config: SamplingConfig) -> SampleOutput:
+  """One-off convenience wrapper around `MixtureSampler` (compiles every call).
+
+  Long-running loops should build one `MixtureSampler` and reuse it.
+  """
+  policy_graphdef, policy_state = nnx.split(policy_model)
+  ref_graphdef, ref_state = nnx.split(ref_model)
+  sampler = MixtureSampler(policy_graphdef, ref_graphdef, sampling_config,
+                           policy_model_config=policy_model.config,
+                           ref_model_config=ref_model.config)
+  return sampler(policy_state, ref_state, prompt_tokens, prompt_mask, key, alpha)

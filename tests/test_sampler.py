@@ -1,0 +1,514 @@
+"""Tests for onpo_jax.sampler: filtering math, EOS bookkeeping, sampler vs teacher forcing.
+
+Numpy references below are written independently of the implementation (loops
+over sorted tokens instead of cumsum/threshold tricks). Tolerances:
+  * float32: 1e-6 absolute on probabilities from the pure functions (a few
+    ulps of values ≤ 1 after exp of logits of order 1-10); 1e-5 on log-probs
+    between the sampler's cached decode and teacher forcing (two different XLA
+    programs that accumulate attention and softmax sums in different orders);
+  * float64: 1e-12.
+Distribution tests use scipy.stats.chisquare with fixed seeds and require
+p > 1e-3; cells the reference gives probability 0 must never be sampled.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+from onpo_jax import sampler as sampler_lib
+from onpo_jax.models import config as config_lib
+from onpo_jax.models import decoder as decoder_lib
+
+VOCAB = 8
+MODEL_CONFIG = config_lib.DecoderConfig.tiny(
+    vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+    num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+
+
+def make_model(seed):
+  """A tiny decoder whose next-token laws are far from uniform and depend on context.
+
+  The default init (std 0.02) gives near-uniform logits, against which a
+  chi-square test has no power; scaling every matrix by 10 fixes that.
+  """
+  model = decoder_lib.Decoder(MODEL_CONFIG, rngs=nnx.Rngs(seed))
+  state = nnx.state(model)
+  nnx.update(model, jax.tree.map(lambda x: x * 10.0 if x.ndim >= 2 else x, state))
+  return model, MODEL_CONFIG
+
+
+positions_from_mask = decoder_lib.positions_from_mask
+
+
+# ----------------------------------------------------------------- numpy references
+
+
+def np_softmax(x):
+  x = np.asarray(x, np.float64)
+  z = np.exp(x - x.max(-1, keepdims=True))
+  return z / z.sum(-1, keepdims=True)
+
+
+def np_filtered_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+  """Sampling distribution per row, by explicit loops over ranked tokens."""
+  logits = np.asarray(logits, np.float64)
+  out = np.zeros_like(logits)
+  for r, row in enumerate(logits.reshape(-1, logits.shape[-1])):
+    z = row / temperature
+    keep = np.ones(z.shape, bool)
+    if top_k > 0:
+      kth_value = np.sort(z)[::-1][min(top_k, z.size) - 1]
+      keep &= z >= kth_value
+    if top_p < 1.0:
+      p = np.where(keep, np.exp(z - z[keep].max()), 0.0)
+      p /= p.sum()
+      nucleus = np.zeros(z.shape, bool)
+      mass = 0.0
+      for i in np.argsort(-z, kind="stable"):
+        if not keep[i]:
+          continue
+        if mass >= top_p:
+          break
+        nucleus[i] = True
+        mass += p[i]
+      # Tokens tied with the last kept one stay (threshold semantics).
+      keep &= z >= z[nucleus].min()
+    p = np.where(keep, np.exp(z - z[keep].max()), 0.0)
+    out.reshape(-1, z.size)[r] = p / p.sum()
+  return out
+
+
+def np_response_mask(tokens, eos_ids):
+  tokens = np.asarray(tokens)
+  mask = np.zeros(tokens.shape, bool)
+  for b in range(tokens.shape[0]):
+    for j in range(tokens.shape[1]):
+      mask[b, j] = True
+      if tokens[b, j] in eos_ids:
+        break
+  return mask
+
+
+@jax.jit
+def _forward(graphdef, state, tokens, mask):
+  model = nnx.merge(graphdef, state)
+  positions = positions_from_mask(mask)
+  return model(tokens, positions, mask)[0], model.token_logprobs(tokens, positions, mask)
+
+
+def full_logits(model, tokens, mask):
+  """Teacher-forced next-token logits [B, L, V] (no cache), float64 numpy."""
+  graphdef, state = nnx.split(model)
+  logits, _ = _forward(graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool))
+  return np.asarray(logits, np.float64)
+
+
+def teacher_logprobs(model, out):
+  """Decoder.token_logprobs of the sampled sequences (aligned convention)."""
+  graphdef, state = nnx.split(model)
+  return np.asarray(_forward(graphdef, state, out.sequences, out.attention_mask)[1])
+
+
+# ----------------------------------------------------------------- pure functions
+
+
+def _maybe_jit(fn, use_jit, **static):
+  f = lambda *a: fn(*a, **static)
+  return jax.jit(f) if use_jit else f
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("x64", [False, True])
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.6), (1.3, 5, 0.8), (1.0, 12, 0.999),
+    (0.5, 1, 1.0), (1.0, 0, 1e-4)])
+def test_filter_logits_matches_numpy(use_jit, x64, temperature, top_k, top_p):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(4, 3, 12)) * 2.0
+  with jax.enable_x64(x64):
+    dtype = jnp.float64 if x64 else jnp.float32
+    f = _maybe_jit(sampler_lib.filter_logits, use_jit, temperature=temperature, top_k=top_k,
+                   top_p=top_p)
+    got = f(jnp.asarray(logits, dtype))
+    assert got.dtype == dtype
+    probs = np.asarray(jax.nn.softmax(got, axis=-1))
+  ref = np_filtered_probs(logits, temperature, top_k, top_p)
+  np.testing.assert_allclose(probs, ref, atol=1e-12 if x64 else 1e-6, rtol=0)
+  np.testing.assert_array_equal(probs == 0, ref == 0)
+
+
+def test_filter_logits_keeps_ties_and_rejects_bad_args():
+  logits = jnp.array([[2.0, 1.0, 1.0, 0.0]])
+  kept = np.isfinite(np.asarray(sampler_lib.filter_logits(logits, top_k=2)))
+  np.testing.assert_array_equal(kept, [[True, True, True, False]])
+  with pytest.raises(ValueError, match="temperature"):
+    sampler_lib.filter_logits(logits, temperature=0.0)
+  with pytest.raises(ValueError, match="top_p"):
+    sampler_lib.filter_logits(logits, top_p=0.0)
+  with pytest.raises(ValueError, match="top_k"):
+    sampler_lib.filter_logits(logits, top_k=-1)
+  with pytest.raises(ValueError, match="logits"):
+    sampler_lib.filter_logits(jnp.float32(1.0))
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("x64", [False, True])
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
+def test_geometric_mixture_matches_numpy(use_jit, x64, alpha):
+  rng = np.random.default_rng(1)
+  lp, lr = rng.normal(size=(2, 5, 9)) * 3.0
+  lr[0, 2] = -np.inf  # a token the reference forbids: only α = 0 may sample it
+  # Independent reference: normalised product of powers of the two distributions.
+  ref = np_softmax(lp) ** (1 - alpha) * np_softmax(lr) ** alpha
+  ref /= ref.sum(-1, keepdims=True)
+  with jax.enable_x64(x64):
+    dtype = jnp.float64 if x64 else jnp.float32
+    f = sampler_lib.geometric_mixture_logprobs
+    f = jax.jit(f) if use_jit else f
+    got = f(jnp.asarray(lp, dtype), jnp.asarray(lr, dtype), alpha)
+    assert got.dtype == dtype
+    got = np.asarray(jnp.exp(got))
+  np.testing.assert_allclose(got, ref, atol=1e-12 if x64 else 1e-6, rtol=0)
+  assert not np.isnan(got).any()
+
+
+def test_geometric_mixture_rejects_bad_shapes():
+  with pytest.raises(ValueError, match="same shape"):
+    sampler_lib.geometric_mixture_logprobs(jnp.zeros((2, 3)), jnp.zeros((2, 4)), 0.5)
+  with pytest.raises(ValueError, match="alpha"):
+    sampler_lib.geometric_mixture_logprobs(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones(2))
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("eos_ids", [(), (3,), (3, 5, 7)])
+def test_response_mask_from_tokens_matches_numpy(use_jit, eos_ids):
+  tokens = np.random.default_rng(2).integers(0, 8, size=(16, 7))
+  f = _maybe_jit(sampler_lib.response_mask_from_tokens, use_jit, eos_ids=eos_ids)
+  mask, lengths = f(jnp.asarray(tokens, jnp.int32))
+  ref = np_response_mask(tokens, eos_ids)
+  np.testing.assert_array_equal(np.asarray(mask), ref)
+  np.testing.assert_array_equal(np.asarray(lengths), ref.sum(1))
+  if eos_ids:
+    assert not ref.all()  # the fixture really exercises stopping
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("x64", [False, True])
+def test_categorical_equals_jax_random_categorical(use_jit, x64):
+  """Same Gumbel noise and tie rule as jax.random.categorical, hence identical samples."""
+  logits = np.random.default_rng(3).normal(size=(64, 50)) * 3.0
+  logits[:, ::3] = -np.inf  # filtered tokens must never come out
+  with jax.enable_x64(x64):
+    x = jnp.asarray(logits, jnp.float64 if x64 else jnp.float32)
+    f = jax.jit(sampler_lib.categorical) if use_jit else sampler_lib.categorical
+    for seed in range(3):
+      key = jax.random.key(seed)
+      got = np.asarray(f(key, x))
+      np.testing.assert_array_equal(got, np.asarray(jax.random.categorical(key, x, axis=-1)))
+      assert (got % 3 != 0).all()
+  assert len(set(got.tolist())) > 10  # really random, not a constant
+
+
+def test_bucketing_and_prompt_validation():
+  assert sampler_lib.bucket_length(1, (4, 8)) == 4
+  assert sampler_lib.bucket_length(4, (4, 8)) == 4
+  assert sampler_lib.bucket_length(5, (4, 8)) == 8
+  with pytest.raises(ValueError, match="prompt_buckets"):
+    sampler_lib.bucket_length(9, (4, 8))
+  tokens = np.array([[0, 0, 0, 5, 6], [0, 7, 1, 2, 3]])
+  mask = tokens > 0
+  t, m = sampler_lib.pad_prompts_to_bucket(tokens, mask, (2, 6, 9), pad_id=4)
+  np.testing.assert_array_equal(t, [[4, 4, 0, 0, 5, 6], [4, 4, 7, 1, 2, 3]])
+  np.testing.assert_array_equal(m, [[0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1]])
+  assert t.dtype == np.int32 and m.dtype == bool
+  # Extra all-pad columns on the left do not push the batch into a larger bucket.
+  t2, m2 = sampler_lib.pad_prompts_to_bucket(np.pad(tokens, ((0, 0), (5, 0))),
+                                             np.pad(mask, ((0, 0), (5, 0))), (2, 6, 9), 4)
+  np.testing.assert_array_equal(t2, t)
+  np.testing.assert_array_equal(m2, m)
+  with pytest.raises(ValueError, match="left-padded"):
+    sampler_lib.pad_prompts_to_bucket(tokens, mask[:, ::-1], (8,), 0)
+  with pytest.raises(ValueError, match="no real token"):
+    sampler_lib.pad_prompts_to_bucket(tokens, np.zeros_like(mask), (8,), 0)
+  with pytest.raises(ValueError, match="prompt_mask shape"):
+    sampler_lib.pad_prompts_to_bucket(tokens, mask[:, 1:], (8,), 0)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("max_new_tokens", 0, "max_new_tokens"), ("temperature", 0.0, "temperature"),
+    ("temperature", float("nan"), "temperature"), ("top_k", -1, "top_k"),
+    ("top_p", 0.0, "top_p"), ("top_p", 1.5, "top_p"), ("greedy", 1, "greedy"),
+    ("eos_ids", (2, -1), "eos_ids"), ("eos_ids", 2, "eos_ids"), ("pad_id", -1, "pad_id"),
+    ("prompt_buckets", (), "prompt_buckets"), ("prompt_buckets", (8, 4), "prompt_buckets"),
+    ("cache_dtype", "int8", "cache_dtype")])
+def test_sampling_config_validation(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    sampler_lib.SamplingConfig(**{"max_new_tokens": 4, field: value})
+
+
+def test_sampling_config_accepts_lists():
+  cfg = sampler_lib.SamplingConfig(max_new_tokens=3, eos_ids=[128001, 128009],
+                                   prompt_buckets=[4, 8])
+  assert cfg.eos_ids == (128001, 128009) and cfg.prompt_buckets == (4, 8)
+  hash(cfg)
+
+
+# ------------------------------------------------------------------------ sampler
+# Samplers are cached by config and shared between tests: each new config
+# compiles prefill and decode, which dominates the run time on CPU.
+
+
+@pytest.fixture(scope="module")
+def policy():
+  return make_model(0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+  return make_model(1)
+
+
+_SAMPLERS = {}
+
+
+def _sampler(model_and_cfg, *, fresh=False, **kw):
+  """(Sampler, state); policy and reference share one graphdef, hence one Sampler."""
+  model, cfg = model_and_cfg
+  graphdef, state = nnx.split(model)
+  kw.setdefault("prompt_buckets", (4, 8))
+  config = sampler_lib.SamplingConfig(**kw)
+  if fresh or config not in _SAMPLERS:
+    _SAMPLERS[config] = sampler_lib.Sampler(graphdef, config, model_config=cfg)
+  return _SAMPLERS[config], state
+
+
+PROMPTS = np.array([[0, 0, 0, 7, 1, 2, 3], [5, 6, 7, 1, 2, 3, 4], [0, 0, 0, 0, 0, 0, 6]])
+PROMPT_MASK = np.array([[0, 0, 0, 1, 1, 1, 1], [1] * 7, [0] * 6 + [1]], bool)
+N_NEW = 6
+
+
+def test_sampler_logprobs_match_teacher_forcing(policy):
+  """Unfiltered response log-probs line up with Decoder.token_logprobs (aligned)."""
+  model, _ = policy
+  smp, state = _sampler(policy, max_new_tokens=N_NEW, temperature=0.7, top_k=5, top_p=0.9)
+  out = smp(state, PROMPTS, PROMPT_MASK, jax.random.key(3))
+  p_len = out.sequences.shape[1] - N_NEW
+  assert out.sequences.shape == (3, 8 + N_NEW) and p_len == 8
+  tf = teacher_logprobs(model, out)[:, p_len:]
+  np.testing.assert_allclose(np.asarray(out.response_logprobs), tf, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(out.model_logprobs[0]), tf, atol=1e-5, rtol=0)
+  # The sampling log-probs are those of the filtered distribution (numpy reference).
+  logits = full_logits(model, out.sequences, out.attention_mask)[:, p_len - 1:-1]
+  ref = np_filtered_probs(logits, 0.7, 5, 0.9)
+  ref_lp = np.log(np.take_along_axis(ref, np.asarray(out.response_tokens)[..., None], -1)[..., 0])
+  np.testing.assert_allclose(np.asarray(out.sampling_logprobs), ref_lp, atol=1e-5, rtol=0)
+  assert (np.asarray(out.sampling_logprobs) > np.asarray(out.response_logprobs)).any()
+  np.testing.assert_array_equal(np.asarray(out.sequences[:, :p_len]),
+                                np.pad(PROMPTS, ((0, 0), (1, 0))))
+  np.testing.assert_array_equal(
+      np.asarray(out.attention_mask),
+      np.concatenate([np.zeros((3, 1), bool), PROMPT_MASK, np.ones((3, N_NEW), bool)], 1))
+  np.testing.assert_array_equal(np.asarray(out.response_mask[:, :p_len]), False)
+  np.testing.assert_array_equal(np.asarray(out.response_mask[:, p_len:]), True)
+  np.testing.assert_array_equal(np.asarray(out.lengths), N_NEW)
+  assert out.response_tokens.dtype == jnp.int32 and out.response_logprobs.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.6, top_k=6, top_p=0.85)])
+def test_sampled_frequencies_chi_square(policy, kw):
+  """First tokens and (first, second) pairs follow the exact (filtered) law."""
+  model, _ = policy
+  n = 4096
+  smp, state = _sampler(policy, max_new_tokens=2, **kw)
+  prompt = np.array([[1, 2, 3]])
+  out = smp(state, np.repeat(prompt, n, 0), np.ones((n, 3), bool), jax.random.key(11))
+  toks = np.asarray(out.response_tokens)
+  temperature, top_k, top_p = kw.get("temperature", 1.0), kw.get("top_k", 0), kw.get("top_p", 1.0)
+  p1 = np_filtered_probs(full_logits(model, prompt, np.ones((1, 3), bool))[0, -1],
+                         temperature, top_k, top_p)
+  seqs = np.array([[1, 2, 3, a] for a in range(VOCAB)])
+  p2 = np_filtered_probs(full_logits(model, seqs, np.ones(seqs.shape, bool))[:, -1],
+                         temperature, top_k, top_p)
+  joint = (p1[:, None] * p2).ravel()
+  for counts, probs in ((np.bincount(toks[:, 0], minlength=VOCAB), p1),
+                        (np.bincount(toks[:, 0] * VOCAB + toks[:, 1], minlength=VOCAB**2), joint)):
+    support = probs > 0
+    assert counts[~support].sum() == 0
+    assert probs.max() < 0.9  # far from a point mass: the test has power
+    result = stats.chisquare(counts[support], probs[support] / probs[support].sum() * n)
+    assert result.pvalue > 1e-3, (counts, probs * n)
+  # The second token's law depends on the first (a sampler ignoring context would fail).
+  assert np.abs(p2 - p2[0]).max() > 0.05
+  if top_k or top_p < 1:
+    assert (joint == 0).any()  # filtering really removed tokens
+
+
+def test_greedy_is_argmax_chain_and_padding_invariant(policy):
+  model, _ = policy
+  smp, state = _sampler(policy, max_new_tokens=N_NEW, greedy=True)
+  out = smp(state, PROMPTS, PROMPT_MASK, jax.random.key(0))
+  p_len = out.sequences.shape[1] - N_NEW
+  # Causality: teacher forcing on the output sees the same prefixes the sampler
+  # saw, so each response token must be the argmax at the slot before it.
+  logits = full_logits(model, out.sequences, out.attention_mask)[:, p_len - 1:-1]
+  np.testing.assert_array_equal(np.asarray(out.response_tokens), logits.argmax(-1))
+  np.testing.assert_array_equal(np.asarray(out.sampling_logprobs), 0.0)
+  # Row 0 alone fills bucket 4 with no padding at all; in the batch it has 4 pads.
+  alone = smp(state, PROMPTS[:1, -4:], PROMPT_MASK[:1, -4:], jax.random.key(0))
+  assert alone.sequences.shape[1] == 4 + N_NEW and alone.attention_mask[0].all()
+  np.testing.assert_array_equal(np.asarray(alone.response_tokens[0]),
+                                np.asarray(out.response_tokens[0]))
+  np.testing.assert_allclose(np.asarray(alone.response_logprobs[0]),
+                             np.asarray(out.response_logprobs[0]), atol=1e-5, rtol=0)
+
+
+def test_eos_stops_each_row_and_ignores_prompt_eos(policy):
+  smp, state = _sampler(policy, max_new_tokens=N_NEW, greedy=True)
+  free = np.asarray(smp(state, PROMPTS, PROMPT_MASK, jax.random.key(0)).response_tokens)
+  eos_ids = tuple(sorted({int(free[0, 1]), int(free[1, 3]), int(free[2, 0])}))
+  # A fourth prompt made of EOS ids, ending with one; greedy rows are independent,
+  # so rows 0-2 keep their continuations.
+  prompts = np.concatenate([PROMPTS, [[0] * 5 + [eos_ids[-1], eos_ids[0]]]])
+  mask = np.concatenate([PROMPT_MASK, [[False] * 5 + [True] * 2]])
+  free = np.asarray(smp(state, prompts, mask, jax.random.key(0)).response_tokens)
+  pad = min(set(range(VOCAB)) - set(eos_ids))
+  smp_eos, _ = _sampler(policy, max_new_tokens=N_NEW, greedy=True, eos_ids=eos_ids, pad_id=pad)
+  out = smp_eos(state, prompts, mask, jax.random.key(0))
+  expected = np_response_mask(free, eos_ids)
+  assert (expected[:3].sum(1) <= [2, 4, 1]).all()  # rows 0-2 really stopped early
+  np.testing.assert_array_equal(np.asarray(out.response_mask[:, -N_NEW:]), expected)
+  np.testing.assert_array_equal(np.asarray(out.response_mask[:, :-N_NEW]), False)
+  np.testing.assert_array_equal(np.asarray(out.lengths), expected.sum(1))
+  np.testing.assert_array_equal(np.asarray(out.response_tokens), np.where(expected, free, pad))
+  np.testing.assert_array_equal(np.asarray(out.sequences[:, -N_NEW:]),
+                                np.where(expected, free, pad))
+  np.testing.assert_array_equal(np.asarray(out.attention_mask[:, -N_NEW:]), expected)
+  for field in (out.response_logprobs, out.sampling_logprobs, out.model_logprobs[0]):
+    np.testing.assert_array_equal(np.asarray(field)[~expected], 0.0)
+  assert (np.asarray(out.response_logprobs)[expected] < 0).all()
+
+
+def test_no_recompilation_within_bucket_and_cache_donation(policy):
+  smp, state = _sampler(policy, fresh=True, max_new_tokens=3)
+  rng = np.random.default_rng(5)
+  for length in (3, 4, 2):  # all in bucket 4, different prompts and padding
+    toks = rng.integers(0, VOCAB, size=(2, length))
+    smp(state, toks, np.ones((2, length), bool), jax.random.key(length))
+  # New weights with the same structure (e.g. after a training step) must not recompile.
+  state2 = jax.tree.map(lambda x: x * 1.01, state)
+  smp(state2, toks, np.ones((2, 2), bool), jax.random.key(9))
+  assert smp.prefill._cache_size() == 1 and smp.decode._cache_size() == 1
+  smp(state, rng.integers(0, VOCAB, size=(2, 6)), np.ones((2, 6), bool), jax.random.key(0))
+  assert smp.prefill._cache_size() == 2 and smp.decode._cache_size() == 2
+  # The decode loop consumes (donates) the prefill cache.
+  toks, mask = sampler_lib.pad_prompts_to_bucket(toks, np.ones((2, 2), bool), (4,), 0)
+  caches, logits = smp.prefill((state,), jnp.asarray(toks), jnp.asarray(mask))
+  smp.decode((state,), caches, logits, jnp.asarray(toks), jnp.asarray(mask),
+             jax.random.key(0), jnp.float32(0))
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(caches))
+
+
+def test_cache_dtype_and_shapes(policy):
+  smp, state = _sampler(policy, fresh=True, max_new_tokens=3, cache_dtype="bfloat16")
+  toks, mask = jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 4), bool)
+  caches, logits = jax.eval_shape(smp.prefill, (state,), toks, mask)  # traces, no compile
+  # [layers, B, prompt bucket + max_new_tokens, kv heads, head_dim]
+  assert caches[0].k.shape == (2, 2, 4 + 3, 1, 8) and caches[0].k.dtype == jnp.bfloat16
+  assert logits[0].shape == (2, VOCAB) and logits[0].dtype == jnp.float32
+
+
+def test_same_key_same_samples_and_input_errors(policy):
+  smp, state = _sampler(policy, max_new_tokens=N_NEW)
+  a = smp(state, PROMPTS, PROMPT_MASK, jax.random.key(1))
+  b = smp(state, PROMPTS, PROMPT_MASK, jax.random.key(1))
+  c = smp(state, PROMPTS, PROMPT_MASK, jax.random.key(2))
+  np.testing.assert_array_equal(np.asarray(a.sequences), np.asarray(b.sequences))
+  assert (np.asarray(a.sequences) != np.asarray(c.sequences)).any()
+  with pytest.raises(ValueError, match="left-padded"):
+    smp(state, PROMPTS, PROMPT_MASK[:, ::-1], jax.random.key(0))
+  with pytest.raises(ValueError, match="prompt_buckets"):
+    smp(state, np.ones((1, 9), int), np.ones((1, 9), bool), jax.random.key(0))
+  with pytest.raises(ValueError, match=r"prompt_tokens must lie in \[0, 8\)"):
+    smp(state, PROMPTS + 8, PROMPT_MASK, jax.random.key(0))
+  with pytest.raises(ValueError, match="eos_ids"):
+    _sampler(policy, max_new_tokens=2, eos_ids=(VOCAB,))
+  with pytest.raises(ValueError, match="top_k"):
+    _sampler(policy, max_new_tokens=2, top_k=VOCAB + 1)
+  with pytest.raises(ValueError, match="max_position_embeddings"):
+    _sampler(policy, max_new_tokens=60)[0](state, PROMPTS, PROMPT_MASK, jax.random.key(0))
+
+
+# ------------------------------------------------------------------------ mixture
+
+
+@pytest.fixture(scope="module")
+def mixture(policy, reference):
+  (pm, pcfg), (rm, rcfg) = policy, reference
+  config = sampler_lib.SamplingConfig(max_new_tokens=N_NEW, prompt_buckets=(4, 8))
+  smp = sampler_lib.MixtureSampler(nnx.split(pm)[0], nnx.split(rm)[0], config,
+                                   policy_model_config=pcfg, ref_model_config=rcfg)
+  return smp, nnx.state(pm), nnx.state(rm)
+
+
+def test_mixture_endpoints_equal_single_model_samplers(policy, reference, mixture):
+  smp, ps, rs = mixture
+  key = jax.random.key(4)
+  single_smp, _ = _sampler(policy, max_new_tokens=N_NEW)
+  for alpha, state in ((0.0, ps), (1.0, rs)):
+    mix = smp(ps, rs, PROMPTS, PROMPT_MASK, key, alpha)
+    single = single_smp(state, PROMPTS, PROMPT_MASK, key)
+    np.testing.assert_array_equal(np.asarray(mix.sequences), np.asarray(single.sequences))
+    np.testing.assert_allclose(np.asarray(mix.response_logprobs),
+                               np.asarray(single.response_logprobs), atol=1e-5, rtol=0)
+  assert smp.decode._cache_size() == 1  # alpha is traced: no recompilation
+
+
+def test_mixture_per_token_logprobs_match_numpy(policy, reference, mixture):
+  """Each token's mixture log-prob is the normalised (1−α)·log π_θ + α·log π_ref."""
+  alpha = 0.35
+  smp, ps, rs = mixture
+  out = smp(ps, rs, PROMPTS, PROMPT_MASK, jax.random.key(6), alpha)
+  p_len = out.sequences.shape[1] - N_NEW
+  lg_p = full_logits(policy[0], out.sequences, out.attention_mask)[:, p_len - 1:-1]
+  lg_r = full_logits(reference[0], out.sequences, out.attention_mask)[:, p_len - 1:-1]
+  mix = np_softmax(lg_p) ** (1 - alpha) * np_softmax(lg_r) ** alpha
+  mix /= mix.sum(-1, keepdims=True)
+  toks = np.asarray(out.response_tokens)[..., None]
+  ref_lp = np.log(np.take_along_axis(mix, toks, -1)[..., 0])
+  np.testing.assert_allclose(np.asarray(out.response_logprobs), ref_lp, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(out.model_logprobs[0]),
+                             teacher_logprobs(policy[0], out)[:, p_len:], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(out.model_logprobs[1]),
+                             teacher_logprobs(reference[0], out)[:, p_len:], atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="alpha"):
+    smp(ps, rs, PROMPTS, PROMPT_MASK, jax.random.key(6), 1.5)
+
+
+def test_mixture_frequencies_chi_square(policy, reference):
+  alpha, n = 0.3, 4096  # asymmetric: swapping the two models must fail
+  (pm, pcfg), (rm, rcfg) = policy, reference
+  config = sampler_lib.SamplingConfig(max_new_tokens=2, prompt_buckets=(4,))
+  out = sampler_lib.sample_mixture(pm, rm, np.full((n, 2), [4, 1]), np.ones((n, 2), bool),
+                                   jax.random.key(8), alpha=alpha, sampling_config=config)
+  toks = np.asarray(out.response_tokens)
+
+  def mix_probs(seqs):
+    seqs = np.asarray(seqs)
+    m = np.ones(seqs.shape, bool)
+    a = np_softmax(full_logits(pm, seqs, m)[:, -1])
+    b = np_softmax(full_logits(rm, seqs, m)[:, -1])
+    q = a ** (1 - alpha) * b ** alpha
+    return q / q.sum(-1, keepdims=True), a, b
+
+  p1, a1, b1 = mix_probs([[4, 1]])
+  # The mixture differs from both endpoints, so sampling either model would fail.
+  assert np.abs(p1 - a1).max() > 0.05 and np.abs(p1 - b1).max() > 0.05
+  p2, _, _ = mix_probs([[4, 1, t] for t in range(VOCAB)])
+  joint = (p1[0][:, None] * p2).ravel()
+  for counts, probs in ((np.bincount(toks[:, 0], minlength=VOCAB), p1[0]),
+                        (np.bincount(toks[:, 0] * VOCAB + toks[:, 1], minlength=VOCAB**2), joint)):
+    result = stats.chisquare(counts, probs / probs.sum() * n)
+    assert result.pvalue > 1e-3, (counts, probs * n)
