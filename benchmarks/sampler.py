@@ -57,6 +57,9 @@ def parse_args(argv=None):
                   "on a shared, oversubscribed machine multi-threaded torch spin-waits and "
                   "runs >10x slower, which would flatter JAX")
   p.add_argument("--skip-train", action="store_true")
+  p.add_argument("--torch-device", default="cpu",
+                 help="device of the torch peer ('cuda' on a GPU machine; JAX uses its default "
+                      "backend, so run both on the same kind of device)")
   return p.parse_args(argv)
 
 
@@ -71,7 +74,13 @@ def build_models(args, workdir):
   torch_model = transformers.LlamaForCausalLM(hf_config).eval()
   torch_model.save_pretrained(workdir)
   jax_model = hf_io.load_hf_checkpoint(workdir)
-  return torch_model, jax_model
+  return torch_model.to(args.torch_device), jax_model
+
+
+def _sync(device):
+  """Torch runs CUDA kernels asynchronously: wait for them before reading a clock."""
+  if str(device).startswith("cuda"):
+    torch.cuda.synchronize()
 
 
 def make_prompts(args, rng):
@@ -108,9 +117,11 @@ def _rates(n_tokens, jax_timing, torch_timing):
 
 def check_parity(torch_model, jax_model, tokens, mask):
   """Max |Δ logits| at the last prompt slot: the two sides really share weights."""
+  device = torch_model.device
   with torch.no_grad():
-    ref = torch_model(input_ids=torch.from_numpy(tokens),
-                      attention_mask=torch.from_numpy(mask.astype(np.int64))).logits[:, -1]
+    ref = torch_model(input_ids=torch.from_numpy(tokens).to(device),
+                      attention_mask=torch.from_numpy(mask.astype(np.int64)).to(device)
+                      ).logits[:, -1].cpu()
   m = jnp.asarray(mask)
   ours, _ = jax_model(jnp.asarray(tokens, jnp.int32), decoder_lib.positions_from_mask(m), m)
   return float(np.abs(np.asarray(ours[:, -1]) - ref.numpy()).max())
@@ -129,13 +140,14 @@ def bench_sampling(args, torch_model, jax_model, tokens, mask):
   gen_cfg = transformers.GenerationConfig(
       do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
       min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=2, use_cache=True)
-  t_tokens = torch.from_numpy(tokens)
-  t_mask = torch.from_numpy(mask.astype(np.int64))
+  t_tokens = torch.from_numpy(tokens).to(torch_model.device)
+  t_mask = torch.from_numpy(mask.astype(np.int64)).to(torch_model.device)
 
   def torch_generate():
     with torch.no_grad():
       out = torch_model.generate(input_ids=t_tokens, attention_mask=t_mask,
                                  generation_config=gen_cfg)
+    _sync(torch_model.device)
     assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
 
   return _rates(n_tokens, jax_timing, timed(torch_generate, args.repeats))
@@ -191,8 +203,8 @@ def bench_training(args, torch_model, jax_model, rng):
 
   torch_model.train()
   opt = torch.optim.Adam(torch_model.parameters(), lr=1e-5)
-  t_tokens = torch.from_numpy(tokens)
-  t_resp = torch.from_numpy(resp[:, 1:])
+  t_tokens = torch.from_numpy(tokens).to(torch_model.device)
+  t_resp = torch.from_numpy(resp[:, 1:]).to(torch_model.device)
 
   def torch_step():
     opt.zero_grad(set_to_none=True)
@@ -201,6 +213,7 @@ def bench_training(args, torch_model, jax_model, rng):
     loss = -(lp * t_resp).sum(-1).mean()
     loss.backward()
     opt.step()
+    _sync(torch_model.device)
 
   torch_timing = timed(torch_step, args.repeats)
   torch_model.eval()
