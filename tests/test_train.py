@@ -1,0 +1,147 @@
+"""End-to-end tests of the self-play main job (`onpo_jax.train.run`) on `:tiny`.
+
+Compilation dominates these runs on CPU, so they share a persistent XLA
+compilation cache (also used by tests/test_resume.py); results are unaffected
+(a cached executable is the same program).
+"""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from configs import default as default_config
+from onpo_jax import train
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  path = str(tmp_path_factory.getbasetemp() / "selfplay_jax_cache")
+  yield path
+  jax.config.update("jax_compilation_cache_dir", None)
+  compilation_cache.reset_cache()
+
+
+def tiny(cache_dir, **overrides):
+  cfg = default_config.get_config("tiny")
+  cfg.compilation_cache_dir = cache_dir
+  for path, value in overrides.items():
+    node = cfg
+    *parents, leaf = path.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, cache_dir):
+  workdir = tmp_path_factory.mktemp("smoke")
+  summary = train.run(tiny(cache_dir), str(workdir))
+  return str(workdir), summary
+
+
+def _numbers(summary):
+  return {k: summary[k] for k in ("gap", "win_rate_vs_sft", "win_rate_matrix", "sft_gap",
+                                  "oracle_queries")}
+
+
+def test_smoke_writes_every_output_with_finite_metrics(smoke):
+  workdir, summary = smoke
+  cfg = default_config.get_config("tiny")
+  methods = list(cfg.selfplay.methods)
+  t = cfg.selfplay.num_rounds
+  assert summary["methods"] == methods and len(methods) == 8
+  for m in methods:
+    assert len(summary["gap"][m]) == t + 1
+    assert all(math.isfinite(g) and g >= -1e-6 for g in summary["gap"][m])
+    assert summary["oracle_queries"][m] > 0
+  # The SFT row is shared by every method (same start).
+  assert len({summary["gap"][m][0] for m in methods}) == 1
+  wr = np.asarray(summary["win_rate_matrix"]["matrix"])
+  assert wr.shape == (len(methods) + 1,) * 2
+  np.testing.assert_allclose(wr + wr.T, 1.0, atol=1e-5)
+  assert abs(summary["nash_gap"]) < 1e-5
+  for name in ("gap_vs_round.png", "win_rate_matrix.png"):
+    with open(os.path.join(workdir, name), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(os.path.join(workdir, "summary.json")) as f:
+    assert json.load(f)["gap"] == summary["gap"]
+  assert any(n.startswith("events") for n in os.listdir(os.path.join(workdir, "tb")))
+  assert os.listdir(os.path.join(workdir, "checkpoints"))
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [l["unit"] for l in lines] == list(range(1, 2 + t * len(methods)))
+  for line in lines[1:]:
+    assert all(v is not None and math.isfinite(v) for v in line.values()), line
+    method = next(k.split("/")[0] for k in line if "/" in k)
+    for key in ("gap", "win_rate_vs_sft", "mass", "oracle_queries", "sample_tokens_per_s",
+                "train_tokens_per_s"):
+      assert f"{method}/{key}" in line, (method, key)
+    # ONPO-extrapolate has one (auxiliary) regression per round; the others a policy one.
+    phase = "aux" if method == "onpo_extrapolate" else "policy"
+    for key in ("l2_grads", "l2_params", "l2_updates", "loss"):
+      assert f"{method}/{phase}/{key}" in line, (method, key)
+    # Vocabulary = response vocabulary: the exact distribution sums to 1.
+    assert abs(line[f"{method}/mass"] - 1.0) < 1e-4
+  onpo = [l for l in lines if "onpo_two_step/aux/loss" in l]
+  assert len(onpo) == t and all("onpo_two_step/policy/loss" in l for l in onpo)
+
+
+def test_finished_run_does_nothing(smoke, capsys, cache_dir):
+  workdir, summary = smoke
+  steps = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  again = train.run(tiny(cache_dir), workdir)
+  assert "already finished" in capsys.readouterr().out
+  assert again == json.loads(json.dumps(summary))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == steps
+
+
+def test_same_seed_same_numbers_different_seed_different(smoke, tmp_path, cache_dir):
+  _, summary = smoke
+  again = train.run(tiny(cache_dir), str(tmp_path / "same"))
+  assert _numbers(again) == _numbers(json.loads(json.dumps(summary)))
+  other = train.run(tiny(cache_dir, seed=1, **{"selfplay.methods": ("onpo_two_step",),
+                                               "selfplay.num_rounds": 1}),
+                    str(tmp_path / "other"))
+  assert other["gap"]["onpo_two_step"] != summary["gap"]["onpo_two_step"][:2]
+
+
+def test_non_finite_loss_stops_the_run(tmp_path, cache_dir):
+  # Target 1/(2η_I) overflows float32 to inf, so the loss is inf at the first step.
+  cfg = tiny(cache_dir, **{"selfplay.methods": ("omd",), "selfplay.num_rounds": 1,
+                           "omd.eta_inpo": 1e-45})
+  with pytest.raises(FloatingPointError, match="method 'omd', round 1"):
+    train.run(cfg, str(tmp_path))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("onpo.eta", 0.0, r"config\.onpo\.eta"),
+    ("onpo.eta", -1.0, r"config\.onpo\.eta"),
+    ("selfplay.num_samples", 1, r"config\.selfplay\.num_samples"),
+    ("selfplay.methods", ("onpo_two_step", "rlhf"), r"config\.selfplay\.methods"),
+    ("selfplay.pairing", "swiss", r"config\.selfplay\.pairing"),
+    ("model.max_position_embeddings", 4, r"config\.model\.max_position_embeddings"),
+    ("oracle.vocab_size", 5, r"config\.oracle\.vocab_size"),
+    ("testbed.vocab_size", 5, r"config\.testbed\.vocab_size"),
+    ("inpo.tau", 10.0, r"config\.inpo\.tau"),
+    ("dpo.label_smoothing", 0.5, r"config\.dpo\.label_smoothing"),
+    ("nash_md.alpha", 1.5, r"config\.nash_md\.alpha"),
+    ("selfplay.logp_reduction", "max", r"config\.selfplay\.logp_reduction"),
+    ("testbed.response_length", 9, r"config\.testbed\.response_length"),
+])
+def test_bad_config_names_the_field(tmp_path, field, value, match):
+  cfg = tiny("", **{field: value})
+  with pytest.raises(ValueError, match=match):
+    train.run(cfg, str(tmp_path))
+  # Validation comes before any work: nothing was written.
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_config_tiny_and_unknown_arg():
+  assert default_config.get_config().experiment == "selfplay"
+  with pytest.raises(ValueError, match="unknown arg"):
+    default_config.get_config("huge")
