@@ -1,0 +1,626 @@
+r"""Writes the Colab tutorials in colab/ from the cell sources below, and runs them.
+
+    python colab/build_notebooks.py             # write the .ipynb files, no outputs
+    python colab/build_notebooks.py --execute   # write, execute here, save small outputs
+    ONPO_NOTEBOOK_FAST=1 python colab/build_notebooks.py --execute   # the shrunk CI run
+
+The notebooks are generated rather than hand-edited so that their code stays
+reviewable as Python and `tests/test_notebooks.py` can check that the committed
+files still match this script. Every cell only calls `onpo_jax` and plots: any
+logic a tutorial needs belongs in the library.
+"""
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+import nbformat
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+# Where Colab installs the package from: must be the public repository's URL
+# (assumed here; update it, then rebuild). CI and local checkouts already have
+# onpo_jax importable, so the install cell skips it (no network there).
+PIP_SOURCE = "git+https://github.com/onpo-jax/onpo_jax"
+
+INSTALL = f'''\
+# Colab: install onpo_jax from its repository. Skipped where it is already
+# importable (a checkout installed with `pip install -e .`, or CI: no network there).
+import importlib.util
+import subprocess
+import sys
+
+ONPO_JAX_PIP = "{PIP_SOURCE}"  # or a fork / branch: "git+https://...@branch"
+if importlib.util.find_spec("onpo_jax") is None:
+  subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", ONPO_JAX_PIP])
+
+import onpo_jax
+print("onpo_jax", onpo_jax.__version__)'''
+
+
+
+def _md(text: str):
+  return nbformat.v4.new_markdown_cell(text.strip("\n"))
+
+
+def _code(text: str):
+  return nbformat.v4.new_code_cell(text.strip("\n"))
+
+
+# --------------------------------------------------------------------------- 01
+NB01 = [
+    _md(r"""
+# ONPO on tabular preference games
+
+This notebook accompanies **ONPO** — *Improving LLM General Preference Alignment via
+Optimistic Online Mirror Descent* (Zhang et al., [arXiv 2502.16852](https://arxiv.org/abs/2502.16852)).
+With one prompt and finitely many responses, a general preference oracle is a matrix
+$P[y, y'] = P(y \succ y')$ with $P + P^\top = 1$, and alignment is a symmetric two-player game
+$J(\pi_1, \pi_2) = \mathbb{E}\,P(y_1 \succ y_2)$. Everything here is exact (no sampling):
+
+1. transitive (Bradley–Terry) vs cyclic (rock–paper–scissors) preferences, their Nash policies
+   and the duality gap $\mathrm{DualGap}(\pi) = 2\max_y P(y \succ \pi) - 1$;
+2. OMD (= INPO without KL) vs ONPO (optimistic OMD): the average iterate's gap falls as
+   $O(1/\sqrt{T})$ (Theorem 1) vs $O(1/T)$ (Theorem 2) on a log-log plot;
+3. the last iterate: OMD cycles, ONPO converges (Theorem 3).
+
+Runtime: about a minute on a CPU runtime; no accelerator needed.
+"""),
+    _code(INSTALL),
+    _code(r'''
+import os
+import tempfile
+
+# FAST=1 shrinks the horizons so that CI executes this notebook in seconds.
+FAST = os.environ.get("ONPO_NOTEBOOK_FAST", "0") == "1"
+NUM_ROUNDS = 1_000 if FAST else 10_000  # T, rounds of self-play (average-iterate plots)
+LAST_ROUNDS = 300 if FAST else 2_000  # rounds of the last-iterate experiments
+WORKDIR = tempfile.mkdtemp(prefix="onpo_tabular_")
+print(f"FAST={FAST}  T={NUM_ROUNDS}  workdir={WORKDIR}")'''),
+    _code(r'''
+import math
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+from IPython.display import Image, display
+
+from configs import tabular as tabular_config
+from onpo_jax import metrics
+from onpo_jax.tabular import dynamics
+from onpo_jax.tabular import exact
+from onpo_jax.tabular import experiment
+from onpo_jax.tabular import games
+
+# Gaps reach 1e-4 and below: float64 keeps them exact.
+jax.config.update("jax_enable_x64", True)
+plt.rcParams.update({"figure.dpi": 60, "font.size": 9})  # small saved outputs'''),
+    _md(r"""
+## 1. Transitive vs cyclic preferences
+
+A Bradley–Terry oracle, $P(y \succ y') = \sigma(s_y - s_{y'})$, is *transitive*: the best-scored
+response beats everything, so the Nash policy is pure. Rock–paper–scissors is *cyclic*: every
+response loses to another one, and the only Nash policy is the uniform mixture. General
+preferences (ONPO's setting) can be anything in between.
+"""),
+    _code(r'''
+p_bt = games.bradley_terry(jnp.array([[2.0, 1.0, 0.0]]))  # scores s = (2, 1, 0)
+p_rps = games.rock_paper_scissors(num_contexts=1)  # y0 rock, y1 paper, y2 scissors
+fig, axes = plt.subplots(1, 2, figsize=(7, 3), layout="constrained")
+for ax, p, title in [(axes[0], p_bt, "transitive (Bradley-Terry)"),
+                     (axes[1], p_rps, "cyclic (rock-paper-scissors)")]:
+  ax.imshow(p[0], cmap="RdBu_r", vmin=0, vmax=1)
+  for (i, j), v in np.ndenumerate(np.asarray(p[0])):
+    ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if abs(v - 0.5) > 0.3 else "k")
+  ax.set(title=f"P(y beats y'): {title}", xlabel="y'", ylabel="y", xticks=range(3), yticks=range(3))
+plt.show()'''),
+    _md(r"""
+The exact Nash policy of each game comes from a linear program (`exact.nash_lp`); the game value
+is $1/2$ for every symmetric preference game. The duality gap is $0$ exactly at a Nash policy.
+"""),
+    _code(r'''
+policies = {"uniform": jnp.full((1, 3), 1 / 3), "always y0": jnp.array([[1.0, 0.0, 0.0]])}
+rows = []
+for game_name, p in [("transitive", p_bt), ("cyclic", p_rps)]:
+  nash_pi, value = exact.nash_lp(p)
+  print(f"{game_name:10s}  Nash policy {np.round(nash_pi[0], 3)}  game value {value[0]:.3f}")
+  candidates = dict(policies, Nash=jnp.asarray(nash_pi))
+  rows.append([game_name] + [float(exact.duality_gap(p, pi)[0]) for pi in candidates.values()])
+print()
+print(metrics.format_table(rows, ["game"] + [f"gap({k})" for k in candidates]))'''),
+    _md(r"""
+## 2. Average iterate: OMD $O(1/\sqrt{T})$ vs ONPO $O(1/T)$
+
+OMD (multiplicative weights, ONPO's baseline; INPO with $\tau = 0$) plays
+$\pi_{t+1} \propto \pi_t \exp(\eta\, r_t)$ with $r_t(y) = P(y \succ \pi_t)$.
+ONPO adds an optimistic prediction $m_t = r_{t-1}$ of the next reward, with two sequences:
+
+$$\pi_t \propto \pi'_t \exp(\eta\, m_t), \qquad \pi'_{t+1} \propto \pi'_t \exp(\eta\, r_t).$$
+
+On a random $6 \times 6$ general game (4 prompts), from the uniform $\pi_1$ with $D = \log 6$, we
+plot the exact gap of the uniform mixture $\bar\pi_T$ of $\pi_1..\pi_T$ (averaged over prompts).
+ONPO uses Theorem 2's constant $\eta = \min(1/2, \sqrt{D})$. OMD's Theorem 1 step
+$\eta = \sqrt{D/T}$ depends on the horizon; here it is tuned for the last $T$, where its bound
+$4\sqrt{D/T}$ applies (`experiment.run` below re-tunes it for every $T$). For ONPO we check
+$2(D/\eta + \eta)/T$, the $O(1/T)$ bound derived in `ONPO_SPEC.md` §2 (the paper states
+$4\sqrt{D}/T$).
+"""),
+    _code(r'''
+num_contexts, num_actions = 4, 6
+p = games.make_game("random", jax.random.key(0), num_contexts=num_contexts,
+                    num_actions=num_actions, dtype=jnp.float64)
+logp_init = dynamics.uniform_logp(num_contexts, num_actions, jnp.float64)
+d = math.log(num_actions)  # D = max KL(π‖π_1) for uniform π_1
+eta_omd, eta_onpo = math.sqrt(d / NUM_ROUNDS), min(0.5, math.sqrt(d))
+
+pis_omd = dynamics.run_omd(p, logp_init, eta_omd, NUM_ROUNDS)
+pis_onpo = dynamics.run_onpo(p, logp_init, eta_onpo, NUM_ROUNDS)
+gap_omd = np.asarray(dynamics.average_iterate_gaps(p, pis_omd).mean(-1))  # E_x over prompts
+gap_onpo = np.asarray(dynamics.average_iterate_gaps(p, pis_onpo).mean(-1))
+ts = np.arange(1, NUM_ROUNDS + 1)
+
+fig, ax = plt.subplots(figsize=(5.5, 3.5), layout="constrained")
+ax.loglog(ts, gap_omd, "C0", label=f"OMD, eta={eta_omd:.3f}")
+ax.loglog(ts, gap_onpo, "C1", label=f"ONPO, eta={eta_onpo}")
+# Guides through each curve's value at T = 100: the slopes the theorems predict.
+ax.loglog(ts, gap_omd[99] * np.sqrt(100 / ts), "C0:", label="slope -1/2")
+ax.loglog(ts, gap_onpo[99] * 100 / ts, "C1:", label="slope -1")
+ax.set(xlabel="T", ylabel="DualGap(average of pi_1..pi_T)", title="average iterate, random 6x6 game",
+       ylim=(gap_onpo[-1] / 3, 1))
+ax.legend()
+plt.show()
+bounds = {"OMD": 4 * math.sqrt(d / NUM_ROUNDS), "ONPO": 2 * (d / eta_onpo + eta_onpo) / NUM_ROUNDS}
+for name, gap in [("OMD", gap_omd), ("ONPO", gap_onpo)]:
+  print(f"{name:5s} gap at T={NUM_ROUNDS}: {gap[-1]:.2e}  (bound {bounds[name]:.2e})")'''),
+    _md(r"""
+The same comparison with every baseline of the library is one call: `experiment.run` runs the
+config `configs/tabular.py` (OMD re-tuned to $\eta = \sqrt{D/T}$ for each horizon, INPO,
+Nash-MD and an extragradient method), writes metrics, a summary and plots into a work
+directory, and prints a table of average-iterate gaps and fitted log-log slopes.
+"""),
+    _code(r'''
+config = tabular_config.get_config()
+config.num_rounds = NUM_ROUNDS
+config.omd.eta = math.sqrt(math.log(config.num_actions) / NUM_ROUNDS)
+summary = experiment.run(config, f"{WORKDIR}/tabular")
+print(sorted(os.listdir(f"{WORKDIR}/tabular")))
+display(Image(filename=f"{WORKDIR}/tabular/gap_vs_T.png", width=400))'''),
+    _md(r"""
+The extragradient method also reaches $O(1/T)$, but queries the oracle twice per round.
+Regularised methods (INPO, Nash-MD with $\tau > 0$) converge to the Nash policy of the
+KL-regularised game, so their unregularised gap levels off at $O(\tau)$.
+
+## 3. Last iterate: cycling vs converging
+
+The uniform policy is already the Nash policy of rock–paper–scissors, so start from a skewed
+$\pi_1 = (0.6, 0.3, 0.1)$ and keep a constant step $\eta = 1/2$. OMD's played policy spirals
+away from the equilibrium towards the boundary of the simplex, and its gap never shrinks; ONPO's
+converges linearly. (Theorem 3 proves linear convergence for $\eta \le 1/8$; it is slower there,
+but the picture is the same.)
+"""),
+    _code(r'''
+eta = 0.5
+logp_skew = jnp.log(jnp.array([[0.6, 0.3, 0.1]]))
+last = {}
+for name, run in [("OMD", dynamics.run_omd), ("ONPO", dynamics.run_onpo)]:
+  pis = run(p_rps, logp_skew, eta, LAST_ROUNDS)
+  last[name] = (np.asarray(pis[:, 0]), np.asarray(dynamics.last_iterate_gaps(p_rps, pis)[:, 0]))
+
+fig, (ax_gap, ax_simplex) = plt.subplots(1, 2, figsize=(8, 3.5), layout="constrained")
+for name, (pi, gap) in last.items():
+  ax_gap.semilogy(np.arange(1, LAST_ROUNDS + 1), gap, label=name)
+  # Barycentric coordinates: rock (0, 0), paper (1, 0), scissors (1/2, sqrt(3)/2).
+  ax_simplex.plot(pi[:, 1] + pi[:, 2] / 2, pi[:, 2] * np.sqrt(3) / 2, lw=0.8, label=name)
+ax_gap.set(xlabel="round t", ylabel="DualGap(pi_t)", title="last iterate, rock-paper-scissors")
+ax_gap.legend()
+ax_simplex.plot([0, 1, 0.5, 0], [0, 0, np.sqrt(3) / 2, 0], "k", lw=0.5)
+ax_simplex.plot([0.5], [np.sqrt(3) / 6], "k*", label="Nash (uniform)")
+ax_simplex.set(title="pi_t on the simplex (corners: rock, paper, scissors)", aspect="equal",
+               xticks=[], yticks=[], ylim=(-0.05, 1.0))
+ax_simplex.legend(loc="upper right", fontsize=7)
+plt.show()
+for name, (_, gap) in last.items():
+  print(f"{name:5s} last-iterate gap: t=1 {gap[0]:.3f}   t={LAST_ROUNDS} {gap[-1]:.2e}")'''),
+    _md(r"""
+## 4. From transitive to cyclic
+
+`games.mixture` interpolates between a random Bradley–Terry game ($\lambda = 0$) and
+rock–paper–scissors ($\lambda = 1$). On a transitive game both last iterates climb to the best
+response. The more cyclic the game, the more OMD's last iterate is left oscillating, while
+ONPO's still converges.
+"""),
+    _code(r'''
+logp_skew4 = jnp.log(jnp.tile(jnp.array([[0.6, 0.3, 0.1]]), (4, 1)))  # 4 prompts
+rows = []
+for cyclicity in [0.0, 0.5, 0.9, 1.0]:
+  p_mix = games.make_game("mixture", jax.random.key(1), num_contexts=4, num_actions=3,
+                          cyclicity=cyclicity, dtype=jnp.float64)
+  gaps = [dynamics.last_iterate_gaps(p_mix, run(p_mix, logp_skew4, eta, LAST_ROUNDS))[-1].mean()
+          for run in (dynamics.run_omd, dynamics.run_onpo)]
+  rows.append([cyclicity] + [float(g) for g in gaps])
+print(f"last-iterate gap after {LAST_ROUNDS} rounds, eta={eta}")
+print(metrics.format_table(rows, ["cyclicity", "OMD", "ONPO"]))'''),
+    _md(r"""
+**Next:** `02_toy_llm_onpo.ipynb` runs the same comparison with a small transformer policy on the
+exact-evaluation testbed, where ONPO's steps are regressions on sampled preference pairs.
+"""),
+]
+
+
+NB02 = [
+    _md(r"""
+# ONPO on a toy LLM with exact evaluation
+
+The tabular notebook had exact dynamics. Here the policy is a small **transformer** trained the way
+ONPO ([arXiv 2502.16852](https://arxiv.org/abs/2502.16852), Algorithm 1) trains an LLM: each round
+samples responses from the current policy $\pi_t$, labels pairs with a preference oracle, and
+takes two regression steps on the log-ratio margin against the auxiliary policy $\pi'$,
+
+$$\mathcal{L}(\pi; \pi') = \mathbb{E}\Big[\big([\log\pi(y_w) - \log\pi(y_l)] - [\log\pi'(y_w) - \log\pi'(y_l)] - \eta/2\big)^2\Big].$$
+
+What makes this a *testbed* is that everything can still be measured exactly: responses are all
+$V^L$ token strings of length $L$ over a tiny vocabulary, so the policy's full distribution, the
+oracle's full preference matrix, the duality gap and every head-to-head win rate are computed by
+enumeration, with no sampling noise. The oracle is a synthetic **general** preference model with a
+knob `oracle.cyclic` between Bradley–Terry (0) and purely cyclic (1) preferences.
+
+`onpo_jax.train.run(config, workdir)` does it all (the same job as
+`python -m experiments.run --config=configs/default.py`):
+1. SFT by maximum likelihood on samples of a random "style" distribution;
+2. $T$ self-play rounds of every method from the same SFT policy and oracle: ONPO (two
+   regressions per round, or one regression plus a parameter extrapolation), OMD (= INPO without
+   KL), INPO, SPPO, iterative DPO, online IPO and Nash-MD;
+3. the exact gap and win rate vs SFT after every round, the win-rate matrix of the final policies,
+   checkpoints (a rerun resumes), metrics and plots in `workdir`.
+
+Runtime: about 8 minutes on a 2-core CPU runtime with the default config (most of it compiling).
+"""),
+    _code(INSTALL),
+    _code(r'''
+import os
+import tempfile
+
+# FAST=1 runs the `:tiny` config with two methods so that CI executes this notebook quickly.
+FAST = os.environ.get("ONPO_NOTEBOOK_FAST", "0") == "1"
+WORKDIR = tempfile.mkdtemp(prefix="onpo_selfplay_")
+print(f"FAST={FAST}  workdir={WORKDIR}")'''),
+    _code(r'''
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from configs import default as default_config
+from onpo_jax import metrics
+from onpo_jax import train
+
+plt.rcParams.update({"figure.dpi": 60, "font.size": 9})  # small saved outputs'''),
+    _md(r"""
+## 1. The config
+
+Configs are plain Python (`configs/default.py`), one commented field per hyperparameter, with
+each paper's own symbol: ONPO's $\eta$, INPO's $\eta_I$ and $\tau$ (with $\eta_I = 1/\eta$ for OMD),
+SPPO's and DPO's $\beta$. Change any field before the run, e.g. `config.oracle.cyclic = 0.0` for a
+Bradley–Terry oracle, or `config.selfplay.pairing = "lambda_p"` for the pairs the theory assumes.
+"""),
+    _code(r'''
+config = default_config.get_config("tiny" if FAST else None)
+if FAST:
+  config.selfplay.methods = ("onpo_two_step", "omd")
+tb, sp = config.testbed, config.selfplay
+print(f"|Y| = V^L = {tb.vocab_size}^{tb.response_length} = {tb.vocab_size ** tb.response_length} "
+      f"responses, C = {tb.num_prompts} prompts, oracle cyclic = {config.oracle.cyclic}")
+print(f"T = {sp.num_rounds} rounds, K = {sp.num_samples} samples per prompt, "
+      f"{sp.prompts_per_round} prompts per round, pairing = {sp.pairing}")
+print(f"ONPO eta = {config.onpo.eta} (target eta/2 = {config.onpo.eta / 2}); methods: {list(sp.methods)}")'''),
+    _md(r"""
+## 2. SFT and self-play rounds
+
+One call. It prints progress, then the exact duality gap per round and the win-rate matrix.
+"""),
+    _code(r'''
+summary = train.run(config, WORKDIR)'''),
+    _md(r"""
+## 3. Gap and win-rate curves
+
+`summary` (also in `workdir/summary.json`) holds, per method, the exact duality gap of $\pi_t$ and
+its win rate against the SFT policy after every round (round 0 is SFT). The gap is 0 only at a
+Nash policy; the dotted line is the gap of the exact per-prompt Nash policy (a linear program),
+a check that the evaluation is exact.
+"""),
+    _code(r'''
+fig, (ax_gap, ax_win) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
+for name in summary["methods"]:
+  ax_gap.plot(summary["gap"][name], marker=".", label=name)
+  ax_win.plot(summary["win_rate_vs_sft"][name], marker=".", label=name)
+ax_gap.axhline(summary["nash_gap"], color="k", ls=":", label="Nash (LP)")
+ax_gap.set(xlabel="round t", ylabel="exact DualGap(pi_t)", title="duality gap")
+ax_win.axhline(0.5, color="k", lw=0.5)
+ax_win.set(xlabel="round t", ylabel="P(pi_t beats SFT)", title="win rate vs SFT")
+fig.legend(*ax_gap.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+plt.show()
+rows = [[m, summary["gap"][m][-1], summary["win_rate_vs_sft"][m][-1], summary["oracle_queries"][m]]
+        for m in summary["methods"]]
+print(metrics.format_table(rows, ["method", "final gap", "win rate vs SFT", "oracle queries"]))'''),
+    _md(r"""
+## 4. Who beats whom
+
+The head-to-head win rate $J(\pi_{\text{row}}, \pi_{\text{column}})$ of the final policies, exact.
+With a general (partly cyclic) oracle this matrix need not be transitive: a lower gap means a policy
+that no other policy beats by much, not one that beats everyone.
+"""),
+    _code(r'''
+labels = summary["win_rate_matrix"]["labels"]
+wr = np.asarray(summary["win_rate_matrix"]["matrix"])
+fig, ax = plt.subplots(figsize=(1.5 + 0.55 * len(labels), 1 + 0.5 * len(labels)), layout="constrained")
+im = ax.imshow(wr, cmap="RdBu_r", vmin=0.2, vmax=0.8)
+for (i, j), v in np.ndenumerate(wr):
+  ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+          color="w" if abs(v - 0.5) > 0.18 else "k")
+ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+ax.set_yticks(range(len(labels)), labels)
+ax.set_title("J(row, column)")
+fig.colorbar(im)
+plt.show()'''),
+    _md(r"""
+## 5. What the run left on disk
+
+Metrics per round (`metrics.jsonl`, TensorBoard in `tb/`), `summary.json`, the two plots, and orbax
+checkpoints holding everything a resume needs. Running the same call again resumes from the last
+checkpoint; after a finished run it does nothing.
+"""),
+    _code(r'''
+print(sorted(os.listdir(WORKDIR)))
+with open(os.path.join(WORKDIR, "metrics.jsonl")) as f:
+  first_round = json.loads(f.readlines()[1])
+print("round 1 of", summary["methods"][0], {k.split("/", 1)[1]: round(v, 4) for k, v in first_round.items()
+       if k.startswith(summary["methods"][0]) and k.endswith(("/loss", "/target", "gap", "oracle_queries"))})
+summary_again = train.run(config, WORKDIR)
+assert summary_again["gap"] == summary["gap"]'''),
+    _md(r"""
+**Next:** `03_real_model.ipynb` runs the same ONPO rounds on a Hugging Face checkpoint with a
+pairwise preference-model judge, on a GPU or TPU runtime.
+"""),
+]
+
+
+NB03 = [
+    _md(r"""
+# Aligning a Hugging Face checkpoint with ONPO
+
+The same rounds as the testbed notebook — sample $K$ responses per prompt from $\pi_t$, pick pairs
+with INPO's knockout tournament judged by a **pairwise preference model**, two regressions on the
+log-ratio margin against the auxiliary policy $\pi'$ — applied to a real causal LM loaded from a
+Hugging Face checkpoint into JAX (`onpo_jax.llm`, ONPO [arXiv 2502.16852](https://arxiv.org/abs/2502.16852) §5).
+
+Two modes, switched by `USE_REAL_MODEL` below:
+
+* `False` (default, CPU, about a minute): builds a tiny **random** Llama checkpoint, tokenizer,
+  judge and prompt file locally and runs one round. It checks the whole pipeline end to end —
+  loading, sampling, judging, training, evaluation, export — but the "model" learns nothing
+  meaningful. This is what CI executes. It needs a checkout of the repository (the tiny-checkpoint
+  builder lives in its `tests/`).
+* `True` (a GPU or TPU runtime): downloads the checkpoints and prompts named below and runs the
+  paper's config. The paper's 8B policy with an 8B judge needs 8×40 GB (the memory plan below
+  tells you before anything is loaded); on a single Colab accelerator pick a smaller policy of a
+  supported family (Llama, Mistral, Qwen2) and judge, and set `MESH_SHAPE = (1, -1, 1)`.
+"""),
+    _code(INSTALL),
+    _code(r'''
+import os
+import tempfile
+
+FAST = os.environ.get("ONPO_NOTEBOOK_FAST", "0") == "1"  # CI: ONPO only (else three methods)
+USE_REAL_MODEL = os.environ.get("ONPO_REAL_MODEL", "0") == "1"  # or set True here
+
+# Used when USE_REAL_MODEL: Hugging Face Hub ids (or local directories) and the config variant.
+POLICY = "RLHFlow/LLaMA3-SFT"  # the SFT policy pi_SFT
+JUDGE = "RLHFlow/pair-preference-model-LLaMA3-8B"  # pairwise preference model (the oracle)
+PROMPTS = "RLHFlow/prompt-collection-v0.1"  # prompts of the self-play rounds
+VARIANT = "gpu8"  # mesh variant of configs/llama3_8b_onpo.py: gpu8, v5p-8, v5p-16, v4-16, ...
+MESH_SHAPE = None  # (data, fsdp, tensor); e.g. (1, -1, 1) = FSDP over this runtime's devices
+ASSETS = tempfile.mkdtemp(prefix="onpo_assets_")
+WORKDIR = tempfile.mkdtemp(prefix="onpo_llm_")
+print(f"FAST={FAST}  USE_REAL_MODEL={USE_REAL_MODEL}  workdir={WORKDIR}")'''),
+    _code(r'''
+import glob
+import json
+import pathlib
+import sys
+import warnings
+
+import jax
+
+import configs
+from configs import llama3_8b_onpo
+from onpo_jax import llm
+from onpo_jax import metrics
+
+# tqdm warns in notebooks without ipywidgets (Colab has them).
+warnings.filterwarnings("ignore", message="IProgress not found")
+print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")'''),
+    _md(r"""
+## 1. Checkpoints, judge and prompts
+
+Everything the run reads is a local directory: `onpo_jax` never downloads. In real mode this cell
+downloads with `huggingface_hub` (log in first for gated models); in tiny mode it writes random
+checkpoints (Hugging Face format: `config.json` + safetensors), a word-level tokenizer with a chat
+template, a JSONL prompt file and an AlpacaEval-style evaluation file.
+"""),
+    _code(r'''
+if USE_REAL_MODEL:
+  from huggingface_hub import snapshot_download
+  policy_path = snapshot_download(POLICY, local_dir=f"{ASSETS}/policy")
+  judge_path = snapshot_download(JUDGE, local_dir=f"{ASSETS}/judge")
+  prompts_path = snapshot_download(PROMPTS, repo_type="dataset", local_dir=f"{ASSETS}/prompts")
+  eval_file = ""  # an AlpacaEval-style JSON with "instruction" fields, to track win rates
+else:
+  tests_dir = pathlib.Path(configs.__file__).resolve().parents[1] / "tests"
+  if not (tests_dir / "tiny_hf.py").exists():
+    raise FileNotFoundError(f"tiny mode needs a checkout with tests/tiny_hf.py (looked in {tests_dir}): "
+                            "git clone the repository and `pip install -e .` it, or set USE_REAL_MODEL")
+  sys.path.insert(0, str(tests_dir))
+  import tiny_hf
+  import transformers
+  transformers.utils.logging.disable_progress_bar()
+
+  words = "A B what is two plus three the sky blue red green yes no maybe hello world".split()
+  vocab_size = len(tiny_hf.SPECIAL_TOKENS) + len(words)  # every sampled id decodes to a word
+  policy_path = tiny_hf.make_tiny_checkpoint(f"{ASSETS}/policy", "llama", seed=0, vocab_size=vocab_size)
+  tiny_hf.make_tiny_tokenizer(policy_path, words)
+  # The judge must have "A" and "B" tokens: P(A beats B) is read from their next-token logits.
+  judge_path = tiny_hf.make_tiny_checkpoint(f"{ASSETS}/judge", "llama", seed=1, vocab_size=vocab_size)
+  tiny_hf.make_tiny_tokenizer(judge_path, words)
+  prompts = ["what is two plus three", "is the sky blue", "hello world", "red or green",
+             "what is the sky", "two plus two", "yes or no", "blue or green"]
+  prompts_path = f"{ASSETS}/prompts.jsonl"
+  with open(prompts_path, "w") as f:
+    f.writelines(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(prompts))
+  eval_file = f"{ASSETS}/eval.json"
+  with open(eval_file, "w") as f:
+    json.dump([{"instruction": p} for p in prompts[:4]], f)
+print(sorted(os.listdir(policy_path)))'''),
+    _md(r"""
+## 2. The config
+
+`configs/llama3_8b_onpo.py` holds the paper's settings (ONPO $1/\eta = 0.01$, $K = 8$ with the
+tournament, global batch 128, cosine schedule with 3% warm-up, $T = 3$ rounds); its suffix picks
+the mesh (`gpu8`, `v5p-16`, ...), the method (`onpo`, `inpo`, `idpo`) and `tiny`, the CPU-sized
+copy. Every field is documented in `onpo_jax.llm.default_config`. Paths are set here.
+"""),
+    _code(r'''
+config = llama3_8b_onpo.get_config(VARIANT if USE_REAL_MODEL else "tiny")
+config.policy.path, config.judge.path = policy_path, judge_path
+if MESH_SHAPE is not None:
+  config.mesh.shape = MESH_SHAPE
+if USE_REAL_MODEL:
+  config.data.source, config.data.paths = "hf_dir", prompts_path  # Hub layout: data/train-*.parquet
+else:
+  config.data.source, config.data.paths = "files", prompts_path
+  if not FAST:
+    config.selfplay.methods = ("onpo_two_step", "inpo", "dpo")  # ONPO and two paper baselines
+config.eval.prompt_file = eval_file
+sp = config.selfplay
+print(f"methods {list(sp.methods)}, T = {sp.num_rounds}, K = {sp.num_samples}, "
+      f"{sp.prompts_per_round} prompts/round, pairing {sp.pairing}, eta = {config.onpo.eta}, "
+      f"lr {sp.learning_rate}, mesh {tuple(config.mesh.shape)}")'''),
+    _md(r"""
+## 3. Will it fit?
+
+A per-device memory plan from the checkpoints' `config.json` alone (nothing is allocated): policy
+and optimizer state (which holds $\pi'$), the frozen reference and judge, and the sampler's KV
+cache. The second line is the paper's setup on 8 devices, for scale.
+"""),
+    _code(r'''
+dims = llm.mesh_shape(config, jax.device_count())
+print("this run:  ", llm.estimate_memory(config, dims).summary())
+paper = llama3_8b_onpo.get_config("gpu8")
+print("paper gpu8:", llm.estimate_memory(paper).summary())'''),
+    _md(r"""
+## 4. Self-play rounds
+
+`llm.run` loads the policy into a sharded JAX model, then for every round and method: samples,
+judges pairs (both orders, to cancel position bias), computes the anchors' log-probs once, trains,
+evaluates against the SFT policy on the evaluation prompts (judged win rate with a confidence
+interval) and checkpoints. At the end each policy is exported as a Hugging Face checkpoint.
+"""),
+    _code(r'''
+summary = llm.run(config, WORKDIR)'''),
+    _md(r"""
+## 5. Results
+
+Per-round metrics are in `metrics.jsonl` (and TensorBoard under `tb/`); the evaluation outputs are
+AlpacaEval-format JSON files, ready for `alpaca_eval`; `export/<method>/` is a regular Hugging Face
+checkpoint with its tokenizer.
+"""),
+    _code(r'''
+with open(os.path.join(WORKDIR, "metrics.jsonl")) as f:
+  rows = [json.loads(line) for line in f]
+columns = ["loss", "oracle_queries", "eval/win_rate"]
+table = []
+for row in rows:
+  for name in summary["methods"]:
+    loss = row.get(f"{name}/policy/loss", row.get(f"{name}/loss"))
+    if loss is not None:
+      table.append([row["step"], name, loss, row.get(f"{name}/oracle_queries", float("nan")),
+                    row.get(f"{name}/eval/win_rate", float("nan"))])
+print(metrics.format_table(table, ["round", "method"] + columns))
+outputs = sorted(glob.glob(os.path.join(WORKDIR, "alpaca_eval", "*.json")))
+print("AlpacaEval files:", [os.path.basename(p) for p in outputs])
+for path in outputs:
+  with open(path) as f:
+    first = json.load(f)[0]
+  print(f"  {first['generator']:20s} {first['instruction']!r} -> {first['output']!r}")
+print({name: sorted(os.listdir(path)) for name, path in summary["export"].items()})'''),
+    _md(r"""
+The exported directory loads with `transformers` like any other checkpoint, e.g.
+`AutoModelForCausalLM.from_pretrained(summary["export"]["onpo_two_step"])`, or back into
+`onpo_jax` for the next stage. For the paper's full run on a multi-host TPU slice, use the
+command in the docstring of `configs/llama3_8b_onpo.py`.
+"""),
+]
+
+
+NOTEBOOKS = {
+    "01_tabular_onpo.ipynb": NB01,
+    "02_toy_llm_onpo.ipynb": NB02,
+    "03_real_model.ipynb": NB03,
+}
+
+
+def build(name: str) -> nbformat.NotebookNode:
+  """The notebook `name` with its cells and Colab / kernel metadata, no outputs."""
+  nb = nbformat.v4.new_notebook()
+  nb.cells = [nbformat.from_dict(dict(c)) for c in NOTEBOOKS[name]]
+  # Fixed ids: rebuilding then gives byte-identical files (ids are random by default).
+  for i, cell in enumerate(nb.cells):
+    cell.id = f"cell-{i:02d}"
+  nb.metadata = {
+      "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+      "language_info": {"name": "python"},
+      "colab": {"provenance": []},
+  }
+  return nb
+
+
+def execute(nb: nbformat.NotebookNode, cwd: str, timeout: int = 600) -> float:
+  """Runs `nb` in place on the `python3` kernel; returns the wall time in seconds."""
+  import nbclient  # pylint: disable=g-import-not-at-top
+  start = time.time()
+  nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                          resources={"metadata": {"path": cwd}}).execute()
+  return time.time() - start
+
+
+def _strip_volatile(nb: nbformat.NotebookNode) -> None:
+  """Drops execution metadata (timestamps) so that re-running changes only real outputs."""
+  for cell in nb.cells:
+    cell.metadata.pop("execution", None)
+  nb.metadata.pop("widgets", None)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--execute", action="store_true", help="execute and save outputs")
+  parser.add_argument("names", nargs="*", help=f"subset of {sorted(NOTEBOOKS)}")
+  args = parser.parse_args(argv)
+  for name in args.names or sorted(NOTEBOOKS):
+    if name not in NOTEBOOKS:
+      raise SystemExit(f"unknown notebook {name!r}; expected one of {sorted(NOTEBOOKS)}")
+    nb = build(name)
+    if args.execute:
+      seconds = execute(nb, str(HERE))
+      _strip_volatile(nb)
+      print(f"{name}: executed in {seconds:.1f} s "
+            f"(ONPO_NOTEBOOK_FAST={os.environ.get('ONPO_NOTEBOOK_FAST', '0')})")
+    path = HERE / name
+    nbformat.write(nb, str(path))
+    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
