@@ -1,7 +1,9 @@
 """A small orbax wrapper: save/restore an arbitrary pytree of arrays plus JSON metadata.
 
 The pytree (policies, auxiliary policy, optimizer and `onpo_step` states, RNG key
-data, counters) is flattened to a dict of leaves, so structures orbax does not
+data, counters) is flattened to a dict of leaves (jax.Arrays are handed to orbax
+as they are, so arrays sharded over several processes are saved and restored by
+every process), so structures orbax does not
 know (e.g. `nnx.State` with `Param` nodes, optax NamedTuples) round-trip through
 a template built by the caller: `restore(step, template)` unflattens the saved
 leaves with `template`'s tree structure and checks every shape and dtype.
@@ -33,9 +35,22 @@ def _quiet():
     logging.set_verbosity(old)
 
 
-def _flatten(tree) -> tuple[dict[str, np.ndarray], Any]:
+def _leaves(tree) -> tuple[dict[str, Any], Any]:
+  """Numbered leaves for orbax: jax.Arrays as they are, anything else as numpy.
+
+  Orbax writes a (possibly multi-process sharded) jax.Array from every process
+  that holds a shard; `np.asarray` would need every shard on one host.
+  """
   leaves, treedef = jax.tree.flatten(tree)
-  return {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}, treedef
+  return {f"{i:05d}": x if isinstance(x, jax.Array) else np.asarray(x)
+          for i, x in enumerate(leaves)}, treedef
+
+
+def _abstract(x) -> jax.ShapeDtypeStruct:
+  """Restore target of one template leaf: jax.Arrays keep their sharding."""
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
 class Checkpointer:
@@ -67,7 +82,7 @@ class Checkpointer:
 
   def save(self, step: int, tree, meta: dict) -> None:
     """Saves `tree` (any pytree of arrays) and JSON-serialisable `meta` as `step`."""
-    arrays, _ = _flatten(tree)
+    arrays, _ = _leaves(tree)
     with _quiet():
       self._manager.save(int(step), args=ocp.args.Composite(
           arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(dict(meta))))
@@ -83,11 +98,15 @@ class Checkpointer:
   def restore(self, step: int, template) -> tuple[Any, dict]:
     """(tree, meta) of `step`, the tree shaped like `template`.
 
+    A leaf whose template is a jax.Array comes back as a jax.Array with the
+    template's sharding (across processes too); any other leaf as a writable
+    numpy copy (callers update counters in place).
+
     Raises:
       ValueError: if the saved leaves do not match `template` (count, shape, dtype).
     """
-    template_arrays, treedef = _flatten(template)
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in template_arrays.items()}
+    template_arrays, treedef = _leaves(template)
+    abstract = {k: _abstract(v) for k, v in template_arrays.items()}
     with _quiet():
       out = self._manager.restore(int(step), args=ocp.args.Composite(
           arrays=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
@@ -95,13 +114,13 @@ class Checkpointer:
     if set(arrays) != set(template_arrays):
       raise ValueError(f"checkpoint step {step} in {self.directory} has {len(arrays)} arrays; "
                        f"the template has {len(template_arrays)}")
-    for k, v in template_arrays.items():
-      got = np.asarray(arrays[k])
-      if got.shape != v.shape or got.dtype != v.dtype:
-        raise ValueError(f"checkpoint step {step}: leaf {k} is {got.shape} {got.dtype}, "
-                         f"expected {v.shape} {v.dtype}")
-    # Writable host copies: callers update counters in place.
-    leaves = [np.array(arrays[k]) for k in sorted(arrays)]
+    leaves = []
+    for k in sorted(template_arrays):
+      got, want = arrays[k], abstract[k]
+      if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+        raise ValueError(f"checkpoint step {step}: leaf {k} is {tuple(got.shape)} {got.dtype}, "
+                         f"expected {tuple(want.shape)} {want.dtype}")
+      leaves.append(got if isinstance(template_arrays[k], jax.Array) else np.array(got))
     return jax.tree.unflatten(treedef, leaves), dict(out["meta"])
 
   def close(self) -> None:

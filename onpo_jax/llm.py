@@ -15,9 +15,7 @@ pieces the testbed does not need:
   * the inner optimizer is AdamW with the paper's linear-warm-up cosine
     schedule, gradient clipping, and `optax.MultiSteps` gradient accumulation
     (`selfplay.minibatch_size` examples per micro-step,
-    `selfplay.global_batch_size` per update);
-  * the anchor fingerprint is computed on device (exact integer sums of the
-    parameter bits) instead of pulling every parameter to the host.
+    `selfplay.global_batch_size` per update).
 
 Roles: the policy π (trained, `policy.param_dtype`), the auxiliary π' (inside
 `onpo_step`'s state), the reference π_ref = SFT (frozen, `ref.dtype`, INPO /
@@ -64,8 +62,6 @@ from onpo_jax import metrics as metrics_lib
 from onpo_jax import pairs as pairs_lib
 from onpo_jax import rounds
 from onpo_jax import sampler as sampler_lib
-from onpo_jax.onpo_step import onpo_begin_phase
-from onpo_jax.onpo_step import onpo_end_phase
 from onpo_jax.onpo_step import onpo_step
 
 # ------------------------------------------------------------------ pure pieces
@@ -170,40 +166,9 @@ def make_inner_optimizer(config, num_updates: int) -> optax.GradientTransformati
   return inner
 
 
-def _bits(x):
-  x = jnp.asarray(x)
-  if jnp.issubdtype(x.dtype, jnp.floating):
-    width = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
-    x = jax.lax.bitcast_convert_type(x, width)
-  return x.astype(jnp.uint32)
-
-
-@jax.jit
-def _fingerprint_device(tree):
-  out = jnp.zeros((2,), jnp.uint32)
-  for i, x in enumerate(jax.tree.leaves(tree)):
-    b = _bits(x).ravel()
-    # Integer sums wrap exactly and do not depend on the reduction order, so the
-    # value is identical on every mesh; a single changed bit changes the first.
-    w = jnp.arange(1, b.size + 1, dtype=jnp.uint32) * jnp.uint32(2 * i + 1)
-    out = out + jnp.stack([jnp.sum(b, dtype=jnp.uint32), jnp.sum(b * w, dtype=jnp.uint32)])
-  return out
-
-
-def device_fingerprint(tree) -> np.ndarray:
-  """Identity of a parameter tree computed on device: two uint32 bit sums."""
-  tree = to_memory(tree, "device")  # offloaded trees are fingerprinted on device too
-  return np.asarray(multihost_utils.process_allgather(_fingerprint_device(tree), tiled=True)
-                    )[:2].astype(np.int64)
-
-
-def to_memory(tree, kind: str):
-  """Moves every array of `tree` to memory kind `kind` ('pinned_host' | 'device')."""
-  def move(x):
-    if not isinstance(x, jax.Array):
-      return x
-    return jax.device_put(x, x.sharding.with_memory_kind(kind))
-  return jax.tree.map(move, tree)
+# Kept under their old names: the device fingerprint now lives in `rounds`.
+device_fingerprint = rounds.fingerprint
+to_memory = rounds.to_memory
 
 
 def host_gather(x) -> np.ndarray:
@@ -301,7 +266,10 @@ class LLMEngine(rounds.Engine):
     view.testbed = ml_collections.ConfigDict(dict(
         response_length=int(config.sampling.max_new_tokens),
         prompt_length=int(config.data.max_prompt_length)))
-    super().__init__(graphdef, model_config, oracle, view)
+    super().__init__(
+        graphdef, model_config, oracle, view,
+        inner_optimizer=lambda name: make_inner_optimizer(config,
+                                                          updates_per_regression(config, name)))
     sp, sc = config.selfplay, config.sampling
     self.eos_ids, self.pad_id = tuple(int(e) for e in eos_ids), int(pad_id)
     self.chunk_size = config.policy.logprob_chunk_size or None
@@ -317,16 +285,6 @@ class LLMEngine(rounds.Engine):
         sampler_lib.MixtureSampler(graphdef, graphdef, sampling, policy_model_config=model_config,
                                    ref_model_config=model_config),
         sc.micro_batch_size, self.eos_ids, offloaded=(1,) if config.ref.offload else ())
-    self.opts, self._begin, self._end = {}, {}, {}
-    for name in sp.methods:
-      spec = rounds.METHODS[name]
-      self.inner = make_inner_optimizer(config, updates_per_regression(config, name))
-      self.opts[name] = (onpo_step(self.inner, variant=spec.variant, init_from=sp.init_from)
-                         if spec.variant else self.inner)
-      if spec.variant:
-        opt = self.opts[name]
-        self._begin[name] = jax.jit(lambda p, s, opt=opt: onpo_begin_phase(opt, p, s))
-        self._end[name] = jax.jit(lambda p, s, opt=opt: onpo_end_phase(opt, p, s))
     # Host-side: the judge decodes text, so example building is not jitted.
     self._build = {name: functools.partial(self._build_impl, name) for name in sp.methods}
     # Every jitted step returns (params, opt_state) put back on one fixed sharding
@@ -436,57 +394,6 @@ class LLMEngine(rounds.Engine):
       return {"w": lp(ex["tok_w"], ex["attn_w"], ex["resp_w"]),
               "l": lp(ex["tok_l"], ex["attn_l"], ex["resp_l"])}
     return {"y": lp(ex["tok"], ex["attn"], ex["resp"])}
-
-  def run_round(self, *args, **kwargs):
-    # TODO(lead): move `device_fingerprint` into rounds.py; until then it is
-    # swapped in for this call only (the testbed's host fingerprint pulls every
-    # parameter to the host in float64 and fails on multi-host arrays).
-    saved = rounds.fingerprint
-    rounds.fingerprint = device_fingerprint
-    try:
-      return super().run_round(*args, **kwargs)
-    finally:
-      rounds.fingerprint = saved
-
-
-class ShardedCheckpointer(checkpoint_lib.Checkpointer):
-  """`Checkpointer` that hands orbax the (sharded) jax.Arrays themselves.
-
-  The base class converts leaves with `np.asarray`, which needs every shard on
-  one host; orbax saves and restores global arrays from all processes.
-  """
-
-  def save(self, step: int, tree, meta: dict) -> None:
-    from orbax import checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    leaves = jax.tree.leaves(tree)
-    arrays = {f"{i:05d}": x if isinstance(x, jax.Array) else np.asarray(x)
-              for i, x in enumerate(leaves)}
-    self._manager.save(int(step), args=ocp.args.Composite(
-        arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(dict(meta))))
-    self._manager.wait_until_finished()
-
-  def restore(self, step: int, template):
-    from orbax import checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    leaves, treedef = jax.tree.flatten(template)
-
-    def abstract(x):
-      if isinstance(x, jax.Array):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-      x = np.asarray(x)
-      return jax.ShapeDtypeStruct(x.shape, x.dtype)
-
-    target = {f"{i:05d}": abstract(x) for i, x in enumerate(leaves)}
-    out = self._manager.restore(int(step), args=ocp.args.Composite(
-        arrays=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    arrays = out["arrays"]
-    restored = []
-    for k in sorted(target):
-      got, want = arrays[k], target[k]
-      if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
-        raise ValueError(f"checkpoint step {step}: leaf {k} is {got.shape} {got.dtype}, "
-                         f"expected {want.shape} {want.dtype}")
-      restored.append(got if isinstance(leaves[int(k)], jax.Array) else np.array(got))
-    return jax.tree.unflatten(treedef, restored), dict(out["meta"])
 
 
 # --------------------------------------------------------------------- config
@@ -670,18 +577,11 @@ def validate_config(config) -> None:
     _need(bool(config[section][key]), field, "a local path", config[section][key])
   _need(config.judge.kind in ("pairwise", "reward"), "judge.kind", "'pairwise' or 'reward'",
         config.judge.kind)
+  rounds.validate_selfplay(sp, _need)
   methods = tuple(sp.methods)
-  _need(len(methods) >= 1 and len(set(methods)) == len(methods), "selfplay.methods",
-        "a non-empty tuple without duplicates", methods)
-  for m in methods:
-    _need(m in rounds.METHODS, "selfplay.methods", f"names among {sorted(rounds.METHODS)}", m)
-  _need(sp.pairing in pairs_lib.PAIRINGS, "selfplay.pairing", f"one of {pairs_lib.PAIRINGS}",
-        sp.pairing)
   _need(sp.lr_schedule in ("cosine", "constant"), "selfplay.lr_schedule", "'cosine' or 'constant'",
         sp.lr_schedule)
   _need(0 <= sp.warmup_ratio < 1, "selfplay.warmup_ratio", "in [0, 1)", sp.warmup_ratio)
-  _need(isinstance(sp.num_samples, int) and sp.num_samples >= 2, "selfplay.num_samples",
-        "K >= 2", sp.num_samples)
   for field in ("num_rounds", "prompts_per_round", "epochs", "global_batch_size",
                 "minibatch_size"):
     _need(isinstance(sp[field], int) and sp[field] >= 1, f"selfplay.{field}", "an int >= 1",
@@ -953,8 +853,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         alpaca_eval.write_outputs(os.path.join(workdir, "alpaca_eval", "sft.json"), sft_records)
 
     state = {"methods": {m: engine.init_state(m, sft_params) for m in methods}}
-    ckpt = ShardedCheckpointer(os.path.join(workdir, "checkpoints"),
-                               max_to_keep=int(config.checkpoint.max_to_keep))
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       max_to_keep=int(config.checkpoint.max_to_keep))
     total_units, unit = int(sp.num_rounds) * len(methods), 0
     latest = ckpt.latest_step()
     if latest is not None:

@@ -8,9 +8,11 @@ Every method follows the same pipeline (issue 5, step 4):
      tournament / λ_p / all pairs), SPPO's per-sample win rates P̂ from the
      K×K preference matrix, or Nash-MD's P(y ≻ y') against the mixture sample;
   3. compute the anchor log-probs once (`aux` π', `prev` π_t, `ref` SFT), with a
-     fingerprint of the anchor parameters that is re-checked after training so a
-     stale cache is caught;
-  4. E epochs of shuffled minibatches with the inner optimizer (optax Adam):
+     fingerprint of the anchor parameters (exact integer sums of their bits,
+     computed on device) that is re-checked after training so a stale cache is
+     caught;
+  4. E epochs of shuffled minibatches with the inner optimizer (optax Adam unless
+     the caller passes another, `Engine(inner_optimizer=...)`):
      ONPO through `onpo_step` (two regressions per round for `two_step`: the
      auxiliary one against π'_t, then the policy one against π'_{t+1} on the same
      data; one regression and a parameter-space extrapolation for
@@ -39,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from onpo_jax import losses
 from onpo_jax import oracle as oracle_lib
@@ -75,10 +78,64 @@ METHODS = {
 }
 
 
+def to_memory(tree, kind: str):
+  """Moves every array of `tree` to memory kind `kind` ('pinned_host' | 'device')."""
+  def move(x):
+    if not isinstance(x, jax.Array):
+      return x
+    return jax.device_put(x, x.sharding.with_memory_kind(kind))
+  return jax.tree.map(move, tree)
+
+
+def _bits(x):
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    width = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+    x = jax.lax.bitcast_convert_type(x, width)
+  return x.astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprint_device(tree):
+  out = jnp.zeros((2,), jnp.uint32)
+  for i, x in enumerate(jax.tree.leaves(tree)):
+    b = _bits(x).ravel()
+    # Integer sums wrap exactly and do not depend on the reduction order, so the
+    # value is identical on every mesh; a single changed bit changes the first.
+    w = jnp.arange(1, b.size + 1, dtype=jnp.uint32) * jnp.uint32(2 * i + 1)
+    out = out + jnp.stack([jnp.sum(b, dtype=jnp.uint32), jnp.sum(b * w, dtype=jnp.uint32)])
+  return out
+
+
 def fingerprint(tree) -> np.ndarray:
-  """Cheap identity of a parameter tree: (Σ x, Σ x²) over all leaves, float64 on host."""
-  leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
-  return np.array([sum(float(x.sum()) for x in leaves), sum(float((x * x).sum()) for x in leaves)])
+  """Identity of a parameter tree computed on device: two uint32 bit sums (as int64).
+
+  Nothing is pulled to the host but the two sums, so it also works for trees
+  sharded over several processes (gathered with `process_allgather`).
+  """
+  tree = to_memory(tree, "device")  # offloaded trees are fingerprinted on device too
+  return np.asarray(multihost_utils.process_allgather(_fingerprint_device(tree), tiled=True)
+                    )[:2].astype(np.int64)
+
+
+def validate_selfplay(sp, need, *, num_samples_expected: str = "K >= 2") -> None:
+  """Checks of the `selfplay` section shared by the testbed and the llm jobs.
+
+  Args:
+    sp: the `selfplay` config section.
+    need: the job's `need(ok, field, expected, got)`, raising ValueError in the
+      job's wording when `ok` is false.
+    num_samples_expected: what the message says `selfplay.num_samples` must be.
+  """
+  need(isinstance(sp.num_samples, int) and sp.num_samples >= 2, "selfplay.num_samples",
+       num_samples_expected, sp.num_samples)
+  methods = tuple(sp.methods)
+  need(len(methods) >= 1 and len(set(methods)) == len(methods), "selfplay.methods",
+       "a non-empty tuple without duplicates", methods)
+  for m in methods:
+    need(m in METHODS, "selfplay.methods", f"names among {sorted(METHODS)}", m)
+  need(sp.pairing in pairs_lib.PAIRINGS, "selfplay.pairing", f"one of {pairs_lib.PAIRINGS}",
+       sp.pairing)
 
 
 class Engine:
@@ -89,9 +146,13 @@ class Engine:
     model_config: the policy's `DecoderConfig`.
     oracle: the preference oracle.
     config: the full run config (`configs/default.py`).
+    inner_optimizer: the inner optimizer of every regression: an optax
+      `GradientTransformation` shared by all methods, or a callable mapping a
+      method name to its own (e.g. a schedule sized by that method's number of
+      updates). None: `optax.adam(selfplay.learning_rate)`.
   """
 
-  def __init__(self, graphdef, model_config, oracle, config):
+  def __init__(self, graphdef, model_config, oracle, config, *, inner_optimizer=None):
     self.graphdef = graphdef
     self.oracle = oracle
     self.config = config
@@ -108,10 +169,13 @@ class Engine:
         graphdef, graphdef, sampling, policy_model_config=model_config,
         ref_model_config=model_config)
     self.seq_logps = jax.jit(self._seq_logps)
-    self.inner = optax.adam(float(sp.learning_rate))
+    if inner_optimizer is None:
+      inner_optimizer = optax.adam(float(sp.learning_rate))
     self.opts = {}
     for name in sp.methods:
       spec = METHODS[name]
+      self.inner = (inner_optimizer if isinstance(inner_optimizer, optax.GradientTransformation)
+                    else inner_optimizer(name))
       self.opts[name] = (onpo_step(self.inner, variant=spec.variant, init_from=sp.init_from)
                          if spec.variant else self.inner)
     self._train_step = {name: jax.jit(functools.partial(self._train_step_impl, name))

@@ -42,7 +42,6 @@ from onpo_jax import checkpoint as checkpoint_lib
 from onpo_jax import evaluation
 from onpo_jax import metrics as metrics_lib
 from onpo_jax import oracle as oracle_lib
-from onpo_jax import pairs as pairs_lib
 from onpo_jax import plots
 from onpo_jax import rounds
 from onpo_jax import testbed
@@ -71,15 +70,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      ("selfplay.epochs", sp.epochs),
                      ("selfplay.minibatch_size", sp.minibatch_size)):
     _need(isinstance(val, int) and val >= 1, field, "an integer >= 1", val)
-  _need(isinstance(sp.num_samples, int) and sp.num_samples >= 2, "selfplay.num_samples",
-        "K >= 2 responses per prompt (pairs need two)", sp.num_samples)
-  methods = tuple(sp.methods)
-  _need(len(methods) >= 1 and len(set(methods)) == len(methods), "selfplay.methods",
-        "a non-empty tuple without duplicates", methods)
-  for m in methods:
-    _need(m in rounds.METHODS, "selfplay.methods", f"names among {sorted(rounds.METHODS)}", m)
-  _need(sp.pairing in pairs_lib.PAIRINGS, "selfplay.pairing", f"one of {pairs_lib.PAIRINGS}",
-        sp.pairing)
+  rounds.validate_selfplay(sp, _need,
+                           num_samples_expected="K >= 2 responses per prompt (pairs need two)")
   _need(sp.logp_reduction in ("sum", "mean"), "selfplay.logp_reduction", "'sum' or 'mean'",
         sp.logp_reduction)
   _need(sp.init_from in ("anchor", "policy"), "selfplay.init_from", "'anchor' or 'policy'",
