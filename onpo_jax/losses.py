@@ -126,6 +126,27 @@ def _regression(margin, target, w) -> tuple[jax.Array, Metrics]:
   return loss, metrics
 
 
+def _anchored_regression(fn, anchor, logp_policy_w, logp_policy_l, logp_anchor_w, logp_anchor_l,
+                         weights, param, value, target_fn) -> tuple[jax.Array, Metrics]:
+  """(L_A − target)² over pairs, shared by the ONPO, OMD and IPO losses.
+
+  Checks run in the same order as each loss's own signature reads: shapes (named
+  `logp_{anchor}_w` etc.), then the step-size `param`, then the weights; the
+  target is computed only after `value` passed its check (1/(2·0) never runs).
+  """
+  shape = _check_same_shape(fn, logp_policy_w=logp_policy_w, logp_policy_l=logp_policy_l,
+                            **{f'logp_{anchor}_w': logp_anchor_w,
+                               f'logp_{anchor}_l': logp_anchor_l})
+  _check_param(param, value, low=0, fn=fn)
+  dt = _dtype(logp_policy_w, logp_policy_l, logp_anchor_w, logp_anchor_l)
+  w = _weights(weights, shape, dt, fn)
+  logp_policy_w, logp_policy_l, logp_anchor_w, logp_anchor_l = _zero_masked(
+      w, logp_policy_w, logp_policy_l, *_sg(logp_anchor_w, logp_anchor_l))
+  margin = log_ratio_margin(logp_policy_w, logp_policy_l, logp_anchor_w,
+                            logp_anchor_l).astype(dt)
+  return _regression(margin, target_fn(value), w)
+
+
 # ----------------------------------------------------------------------------
 # Regression losses: ONPO, OMD (INPO w/o KL), INPO, IPO.
 
@@ -151,16 +172,8 @@ def onpo_loss(logp_policy_w, logp_policy_l, logp_aux_w, logp_aux_l, *, eta,
     (loss, metrics) with metrics 'margin' (mean g), 'target', 'frac_past_target',
     'accuracy' (fraction with g > 0), 'num_pairs'.
   """
-  fn = 'onpo_loss'
-  shape = _check_same_shape(fn, logp_policy_w=logp_policy_w, logp_policy_l=logp_policy_l,
-                            logp_aux_w=logp_aux_w, logp_aux_l=logp_aux_l)
-  _check_param('eta', eta, low=0, fn=fn)
-  dt = _dtype(logp_policy_w, logp_policy_l, logp_aux_w, logp_aux_l)
-  w = _weights(weights, shape, dt, fn)
-  logp_policy_w, logp_policy_l, logp_aux_w, logp_aux_l = _zero_masked(
-      w, logp_policy_w, logp_policy_l, *_sg(logp_aux_w, logp_aux_l))
-  g = log_ratio_margin(logp_policy_w, logp_policy_l, logp_aux_w, logp_aux_l).astype(dt)
-  return _regression(g, eta / 2, w)
+  return _anchored_regression('onpo_loss', 'aux', logp_policy_w, logp_policy_l, logp_aux_w,
+                              logp_aux_l, weights, 'eta', eta, lambda e: e / 2)
 
 
 def omd_loss(logp_policy_w, logp_policy_l, logp_prev_w, logp_prev_l, *, eta_inpo,
@@ -178,16 +191,9 @@ def omd_loss(logp_policy_w, logp_policy_l, logp_prev_w, logp_prev_l, *, eta_inpo
     eta_inpo: INPO's η_I > 0 (its step size is 1/η_I).
     weights: optional [N] pair weights ≥ 0.
   """
-  fn = 'omd_loss'
-  shape = _check_same_shape(fn, logp_policy_w=logp_policy_w, logp_policy_l=logp_policy_l,
-                            logp_prev_w=logp_prev_w, logp_prev_l=logp_prev_l)
-  _check_param('eta_inpo', eta_inpo, low=0, fn=fn)
-  dt = _dtype(logp_policy_w, logp_policy_l, logp_prev_w, logp_prev_l)
-  w = _weights(weights, shape, dt, fn)
-  logp_policy_w, logp_policy_l, logp_prev_w, logp_prev_l = _zero_masked(
-      w, logp_policy_w, logp_policy_l, *_sg(logp_prev_w, logp_prev_l))
-  margin = log_ratio_margin(logp_policy_w, logp_policy_l, logp_prev_w, logp_prev_l).astype(dt)
-  return _regression(margin, 1.0 / (2.0 * eta_inpo), w)
+  return _anchored_regression('omd_loss', 'prev', logp_policy_w, logp_policy_l, logp_prev_w,
+                              logp_prev_l, weights, 'eta_inpo', eta_inpo,
+                              lambda e: 1.0 / (2.0 * e))
 
 
 def inpo_loss(logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l, logp_prev_w,
@@ -243,16 +249,8 @@ def ipo_loss(logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l, *, beta,
     beta: β > 0 (target 1/(2β)).
     weights: optional [N] pair weights ≥ 0.
   """
-  fn = 'ipo_loss'
-  shape = _check_same_shape(fn, logp_policy_w=logp_policy_w, logp_policy_l=logp_policy_l,
-                            logp_ref_w=logp_ref_w, logp_ref_l=logp_ref_l)
-  _check_param('beta', beta, low=0, fn=fn)
-  dt = _dtype(logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l)
-  w = _weights(weights, shape, dt, fn)
-  logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l = _zero_masked(
-      w, logp_policy_w, logp_policy_l, *_sg(logp_ref_w, logp_ref_l))
-  margin = log_ratio_margin(logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l).astype(dt)
-  return _regression(margin, 1.0 / (2.0 * beta), w)
+  return _anchored_regression('ipo_loss', 'ref', logp_policy_w, logp_policy_l, logp_ref_w,
+                              logp_ref_l, weights, 'beta', beta, lambda b: 1.0 / (2.0 * b))
 
 
 online_ipo_loss = ipo_loss
