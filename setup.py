@@ -39,6 +39,7 @@ setuptools.setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            "ruff==0.17.6",  # tests/test_house_rules.py runs `ruff check` (ruff.toml)
         ],
     },
 )

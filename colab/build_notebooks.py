@@ -89,7 +89,7 @@ import numpy as np
 from IPython.display import Image, display
 
 from configs import tabular as tabular_config
-from onpo_jax import metrics
+from onpo_jax.infra import metrics
 from onpo_jax.tabular import dynamics
 from onpo_jax.tabular import exact
 from onpo_jax.tabular import experiment
@@ -267,7 +267,7 @@ oracle's full preference matrix, the duality gap and every head-to-head win rate
 enumeration, with no sampling noise. The oracle is a synthetic **general** preference model with a
 knob `oracle.cyclic` between Bradley–Terry (0) and purely cyclic (1) preferences.
 
-`onpo_jax.train.run(config, workdir)` does it all (the same job as
+`onpo_jax.testbed.job.run(config, workdir)` does it all (the same job as
 `python -m experiments.run --config=configs/default.py`):
 1. SFT by maximum likelihood on samples of a random "style" distribution;
 2. $T$ self-play rounds of every method from the same SFT policy and oracle: ONPO (two
@@ -294,8 +294,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from configs import default as default_config
-from onpo_jax import metrics
-from onpo_jax import train
+from onpo_jax.infra import metrics
+from onpo_jax.testbed import job as train
 
 plt.rcParams.update({"figure.dpi": 60, "font.size": 9})  # small saved outputs'''),
     _md(r"""
@@ -436,8 +436,8 @@ import jax
 
 import configs
 from configs import llama3_8b_onpo
-from onpo_jax import llm
-from onpo_jax import metrics
+from onpo_jax.llm import job as llm
+from onpo_jax.infra import metrics
 
 # tqdm warns in notebooks without ipywidgets (Colab has them).
 warnings.filterwarnings("ignore", message="IProgress not found")
@@ -458,12 +458,7 @@ if USE_REAL_MODEL:
   prompts_path = snapshot_download(PROMPTS, repo_type="dataset", local_dir=f"{ASSETS}/prompts")
   eval_file = ""  # an AlpacaEval-style JSON with "instruction" fields, to track win rates
 else:
-  tests_dir = pathlib.Path(configs.__file__).resolve().parents[1] / "tests"
-  if not (tests_dir / "tiny_hf.py").exists():
-    raise FileNotFoundError(f"tiny mode needs a checkout with tests/tiny_hf.py (looked in {tests_dir}): "
-                            "git clone the repository and `pip install -e .` it, or set USE_REAL_MODEL")
-  sys.path.insert(0, str(tests_dir))
-  import tiny_hf
+  from onpo_jax.testing import tiny_hf
   import transformers
   transformers.utils.logging.disable_progress_bar()
 
@@ -489,7 +484,7 @@ print(sorted(os.listdir(policy_path)))'''),
 `configs/llama3_8b_onpo.py` holds the paper's settings (ONPO $1/\eta = 0.01$, $K = 8$ with the
 tournament, global batch 128, cosine schedule with 3% warm-up, $T = 3$ rounds); its suffix picks
 the mesh (`gpu8`, `v5p-16`, ...), the method (`onpo`, `inpo`, `idpo`) and `tiny`, the CPU-sized
-copy. Every field is documented in `onpo_jax.llm.default_config`. Paths are set here.
+copy. Every field is documented in `onpo_jax.llm.config.default_config`. Paths are set here.
 """),
     _code(r'''
 config = llama3_8b_onpo.get_config(VARIANT if USE_REAL_MODEL else "tiny")

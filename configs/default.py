@@ -5,7 +5,7 @@ r"""Self-play alignment on the exact-evaluation testbed: ONPO vs its baselines.
 
 SFT on a random "style" distribution, then T rounds of every method from the
 same SFT policy with the same synthetic general-preference oracle; the exact
-duality gap and win rate vs SFT are printed per round (`onpo_jax.train.run`).
+duality gap and win rate vs SFT are printed per round (`onpo_jax.testbed.job.run`).
 Runs in a few minutes on 2 CPU cores. Symbols: ONPO's η (arXiv 2502.16852);
 INPO's η_I and τ (arXiv 2407.00617; η_I is the inverse of ONPO's η); SPPO's β
 (the inverse of the SPPO paper's η); DPO's β and label smoothing ε; Nash-MD's
@@ -14,9 +14,12 @@ INPO's η_I and τ (arXiv 2407.00617; η_I is the inverse of ONPO's η); SPPO's 
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg=None):
   """Returns the default self-play config; `arg='tiny'` shrinks it for smoke tests."""
+  args = common.parse_arg(arg, tiny=False)
   c = ml_collections.ConfigDict()
   c.experiment = "selfplay"
   c.seed = 0  # one seed fixes oracle, prompts, SFT data, sampling and minibatch order
@@ -59,6 +62,9 @@ def get_config(arg=None):
   c.selfplay.prompts_per_round = 32  # N: prompts per round (drawn from the C testbed prompts)
   c.selfplay.num_samples = 8  # K: responses sampled per prompt from π_t
   c.selfplay.pairing = "tournament"  # 'tournament' | 'lambda_p' | 'all_pairs' (pair methods)
+  # Tournament games: 'deterministic' (winner = P(A ≻ B) > ½, tie to the first; the
+  # published pipelines) | 'bernoulli' (one oracle draw per game).
+  c.selfplay.tournament_mode = "deterministic"
   c.selfplay.epochs = 2  # E: passes over each round's data
   c.selfplay.minibatch_size = 16  # training examples (pairs or samples) per gradient step
   c.selfplay.learning_rate = 3e-3  # inner optimizer (Adam) peak learning rate
@@ -94,7 +100,7 @@ def get_config(arg=None):
   # a restarted run with the cache resumes in seconds.
   c.compilation_cache_dir = ""
 
-  if arg == "tiny":
+  if args.tiny:
     c.testbed.vocab_size = c.oracle.vocab_size = c.model.vocab_size = 3
     c.testbed.response_length = 3  # |Y| = 27
     c.testbed.prompt_length = 2
@@ -113,6 +119,4 @@ def get_config(arg=None):
     c.selfplay.epochs = 1
     c.selfplay.minibatch_size = 4
     c.log_every_seconds = 0.0
-  elif arg not in (None, ""):
-    raise ValueError(f"configs/default.py: unknown arg {arg!r}; expected nothing or 'tiny'")
   return c

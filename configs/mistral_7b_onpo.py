@@ -1,33 +1,63 @@
-r"""ONPO on mistralai/Mistral-7B-Instruct-v0.3 with RLHFlow's 8B pairwise preference model (ONPO arXiv 2502.16852 §5).
+r"""ONPO on mistralai/Mistral-7B-Instruct-v0.3, judged by RLHFlow's 8B pairwise judge.
 
-Paper settings (onpo_jax.llm.default_config documents every field): 1/η = 0.01,
-global batch 128 pairs, cosine schedule with warm-up 0.03, K = 8 samples with
-INPO's tournament, T = 3 rounds, peak LR 5e-7 (taken from INPO, arXiv 2407.00617),
-INPO η_I = 0.005, τ = η_I/3. Model, judge and data are local directories.
+The paper's setup (ONPO arXiv 2502.16852 §5): ONPO's 1/η = 0.01 (η = 100); K = 8
+samples per prompt paired by INPO's tournament, global batch 128 pairs, AdamW with
+peak LR 5e-7 and a cosine schedule with warm-up ratio 0.03, T = 3 rounds.
+`configs/llm_common.py` documents every field; model, judge and data are local
+directories (nothing is downloaded).
 
-Launch on one 8-GPU node (the paper's 8×A100 40 GB):
+Launch on one 8-GPU node:
 
-    python -m experiments.run --config=configs/mistral_7b_onpo.py:gpu8 --workdir=runs/mistral_7b_onpo \
+    python -m experiments.run --config=configs/mistral_7b_onpo.py:gpu8 \
+      --workdir=runs/mistral_7b_onpo \
       --config.policy.path=/models/Mistral-7B-Instruct-v0.3 \
       --config.judge.path=/models/pair-preference-model-LLaMA3-8B \
       --config.data.paths=/data/prompt-collection-v0.1 \
       --config.eval.prompt_file=/data/alpaca_eval.json
 
 On a TPU slice, run the same command on every host with the slice's variant
-(v5p-8, v5p-16, v5p-64, v4-16, v4-32) and `--config.distributed.enabled=True`
-(jax.distributed.initialize auto-detects the slice):
+and `--config.distributed.enabled=True` (jax.distributed.initialize finds the
+other hosts):
 
-    python -m experiments.run --config=configs/mistral_7b_onpo.py:v5p-16 --workdir=gs://bucket/mistral_7b_onpo \
-      --config.distributed.enabled=True --config.policy.path=... --config.judge.path=... \
-      --config.data.paths=...
+    python -m experiments.run --config=configs/mistral_7b_onpo.py:v5p-16 \
+      --workdir=gs://bucket/mistral_7b_onpo --config.distributed.enabled=True \
+      --config.policy.path=... --config.judge.path=... --config.data.paths=...
 
-`:tiny` is a CPU-sized copy for tiny local checkpoints of the same family (README,
-"Aligning a real model"); suffixes combine with commas, e.g. `:v5p-64,inpo`.
+Resources: 7.25B policy parameters. Per-device memory planned by
+`onpo_jax.llm.memory.estimate_memory` (parameters, optimizer state, resident
+frozen models and one sampling KV cache; activations are not counted):
+
+      variant  mesh        GiB/device  devices
+      gpu8     (1, 8, 1)       21.75  8 GPUs, 1 node (the paper: 8×A100 40 GB)
+      v5p-8    (1, 4, 1)       43.49  4 chips × 95 GiB, 1 host
+      v5p-16   (1, 8, 1)       21.75  8 chips × 95 GiB, 2 hosts
+      v4-16    (1, 8, 1)       21.75  8 chips × 32 GiB, 2 hosts
+      v4-32    (2, 8, 1)       20.25  16 chips × 32 GiB, 4 hosts
+      v5p-64   (4, 8, 1)       19.50  32 chips × 95 GiB, 8 hosts
+
+  On gpu8: policy 3.38 (float32), optimizer 13.50, π_ref 0.00, judge 1.87 (bfloat16),
+  KV cache 3.00 GiB. π_ref is not resident: ONPO anchors on its auxiliary policy π',
+  which lives in the optimizer state; `--config.ref.offload=True` /
+  `--config.judge.offload=True` keep π_ref / the judge in pinned host memory between
+  uses.
+
+Produces, in --workdir: metrics.jsonl (per round: losses, norms, oracle
+queries, tokens/s, win rate vs the SFT policy with its CI), memory.json (the
+plan above), alpaca_eval/sft.json and alpaca_eval/onpo_two_step_round<t>.json
+(AlpacaEval 2.0 outputs), checkpoints/ (a rerun resumes after the last
+finished round), export/onpo_two_step/ (HF checkpoint in bfloat16 + tokenizer)
+and summary.json.
+
+Suffixes, comma-separated: a mesh variant (above; default gpu8), a method
+(onpo | inpo | idpo; default onpo) and/or `tiny`, the CPU-sized copy for
+tiny local checkpoints of the same family, e.g. `:v5p-64,inpo` or `:tiny`.
 """
 
-from onpo_jax import llm
+from configs import common
+from configs import llm_common
 
 
 def get_config(arg=None):
-  """Paper config; `arg` picks the mesh variant, the method and/or 'tiny'."""
-  return llm.paper_config("mistral_7b", "onpo", arg)
+  """The paper config; `arg` picks the mesh variant, the method and/or 'tiny'."""
+  args = common.parse_arg(arg, **llm_common.paper_arg_spec("onpo"))
+  return llm_common.paper_config("mistral_7b", args.method, mesh=args.mesh, tiny=args.tiny)

@@ -7,19 +7,19 @@ CPU smoke test (seconds):
 
 Step sizes follow the theory with D = log n (= max KL(π‖π_1) for uniform π_1):
 ONPO η = min(1/2, √D) (Theorem 2), OMD η = √(D/T) re-tuned per horizon T
-(Theorem 1). INPO's η_I is the inverse of a step size (ONPO_SPEC §2).
+(Theorem 1). INPO's η_I is the inverse of a step size (docs/algorithm.md §2.4).
 """
 
 import math
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the tabular config; `arg='tiny'` shrinks it for CPU tests."""
-  if arg not in (None, "", "tiny"):
-    raise ValueError(f"configs/tabular.py: unknown arg {arg!r}; expected None or 'tiny'")
-  tiny = arg == "tiny"
+  tiny = common.parse_arg(arg, tiny=False).tiny
   c = ml_collections.ConfigDict()
   c.experiment = "tabular"  # Dispatch key in onpo_jax.main.EXPERIMENTS.
   c.seed = 0  # PRNG seed of the game.

@@ -1,29 +1,29 @@
 """onpo_jax: Optimistic Nash Policy Optimization (arXiv 2502.16852) in JAX.
 
 The flat namespace follows the story of one self-play round:
-oracle → sampler → pairs → losses → onpo_step → rounds → evaluation.
-Subpackages: `onpo_jax.tabular` (exact games and dynamics), `onpo_jax.models`
-(Flax NNX decoders, sharding, Hugging Face import/export), `onpo_jax.data`
-(prompt collections). The tabular single-step functions stay in
-`onpo_jax.tabular` (e.g. `onpo_jax.tabular.onpo_step`), so that the top-level
-`onpo_step` is the optax transform.
+oracles → sampler → pairs → losses → onpo_step → selfplay engine → evaluation.
+The core math sits at the top of the package (`logprobs`, `losses`, `pairs`,
+`onpo_step`, `sampler`); folders by role: `oracles/` (synthetic, pairwise judge,
+reward model), `selfplay/` (method table, engine, loop), one folder per job
+(`tabular/`, `testbed/`, `llm/`), `models/` (Flax NNX decoders, sharding, HF
+import/export), `data/` (prompt collections), `infra/` (checkpoints, metrics,
+plots) and `testing/` (tiny local checkpoints). The tabular single-step
+functions stay in `onpo_jax.tabular` (e.g. `onpo_jax.tabular.onpo_step`), so
+that the top-level `onpo_step` is the optax transform.
+
+`import onpo_jax` imports neither tensorflow_datasets nor transformers: the
+model-based oracles (`onpo_jax.oracles.judge`, `.reward_model`), `onpo_jax.data`
+and the jobs are imported from their modules.
 """
 
-from onpo_jax import data
-from onpo_jax import models
 from onpo_jax import tabular
 # Oracles: the general preference P(a ≻ b | x) and Bernoulli comparisons.
-from onpo_jax.oracle import BTRewardOracle
-from onpo_jax.oracle import compare
-from onpo_jax.oracle import make_synthetic_oracle
-from onpo_jax.oracle import Oracle
-from onpo_jax.oracle import preference_matrix
-from onpo_jax.oracle import SyntheticOracle
-from onpo_jax.judge import load_pairwise_judge
-from onpo_jax.judge import load_reward_model
-from onpo_jax.judge import PairwiseJudgeOracle
-from onpo_jax.judge import RewardModel
-from onpo_jax.judge import RewardModelOracle
+from onpo_jax.oracles import BTRewardOracle
+from onpo_jax.oracles import compare
+from onpo_jax.oracles import make_synthetic_oracle
+from onpo_jax.oracles import Oracle
+from onpo_jax.oracles import preference_matrix
+from onpo_jax.oracles import SyntheticOracle
 # Sampler.
 from onpo_jax.sampler import MixtureSampler
 from onpo_jax.sampler import SampleOutput
@@ -56,14 +56,11 @@ from onpo_jax.onpo_step import onpo_end_phase
 from onpo_jax.onpo_step import onpo_step
 from onpo_jax.onpo_step import OnpoEvent
 from onpo_jax.onpo_step import OnpoStepState
-# Rounds, checkpoints and evaluation.
-from onpo_jax.checkpoint import Checkpointer
-from onpo_jax.rounds import Engine
-from onpo_jax.rounds import METHODS
-from onpo_jax.evaluation import exact_metrics
-from onpo_jax.evaluation import policy_table
-from onpo_jax.evaluation import win_rate_matrix
-from onpo_jax.metrics import format_table
-from onpo_jax.metrics import MetricWriter
+# Self-play engine, checkpoints and metrics.
+from onpo_jax.infra.checkpoint import Checkpointer
+from onpo_jax.infra.metrics import format_table
+from onpo_jax.infra.metrics import MetricWriter
+from onpo_jax.selfplay.engine import Engine
+from onpo_jax.selfplay.engine import METHODS
 
 __version__ = "0.1.0"

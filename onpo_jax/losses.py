@@ -2,20 +2,20 @@
 
 Every loss is a pure function of per-sequence log-probs (see `onpo_jax.logprobs`)
 and returns `(loss, metrics)`. Argument suffixes name the policy that produced a
-value (BASELINES.md, convention 2): `policy` (π_θ, trained), `aux` (ONPO's π'),
+value (docs/baselines.md §3): `policy` (π_θ, trained), `aux` (ONPO's π'),
 `prev` (the previous iterate π_t), `ref` (SFT). `_w` / `_l` are the preferred /
 dispreferred responses of a pair. Anchor log-probs are constants: they are wrapped
 in `stop_gradient` so a caller that forgets to precompute them still gets the
 right gradient.
 
-Notation (BASELINES.md): Δ_A(y) = lp_θ(y) − lp_A(y), L_A = Δ_A(y_w) − Δ_A(y_l).
+Notation (docs/baselines.md): Δ_A(y) = lp_θ(y) − lp_A(y), L_A = Δ_A(y_w) − Δ_A(y_l).
 
 Every pair loss takes an optional `weights` [N] (≥ 0): the loss is the weighted
 mean Σ w_i ℓ_i / Σ w_i (0 when Σ w = 0), so padded pairs (weight 0, e.g. a
 tournament that kept no pair) contribute nothing, and exact expectations over
 pairs can be written with probability weights. Metrics are weighted the same way.
 
-Hyperparameters use each paper's own symbol (BASELINES.md, convention 3):
+Hyperparameters use each paper's own symbol (docs/baselines.md §2):
 ONPO's η; INPO's η_I (= 1/η of OMD); DPO/IPO's β; SPPO's β (= 1/η of the SPPO
 paper). They are checked when concrete (Python numbers or concrete arrays).
 """
@@ -109,7 +109,7 @@ def _sg(*arrays):
 
 
 def log_ratio_margin(logp_policy_w, logp_policy_l, logp_anchor_w, logp_anchor_l):
-  """L_A = [lp_θ(y_w) − lp_θ(y_l)] − [lp_A(y_w) − lp_A(y_l)] (ONPO_SPEC §3, g)."""
+  """L_A = [lp_θ(y_w) − lp_θ(y_l)] − [lp_A(y_w) − lp_A(y_l)] (g of docs/algorithm.md §3.2)."""
   return (logp_policy_w - logp_policy_l) - (logp_anchor_w - logp_anchor_l)
 
 
@@ -153,7 +153,7 @@ def _anchored_regression(fn, anchor, logp_policy_w, logp_policy_l, logp_anchor_w
 
 def onpo_loss(logp_policy_w, logp_policy_l, logp_aux_w, logp_aux_l, *, eta,
               weights=None) -> tuple[jax.Array, Metrics]:
-  """ONPO regression loss (arXiv 2502.16852, Algorithm 1; ONPO_SPEC §3).
+  """ONPO regression loss (arXiv 2502.16852, Algorithm 1; docs/algorithm.md §3).
 
       g = [lp_θ(y_w) − lp_θ(y_l)] − [lp_{π'}(y_w) − lp_{π'}(y_l)]
       loss = mean over pairs of (g − η/2)²
@@ -178,7 +178,7 @@ def onpo_loss(logp_policy_w, logp_policy_l, logp_aux_w, logp_aux_l, *, eta,
 
 def omd_loss(logp_policy_w, logp_policy_l, logp_prev_w, logp_prev_l, *, eta_inpo,
              weights=None) -> tuple[jax.Array, Metrics]:
-  """OMD step = INPO without KL (τ = 0) (arXiv 2407.00617; ONPO_SPEC §2-3).
+  """OMD step = INPO without KL (τ = 0) (arXiv 2407.00617; docs/baselines.md §4).
 
       loss = mean (L_{π_t} − 1/(2η_I))²
 
@@ -198,7 +198,7 @@ def omd_loss(logp_policy_w, logp_policy_l, logp_prev_w, logp_prev_l, *, eta_inpo
 
 def inpo_loss(logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l, logp_prev_w,
               logp_prev_l, *, tau, eta_inpo, weights=None) -> tuple[jax.Array, Metrics]:
-  """INPO loss (arXiv 2407.00617, Eq. for the practical loss; ONPO_SPEC §3).
+  """INPO loss (arXiv 2407.00617, Eq. for the practical loss; docs/baselines.md §4).
 
       h = [lp_θ(y_w) − lp_θ(y_l)] − (τ/η_I)[lp_ref(y_w) − lp_ref(y_l)]
           − (1 − τ/η_I)[lp_{π_t}(y_w) − lp_{π_t}(y_l)]
@@ -306,7 +306,7 @@ def dpo_loss(logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l, *, beta,
 
 
 def sppo_win_rates(win_matrix: jax.Array, *, include_self: bool = True) -> jax.Array:
-  """P̂_i = mean_j P(y_i ≻ y_j) over the K samples of each prompt (BASELINES.md).
+  """P̂_i = mean_j P(y_i ≻ y_j) over the K samples of each prompt (docs/baselines.md §5).
 
   Args:
     win_matrix: [P, K, K] with win_matrix[p, i, j] = P(y_i ≻ y_j | x_p) from the
@@ -337,7 +337,7 @@ def sppo_loss(logp_policy, logp_prev, win_rate, *, beta,
       loss = weighted mean over samples of (Δ_{π_t}(y) − (P̂(y) − ½)/β)²
 
   Any shape works (e.g. [P, K]: every sample of every prompt). The pair form of
-  BASELINES.md is `sppo_pair_loss`.
+  docs/baselines.md §5 is `sppo_pair_loss`.
 
   Args:
     logp_policy: [...] lp_θ of each sample.
@@ -368,7 +368,7 @@ def sppo_loss(logp_policy, logp_prev, win_rate, *, beta,
 
 def sppo_pair_loss(logp_policy_w, logp_policy_l, logp_prev_w, logp_prev_l, win_rate_w,
                    win_rate_l, *, beta, weights=None) -> tuple[jax.Array, Metrics]:
-  """SPPO pair form (BASELINES.md): ½[(Δ_w − (P̂_w − ½)/β)² + (Δ_l − (P̂_l − ½)/β)²].
+  """SPPO pair form (docs/baselines.md §5): ½[(Δ_w − (P̂_w − ½)/β)² + (Δ_l − (P̂_l − ½)/β)²].
 
   Args:
     logp_policy_w, logp_policy_l, logp_prev_w, logp_prev_l: [N] log-probs.
@@ -394,7 +394,7 @@ def sppo_pair_loss(logp_policy_w, logp_policy_l, logp_prev_w, logp_prev_l, win_r
 
 def nash_md_loss(logp_policy, logp_ref, preference, *, beta,
                  weights=None) -> tuple[jax.Array, Metrics]:
-  """Nash-MD policy-gradient surrogate (Munos et al., arXiv 2312.00886, §7; BASELINES.md).
+  """Nash-MD policy-gradient surrogate (Munos et al., arXiv 2312.00886, §7; docs/baselines.md §6).
 
       loss = mean over samples of  β·sg(lp_θ(y) − lp_ref(y))·lp_θ(y) − (P(y ≻ y') − ½)·lp_θ(y)
 

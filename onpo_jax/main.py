@@ -9,8 +9,8 @@ import ml_collections
 # does not pay for importing the model stack.
 EXPERIMENTS = {
     "tabular": "onpo_jax.tabular.experiment:run",
-    "selfplay": "onpo_jax.train:run",
-    "llm": "onpo_jax.llm:run",
+    "selfplay": "onpo_jax.testbed.job:run",
+    "llm": "onpo_jax.llm.job:run",
 }
 
 

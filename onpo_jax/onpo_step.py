@@ -1,6 +1,6 @@
 """ONPO's optimistic state as a functional optax transform.
 
-ONPO (arXiv 2502.16852, Algorithm 1; ONPO_SPEC §3) keeps two policies across
+ONPO (arXiv 2502.16852, Algorithm 1; docs/algorithm.md §3) keeps two policies across
 rounds: the played policy π (sampled from, and the output) and the auxiliary,
 "lagging" policy π' (the regression anchor). `onpo_step(inner, ...)` wraps any
 optax optimizer: the trained parameters are π_θ, and the transform's state holds
@@ -50,8 +50,9 @@ logit π_{t+1} = 2·logit π'_{t+1} − logit π'_t; an approximation for networ
   1-4 as above (regression against π'_t gives params ≈ π'_{t+1});
   5. onpo_end_phase     -> params := 2·params − π'_t; π' := π'_{t+1}; round += 1.
 
-Initialisation of each regression (`init_from`, ONPO_SPEC §3 leaves it UNKNOWN)
---------------------------------------------------------------------------------
+Initialisation of each regression (`init_from`, docs/algorithm.md §3.6)
+-----------------------------------------------------------------------
+Not stated in the paper; 'anchor' is our default.
 - 'anchor' (default): every regression starts at its anchor: the auxiliary step
   at π'_t, the policy step at π'_{t+1} (already the parameters after step 4, so
   free). Each regression starts at g = 0 (loss η²/4), and a regression stopped

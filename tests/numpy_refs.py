@@ -15,7 +15,7 @@ def log_softmax(x):
   return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
 
 
-def sequence_logprobs(logits, tokens, response_mask, reduction='sum'):
+def sequence_logprobs(logits, tokens, response_mask, reduction="sum"):
   """Loop over (b, t): token t of sequence b is scored by logits[b, t - 1]."""
   b_size, length, _ = logits.shape
   out = np.zeros(b_size)
@@ -25,7 +25,7 @@ def sequence_logprobs(logits, tokens, response_mask, reduction='sum'):
       if response_mask[b, t]:
         total += log_softmax(logits[b, t - 1])[tokens[b, t]]
         count += 1
-    out[b] = total if reduction == 'sum' else (total / count if count else 0.0)
+    out[b] = total if reduction == "sum" else (total / count if count else 0.0)
   return out
 
 
@@ -101,7 +101,7 @@ def nash_md_grad(lp, lp_ref, pref, beta, weights=None):
   return w * (beta * (np.asarray(lp) - lp_ref) - (np.asarray(pref) - 0.5)) / w.sum()
 
 
-# Tabular dynamics, ONPO_SPEC §2, in probability space per prompt.
+# Tabular dynamics, docs/algorithm.md §2, in probability space per prompt.
 
 
 def normalize(p):
@@ -110,7 +110,7 @@ def normalize(p):
 
 def win_rate_vs(pmat, pi):
   """r(y) = P(y ≻ π) = Σ_y' P(y ≻ y') π(y'), per prompt: pmat [P, Y, Y], pi [P, Y]."""
-  return np.einsum('pij,pj->pi', pmat, pi)
+  return np.einsum("pij,pj->pi", pmat, pi)
 
 
 def onpo_tabular_round(pi_aux, pi, pmat, eta):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from onpo_jax import alpaca_eval
+from onpo_jax.llm import alpaca_eval
 
 
 def _np_win_rate(p, level):

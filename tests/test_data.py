@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from onpo_jax.data import prompts
+from onpo_jax.data import sources
 from onpo_jax.data import tfds_builder
 
 WORDS = "hello world what is two plus three a b c sky blue".split()
@@ -187,14 +188,14 @@ def test_hf_parquet_and_jsonl_dir(tmp_path):
 
 def test_load_prompt_records_sources_agree(tmp_path):
   path = _write_jsonl(tmp_path / "train.jsonl", PLAIN)
-  files = prompts.load_prompt_records("files", path)
-  hf = prompts.load_prompt_records("hf_dir", str(tmp_path))
-  tf = prompts.load_prompt_records("tfds", [path], data_dir=str(tmp_path / "tfds"))
+  files = sources.load_prompt_records("files", path)
+  hf = sources.load_prompt_records("hf_dir", str(tmp_path))
+  tf = sources.load_prompt_records("tfds", [path], data_dir=str(tmp_path / "tfds"))
   assert files == hf == tf and len(files) == len(PLAIN)
   with pytest.raises(ValueError, match="source must be one of"):
-    prompts.load_prompt_records("s3", path)
+    sources.load_prompt_records("s3", path)
   with pytest.raises(ValueError, match="source='tfds' needs data_dir"):
-    prompts.load_prompt_records("tfds", path)
+    sources.load_prompt_records("tfds", path)
 
 
 # ------------------------------------------------------- template, lengths

@@ -16,16 +16,16 @@ import numpy_refs as ref
 TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
-@pytest.fixture(params=[jnp.float32, jnp.float64], ids=['f32', 'f64'])
+@pytest.fixture(params=[jnp.float32, jnp.float64], ids=["f32", "f64"])
 def dtype(request):
   with jax.enable_x64(request.param == jnp.float64):
     yield request.param
 
 
-@pytest.fixture(params=[False, True], ids=['eager', 'jit'])
+@pytest.fixture(params=[False, True], ids=["eager", "jit"])
 def maybe_jit(request):
   if request.param:
-    return lambda f: jax.jit(f, static_argnames=('reduction',)) if f in (
+    return lambda f: jax.jit(f, static_argnames=("reduction",)) if f in (
         logprobs.sequence_logprobs, logprobs.reduce_logprobs) else jax.jit(f)
   return lambda f: f
 
@@ -42,7 +42,7 @@ def _batch(seed=0, b=3, length=8, vocab=5):
   return logits, tokens, mask
 
 
-@pytest.mark.parametrize('reduction', ['sum', 'mean'])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_sequence_logprobs_matches_numpy(dtype, maybe_jit, reduction):
   logits, tokens, mask = _batch()
   want = ref.sequence_logprobs(logits, tokens, mask, reduction)
@@ -65,15 +65,15 @@ def test_shift_on_hand_built_example(dtype, maybe_jit):
   np.testing.assert_allclose(
       np.asarray(tok), [[0.0, math.log(1 / 3), math.log(5 / 8), math.log(3 / 4)]], **TOL[dtype])
   seq = maybe_jit(logprobs.sequence_logprobs)
-  got_sum = seq(jnp.asarray(logits, dtype), jnp.asarray(tokens), jnp.asarray(mask), reduction='sum')
+  got_sum = seq(jnp.asarray(logits, dtype), jnp.asarray(tokens), jnp.asarray(mask), reduction="sum")
   got_mean = seq(jnp.asarray(logits, dtype), jnp.asarray(tokens), jnp.asarray(mask),
-                 reduction='mean')
+                 reduction="mean")
   np.testing.assert_allclose(np.asarray(got_sum), [math.log(5 / 8) + math.log(3 / 4)], **TOL[dtype])
   np.testing.assert_allclose(np.asarray(got_mean), [(math.log(5 / 8) + math.log(3 / 4)) / 2],
                              **TOL[dtype])
 
 
-@pytest.mark.parametrize('reduction', ['sum', 'mean'])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_invariant_to_left_and_right_padding(dtype, reduction):
   logits, tokens, mask = _batch(seed=1)
   rng = np.random.default_rng(7)
@@ -113,8 +113,8 @@ def test_mean_is_sum_over_response_count_and_empty_rows_are_zero(dtype):
   logits, tokens, mask = _batch(seed=3)
   mask[2] = False  # a padded row without response tokens
   tok = logprobs.token_logprobs_from_logits(jnp.asarray(logits, dtype), jnp.asarray(tokens))
-  s = logprobs.reduce_logprobs(tok, jnp.asarray(mask), 'sum')
-  m = logprobs.reduce_logprobs(tok, jnp.asarray(mask), 'mean')
+  s = logprobs.reduce_logprobs(tok, jnp.asarray(mask), "sum")
+  m = logprobs.reduce_logprobs(tok, jnp.asarray(mask), "mean")
   counts = mask.sum(-1)
   np.testing.assert_allclose(np.asarray(m[:2]) * counts[:2], np.asarray(s[:2]), **TOL[dtype])
   assert float(s[2]) == 0.0 and float(m[2]) == 0.0
@@ -146,15 +146,15 @@ def test_bf16_logits_accumulate_in_f32():
 def test_bad_inputs_raise_clear_errors():
   logits, tokens, mask = _batch()
   lg, tk, m = jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask)
-  with pytest.raises(ValueError, match='reduction'):
-    logprobs.sequence_logprobs(lg, tk, m, reduction='max')
-  with pytest.raises(ValueError, match='tokens must have shape'):
+  with pytest.raises(ValueError, match="reduction"):
+    logprobs.sequence_logprobs(lg, tk, m, reduction="max")
+  with pytest.raises(ValueError, match="tokens must have shape"):
     logprobs.sequence_logprobs(lg, tk[:, :-1], m)
-  with pytest.raises(ValueError, match='logits must have shape'):
+  with pytest.raises(ValueError, match="logits must have shape"):
     logprobs.sequence_logprobs(lg[0], tk, m)
-  with pytest.raises(ValueError, match='response_mask must have shape'):
+  with pytest.raises(ValueError, match="response_mask must have shape"):
     logprobs.sequence_logprobs(lg, tk, m[:, :-1])
-  with pytest.raises(ValueError, match=r'response_mask\[:, 0\]'):
+  with pytest.raises(ValueError, match=r"response_mask\[:, 0\]"):
     logprobs.sequence_logprobs(lg, tk, m.at[0, 0].set(True))
-  with pytest.raises(ValueError, match='integer'):
+  with pytest.raises(ValueError, match="integer"):
     logprobs.sequence_logprobs(lg, tk.astype(jnp.float32), m)

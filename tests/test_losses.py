@@ -1,5 +1,5 @@
 """Tests for onpo_jax.losses against tests/numpy_refs.py, finite differences and
-the tabular closed forms of ONPO_SPEC §2."""
+the tabular closed forms of docs/algorithm.md §2 and docs/baselines.md §4."""
 
 import functools
 
@@ -18,7 +18,7 @@ TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-6), jnp.float64: dict(rtol=1e-12, at
 N = 6
 
 
-@pytest.fixture(params=[jnp.float32, jnp.float64], ids=['f32', 'f64'])
+@pytest.fixture(params=[jnp.float32, jnp.float64], ids=["f32", "f64"])
 def dtype(request):
   with jax.enable_x64(request.param == jnp.float64):
     yield request.param
@@ -33,13 +33,13 @@ WEIGHTS = np.array([1.0, 0.0, 2.0, 0.5, 0.0, 1.0])
 
 # name -> (jax fn, numpy ref, #logp inputs, kwargs, positional ref extras)
 CASES = {
-    'onpo': (losses.onpo_loss, ref.onpo_loss, 4, dict(eta=2.0), (2.0,)),
-    'omd': (losses.omd_loss, ref.omd_loss, 4, dict(eta_inpo=0.2), (0.2,)),
-    'inpo': (losses.inpo_loss, ref.inpo_loss, 6, dict(tau=0.1, eta_inpo=0.3), (0.1, 0.3)),
-    'ipo': (losses.ipo_loss, ref.ipo_loss, 4, dict(beta=0.5), (0.5,)),
-    'dpo': (losses.dpo_loss, ref.dpo_loss, 4, dict(beta=0.3, label_smoothing=0.1), (0.3, 0.1)),
-    'sppo_pair': (losses.sppo_pair_loss, ref.sppo_pair_loss, 6, dict(beta=0.25), (0.25,)),
-    'nash_md': (losses.nash_md_loss, ref.nash_md_loss, 3, dict(beta=0.1), (0.1,)),
+    "onpo": (losses.onpo_loss, ref.onpo_loss, 4, dict(eta=2.0), (2.0,)),
+    "omd": (losses.omd_loss, ref.omd_loss, 4, dict(eta_inpo=0.2), (0.2,)),
+    "inpo": (losses.inpo_loss, ref.inpo_loss, 6, dict(tau=0.1, eta_inpo=0.3), (0.1, 0.3)),
+    "ipo": (losses.ipo_loss, ref.ipo_loss, 4, dict(beta=0.5), (0.5,)),
+    "dpo": (losses.dpo_loss, ref.dpo_loss, 4, dict(beta=0.3, label_smoothing=0.1), (0.3, 0.1)),
+    "sppo_pair": (losses.sppo_pair_loss, ref.sppo_pair_loss, 6, dict(beta=0.25), (0.25,)),
+    "nash_md": (losses.nash_md_loss, ref.nash_md_loss, 3, dict(beta=0.1), (0.1,)),
 }
 
 
@@ -47,16 +47,16 @@ def _inputs(name, seed=0):
   _, _, k, _, _ = CASES[name]
   xs = _logps(seed, k)
   rng = np.random.default_rng(seed + 100)
-  if name == 'sppo_pair':  # last two inputs are win rates in [0, 1]
+  if name == "sppo_pair":  # last two inputs are win rates in [0, 1]
     xs[4], xs[5] = rng.uniform(size=N), rng.uniform(size=N)
-  if name == 'nash_md':  # last input is a preference in [0, 1]
+  if name == "nash_md":  # last input is a preference in [0, 1]
     xs[2] = rng.uniform(size=N)
   return xs
 
 
-@pytest.mark.parametrize('use_weights', [False, True], ids=['unweighted', 'weighted'])
-@pytest.mark.parametrize('use_jit', [False, True], ids=['eager', 'jit'])
-@pytest.mark.parametrize('name', list(CASES))
+@pytest.mark.parametrize("use_weights", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_loss_matches_numpy(name, use_jit, use_weights, dtype):
   fn, ref_fn, _, kwargs, extras = CASES[name]
   xs = _inputs(name)
@@ -69,10 +69,10 @@ def test_loss_matches_numpy(name, use_jit, use_weights, dtype):
                     weights=None if weights is None else jnp.asarray(weights, dtype))
   assert loss.dtype == dtype and loss.shape == ()
   np.testing.assert_allclose(float(loss), want, **TOL[dtype])
-  assert float(metrics['loss']) == float(loss)
+  assert float(metrics["loss"]) == float(loss)
 
 
-@pytest.mark.parametrize('name', ['onpo', 'inpo', 'dpo', 'sppo_pair', 'omd', 'ipo'])
+@pytest.mark.parametrize("name", ["onpo", "inpo", "dpo", "sppo_pair", "omd", "ipo"])
 def test_gradient_matches_central_differences(name):
   fn, _, k, kwargs, _ = CASES[name]
   with jax.enable_x64(True):
@@ -100,7 +100,7 @@ def test_gradient_matches_central_differences(name):
 
 def test_nash_md_gradient_is_reinforce():
   with jax.enable_x64(True):
-    lp, lp_ref, pref = _inputs('nash_md', seed=2)
+    lp, lp_ref, pref = _inputs("nash_md", seed=2)
     g = jax.grad(lambda x: losses.nash_md_loss(x, jnp.asarray(lp_ref), jnp.asarray(pref),
                                                beta=0.1, weights=jnp.asarray(WEIGHTS))[0])(
                                                    jnp.asarray(lp))
@@ -108,23 +108,23 @@ def test_nash_md_gradient_is_reinforce():
                                rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize('name,target', [('onpo', 1.0), ('ipo', 1.0), ('omd', 2.5)])
+@pytest.mark.parametrize("name,target", [("onpo", 1.0), ("ipo", 1.0), ("omd", 2.5)])
 def test_swapping_pair_negates_margin(name, target, dtype):
   fn, ref_fn, _, kwargs, extras = CASES[name]
   pw, pl, aw, al = [jnp.asarray(x, dtype) for x in _inputs(name, seed=3)]
   loss, m = fn(pw, pl, aw, al, **kwargs)
   loss_s, m_s = fn(pl, pw, al, aw, **kwargs)
-  np.testing.assert_allclose(float(m_s['margin']), -float(m['margin']), **TOL[dtype])
-  assert float(m['target']) == pytest.approx(target) == float(m_s['target'])
+  np.testing.assert_allclose(float(m_s["margin"]), -float(m["margin"]), **TOL[dtype])
+  assert float(m["target"]) == pytest.approx(target) == float(m_s["target"])
   # Swapped: (−g − t)² = (g + t)², i.e. the reference with target −t.
   g = (np.asarray(pw, np.float64) - pl) - (np.asarray(aw, np.float64) - al)
   np.testing.assert_allclose(float(loss_s), np.mean((g + target) ** 2), **TOL[dtype])
-  np.testing.assert_allclose(float(m_s['accuracy']), 1.0 - float(m['accuracy']), **TOL[dtype])
+  np.testing.assert_allclose(float(m_s["accuracy"]), 1.0 - float(m["accuracy"]), **TOL[dtype])
 
 
-@pytest.mark.parametrize('eps', [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 def test_dpo_swap_relations(eps, dtype):
-  pw, pl, rw, rl = [jnp.asarray(x, dtype) for x in _inputs('dpo', seed=4)]
+  pw, pl, rw, rl = [jnp.asarray(x, dtype) for x in _inputs("dpo", seed=4)]
   beta = 0.3
   f = lambda a, b, c, d: losses.dpo_loss(a, b, c, d, beta=beta, label_smoothing=eps)[0]
   z = beta * ((np.asarray(pw, np.float64) - pl) - (np.asarray(rw, np.float64) - rl))
@@ -137,18 +137,18 @@ def test_dpo_swap_relations(eps, dtype):
 
 
 def test_sppo_pair_symmetric_under_swap(dtype):
-  xs = [jnp.asarray(x, dtype) for x in _inputs('sppo_pair', seed=5)]
+  xs = [jnp.asarray(x, dtype) for x in _inputs("sppo_pair", seed=5)]
   pw, pl, qw, ql, ww, wl = xs
   a, _ = losses.sppo_pair_loss(pw, pl, qw, ql, ww, wl, beta=0.25)
   b, _ = losses.sppo_pair_loss(pl, pw, ql, qw, wl, ww, beta=0.25)
   np.testing.assert_allclose(float(a), float(b), **TOL[dtype])
 
 
-@pytest.mark.parametrize('k', [1, 3, 5])
-@pytest.mark.parametrize('include_self', [True, False])
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("include_self", [True, False])
 def test_sppo_win_rates_any_k(k, include_self, dtype):
   if k == 1 and not include_self:
-    with pytest.raises(ValueError, match='K >= 2'):
+    with pytest.raises(ValueError, match="K >= 2"):
       losses.sppo_win_rates(jnp.full((2, 1, 1), 0.5, dtype), include_self=False)
     return
   win = ref.random_preference(np.random.default_rng(k), 2, k)
@@ -169,7 +169,7 @@ def test_sppo_loss_over_all_samples_of_prompts(dtype):
   np.testing.assert_allclose(float(loss), want, **TOL[dtype])
 
 
-@pytest.mark.parametrize('name', list(CASES))
+@pytest.mark.parametrize("name", list(CASES))
 def test_padded_pairs_contribute_nothing(name):
   fn, _, _, kwargs, _ = CASES[name]
   xs = _inputs(name, seed=7)
@@ -192,27 +192,27 @@ def test_padded_pairs_contribute_nothing(name):
 
 def test_bad_inputs_raise_clear_errors():
   x = jnp.zeros(N)
-  with pytest.raises(ValueError, match='eta'):
+  with pytest.raises(ValueError, match="eta"):
     losses.onpo_loss(x, x, x, x, eta=0.0)
-  with pytest.raises(ValueError, match='tau'):
+  with pytest.raises(ValueError, match="tau"):
     losses.inpo_loss(x, x, x, x, x, x, tau=0.3, eta_inpo=0.3)
-  with pytest.raises(ValueError, match='tau'):
+  with pytest.raises(ValueError, match="tau"):
     losses.inpo_loss(x, x, x, x, x, x, tau=-0.1, eta_inpo=0.3)
-  with pytest.raises(ValueError, match='label_smoothing'):
+  with pytest.raises(ValueError, match="label_smoothing"):
     losses.dpo_loss(x, x, x, x, beta=0.1, label_smoothing=0.5)
-  with pytest.raises(ValueError, match='beta'):
+  with pytest.raises(ValueError, match="beta"):
     losses.ipo_loss(x, x, x, x, beta=-1.0)
-  with pytest.raises(ValueError, match='beta'):
+  with pytest.raises(ValueError, match="beta"):
     losses.sppo_pair_loss(x, x, x, x, x, x, beta=0.0)
-  with pytest.raises(ValueError, match='logp_aux_l must have shape'):
+  with pytest.raises(ValueError, match="logp_aux_l must have shape"):
     losses.onpo_loss(x, x, x, jnp.zeros(N + 1), eta=1.0)
-  with pytest.raises(ValueError, match='weights must have shape'):
+  with pytest.raises(ValueError, match="weights must have shape"):
     losses.onpo_loss(x, x, x, x, eta=1.0, weights=jnp.ones(N + 1))
-  with pytest.raises(ValueError, match='weights must be >= 0'):
+  with pytest.raises(ValueError, match="weights must be >= 0"):
     losses.onpo_loss(x, x, x, x, eta=1.0, weights=-jnp.ones(N))
-  with pytest.raises(ValueError, match='floating'):
+  with pytest.raises(ValueError, match="floating"):
     losses.onpo_loss(x.astype(jnp.int32), x, x, x, eta=1.0)
-  with pytest.raises(ValueError, match='win_matrix'):
+  with pytest.raises(ValueError, match="win_matrix"):
     losses.sppo_win_rates(jnp.zeros((2, 3, 4)))
 
 
@@ -279,7 +279,7 @@ def test_tabular_onpo_regressions_reproduce_closed_form():
     assert np.max(np.abs(want_aux - pi_aux)) > 1e-2
 
 
-@pytest.mark.parametrize('tau_frac', [0.0, 1 / 3])
+@pytest.mark.parametrize("tau_frac", [0.0, 1 / 3])
 def test_tabular_inpo_regression_reproduces_closed_form(tau_frac):
   with jax.enable_x64(True):
     pmat, (pi_ref, pi_t, _) = _tabular_setup(9)

@@ -1,4 +1,4 @@
-"""Tests for onpo_jax.memory: per-device parameter, optimizer and KV-cache bytes.
+"""Tests for onpo_jax.llm.memory: per-device parameter, optimizer and KV-cache bytes.
 
 References: a numpy ceil-division formula, JAX's own `NamedSharding.shard_shape`
 on `jax.eval_shape` outputs, and the bytes actually allocated on a fake 8-device
@@ -14,10 +14,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from onpo_jax import llm
-from onpo_jax import memory
+from onpo_jax.llm import memory
 from onpo_jax.models import sharding
 from onpo_jax.models.config import DecoderConfig
 from onpo_jax.onpo_step import onpo_step
@@ -96,10 +95,10 @@ def _paper(name, arg):
     ("llama3_8b_inpo", "v4-32", True)])
 def test_paper_configs_memory_plan(name, variant, ref_resident):
   config = _paper(name, variant)
-  est = llm.estimate_memory(config)
+  est = memory.estimate_memory(config)
   dims = dict(zip(("data", "fsdp", "tensor"), config.mesh.shape))
   assert est.mesh_shape == dims
-  policy, judge = llm.decoder_configs(config)
+  policy, judge = memory.decoder_configs(config)
   expected_params = 8_030_261_248 if name.startswith("llama") else 7_248_023_552
   assert est.num_params == expected_params
   # float32; RMSNorm scales ((2L + 1)·D values) are replicated, every other
@@ -119,7 +118,7 @@ def test_paper_configs_memory_plan(name, variant, ref_resident):
 def test_paper_mesh_shardings_agree_with_jax_eval_shape():
   """gpu8 fits the 8 fake devices: JAX's own shard shapes give the same bytes."""
   config = _paper("llama3_8b_onpo", "gpu8")
-  policy, _ = llm.decoder_configs(config)
+  policy, _ = memory.decoder_configs(config)
   mesh = sharding.make_mesh(config.mesh.shape)
   abstract = nnx.eval_shape(lambda: __import__("onpo_jax.models.decoder", fromlist=["Decoder"])
                             .Decoder(policy, rngs=nnx.Rngs(params=0)))
@@ -128,11 +127,11 @@ def test_paper_mesh_shardings_agree_with_jax_eval_shape():
   out = jax.eval_shape(jax.jit(lambda s: s, out_shardings=shardings), abstract_state)
   jax_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                   for x in jax.tree.leaves(out))
-  assert jax_bytes == llm.estimate_memory(config).policy_params
+  assert jax_bytes == memory.estimate_memory(config).policy_params
 
 
 def test_estimate_needs_a_mesh_without_minus_one():
   config = _paper("llama3_8b_onpo", "gpu8")
   config.mesh.shape = (1, -1, 1)
   with pytest.raises(ValueError, match="mesh_dims"):
-    llm.estimate_memory(config)
+    memory.estimate_memory(config)

@@ -8,6 +8,7 @@ The reference is the same config in this process on 2 of its 8 fake devices
 checkpoint must agree, and only process 0 may have written the shared files.
 """
 
+import importlib
 import json
 import os
 import socket
@@ -18,9 +19,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from onpo_jax import alpaca_eval
-from onpo_jax import llm
-import tiny_hf
+from onpo_jax.llm import alpaca_eval
+from onpo_jax.llm import job
+from onpo_jax.testing import tiny_hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "A B hello world what is two plus three sky blue red green yes no maybe the a of".split()
@@ -58,7 +59,7 @@ def assets(tmp_path_factory):
 
 
 def _config(overrides):
-  c = llm.paper_config("llama3_8b", "onpo", "tiny")
+  c = importlib.import_module("configs.llama3_8b_onpo").get_config("tiny")
   for k, v in overrides.items():
     section, key = k.split(".")
     c[section][key] = v
@@ -91,7 +92,7 @@ def test_two_processes_match_one(assets):
   c = _config(assets["overrides"])
   c.mesh.shape = (1, 2, 1)
   workdir1 = str(assets["root"] / "one")
-  summary1 = llm.run(c, workdir1)
+  summary1 = job.run(c, workdir1)
 
   for p, log in procs:
     try:

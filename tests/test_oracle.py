@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from onpo_jax import oracle as oracle_lib
+from onpo_jax import oracles as oracle_lib
 
 V, P_LEN, R_LEN, D = 5, 4, 3, 8
 

@@ -211,7 +211,7 @@ def _random_games(n, seeds=(0, 1, 2)):
 
 @pytest.mark.parametrize("n", [3, 5, 8])
 def test_onpo_average_gap_is_order_one_over_t(n):
-  """ONPO Theorem 2: gap(π̄_T)·T ≤ 4·max(D, √D) + 1 for every T ≤ 1e4 (ONPO_SPEC §2)."""
+  """ONPO Theorem 2: gap(π̄_T)·T ≤ 4·max(D, √D) + 1 for every T ≤ 1e4 (docs/algorithm.md §2.5)."""
   t_max = 10_000
   d = math.log(n)
   eta = min(0.5, math.sqrt(d))

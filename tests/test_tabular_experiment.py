@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from onpo_jax import metrics
-from onpo_jax import plots
+from onpo_jax.infra import metrics
+from onpo_jax.infra import plots
 from onpo_jax.tabular import experiment
 from onpo_jax.tabular import games
 

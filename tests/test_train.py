@@ -1,4 +1,4 @@
-"""End-to-end tests of the self-play main job (`onpo_jax.train.run`) on `:tiny`.
+"""End-to-end tests of the self-play main job (`onpo_jax.testbed.job.run`) on `:tiny`.
 
 Compilation dominates these runs on CPU, so they share a persistent XLA
 compilation cache (also used by tests/test_resume.py); results are unaffected
@@ -15,7 +15,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from configs import default as default_config
-from onpo_jax import train
+from onpo_jax.testbed import job as train
 
 
 @pytest.fixture(scope="module")

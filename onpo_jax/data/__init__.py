@@ -5,8 +5,6 @@ from onpo_jax.data.prompts import host_shard
 from onpo_jax.data.prompts import left_pad
 from onpo_jax.data.prompts import LengthStats
 from onpo_jax.data.prompts import load_hf_dataset_dir
-from onpo_jax.data.prompts import load_prompt_records
-from onpo_jax.data.prompts import PROMPT_SOURCES
 from onpo_jax.data.prompts import PromptBatch
 from onpo_jax.data.prompts import PromptRecord
 from onpo_jax.data.prompts import PromptSet
@@ -17,6 +15,8 @@ from onpo_jax.data.prompts import round_indices
 from onpo_jax.data.prompts import shuffled_order
 from onpo_jax.data.prompts import tokenize_prompts
 from onpo_jax.data.prompts import truncate_tokens
+from onpo_jax.data.sources import load_prompt_records
+from onpo_jax.data.sources import PROMPT_SOURCES
 from onpo_jax.data.tfds_builder import build_prompt_data_source
 from onpo_jax.data.tfds_builder import make_prompt_builder
 from onpo_jax.data.tfds_builder import OnpoPromptCollection

@@ -14,15 +14,15 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-MODEL_TYPES = ('llama', 'mistral', 'qwen2')
-DTYPES = ('float32', 'bfloat16')
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+DTYPES = ("float32", "bfloat16")
 _ARCHITECTURES = {
-    'llama': 'LlamaForCausalLM',
-    'mistral': 'MistralForCausalLM',
-    'qwen2': 'Qwen2ForCausalLM',
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
 }
 # Keys of a HF rope-parameters dict that describe the scaling, not the base.
-_ROPE_BASE_KEYS = ('rope_theta',)
+_ROPE_BASE_KEYS = ("rope_theta",)
 
 
 def _freeze_rope_scaling(value: Any) -> tuple[tuple[str, Any], ...] | None:
@@ -31,12 +31,12 @@ def _freeze_rope_scaling(value: Any) -> tuple[tuple[str, Any], ...] | None:
     return None
   items = dict(value)
   items = {k: v for k, v in items.items() if k not in _ROPE_BASE_KEYS}
-  if 'type' in items and 'rope_type' not in items:
-    items['rope_type'] = items.pop('type')
-  items.pop('type', None)
-  if items.get('rope_type', 'default') == 'default':
+  if "type" in items and "rope_type" not in items:
+    items["rope_type"] = items.pop("type")
+  items.pop("type", None)
+  if items.get("rope_type", "default") == "default":
     # A 'default' entry carries no scaling; keep the config canonical.
-    extra = set(items) - {'rope_type'}
+    extra = set(items) - {"rope_type"}
     if extra:
       raise ValueError(
           f'rope_scaling: rope_type "default" takes no parameters, got {extra}')
@@ -78,7 +78,7 @@ class DecoderConfig:
     pad_token_id: padding id, or None.
   """
 
-  model_type: str = 'llama'
+  model_type: str = "llama"
   vocab_size: int = 128
   hidden_size: int = 32
   intermediate_size: int = 64
@@ -93,8 +93,8 @@ class DecoderConfig:
   tie_word_embeddings: bool = False
   attention_bias: bool = False
   sliding_window: int | None = None
-  param_dtype: str = 'float32'
-  dtype: str = 'float32'
+  param_dtype: str = "float32"
+  dtype: str = "float32"
   remat: bool = False
   bos_token_id: int | None = 1
   eos_token_ids: tuple[int, ...] = (2,)
@@ -103,49 +103,49 @@ class DecoderConfig:
   def __post_init__(self):
     if self.model_type not in MODEL_TYPES:
       raise ValueError(
-          f'model_type: expected one of {MODEL_TYPES}, got {self.model_type!r}')
-    for name in ('param_dtype', 'dtype'):
+          f"model_type: expected one of {MODEL_TYPES}, got {self.model_type!r}")
+    for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(
-            f'{name}: expected one of {DTYPES}, got {getattr(self, name)!r}')
-    for name in ('vocab_size', 'hidden_size', 'intermediate_size',
-                 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim'):
+            f"{name}: expected one of {DTYPES}, got {getattr(self, name)!r}")
+    for name in ("vocab_size", "hidden_size", "intermediate_size",
+                 "num_layers", "num_heads", "num_kv_heads", "head_dim"):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
-        raise ValueError(f'{name}: expected a positive int, got {value!r}')
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f'num_kv_heads: must divide num_heads={self.num_heads}, '
-          f'got {self.num_kv_heads}')
+          f"num_kv_heads: must divide num_heads={self.num_heads}, "
+          f"got {self.num_kv_heads}")
     if self.head_dim % 2:
-      raise ValueError(f'head_dim: RoPE needs an even value, got {self.head_dim}')
-    if self.model_type == 'qwen2' and not self.attention_bias:
-      raise ValueError('attention_bias: Qwen2 always has q/k/v biases; '
-                       'set attention_bias=True')
-    if self.attention_bias and self.model_type != 'qwen2':
+      raise ValueError(f"head_dim: RoPE needs an even value, got {self.head_dim}")
+    if self.model_type == "qwen2" and not self.attention_bias:
+      raise ValueError("attention_bias: Qwen2 always has q/k/v biases; "
+                       "set attention_bias=True")
+    if self.attention_bias and self.model_type != "qwen2":
       # HF Llama/Mistral with attention_bias also bias o_proj, which this
       # decoder does not model.
       raise NotImplementedError(
-          f'attention_bias: only Qwen2-style q/k/v biases are supported, '
-          f'not {self.model_type} attention_bias=True')
+          f"attention_bias: only Qwen2-style q/k/v biases are supported, "
+          f"not {self.model_type} attention_bias=True")
     if self.sliding_window is not None and self.sliding_window <= 0:
       raise ValueError(
-          f'sliding_window: expected None or a positive int, '
-          f'got {self.sliding_window!r}')
+          f"sliding_window: expected None or a positive int, "
+          f"got {self.sliding_window!r}")
     # Normalise mutable inputs so the config stays hashable (jit static arg).
-    object.__setattr__(self, 'rope_scaling',
+    object.__setattr__(self, "rope_scaling",
                        _freeze_rope_scaling(self.rope_scaling))
     eos = self.eos_token_ids
     if eos is None:
       eos = ()
     elif isinstance(eos, int):
       eos = (eos,)
-    object.__setattr__(self, 'eos_token_ids', tuple(int(e) for e in eos))
+    object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in eos))
     if self.rope_scaling is not None:
-      rope_type = dict(self.rope_scaling).get('rope_type')
-      if rope_type not in ('llama3', 'linear'):
+      rope_type = dict(self.rope_scaling).get("rope_type")
+      if rope_type not in ("llama3", "linear"):
         raise NotImplementedError(
-            f'rope_scaling: rope_type {rope_type!r} is not supported '
+            f"rope_scaling: rope_type {rope_type!r} is not supported "
             "(supported: 'llama3', 'linear')")
 
   @property
@@ -186,120 +186,120 @@ class DecoderConfig:
     if isinstance(obj, (str, os.PathLike)):
       path = os.fspath(obj)
       if os.path.isdir(path):
-        path = os.path.join(path, 'config.json')
+        path = os.path.join(path, "config.json")
       if not os.path.exists(path):
-        raise FileNotFoundError(f'config.json not found: {path}')
+        raise FileNotFoundError(f"config.json not found: {path}")
       with open(path) as f:
         d = json.load(f)
     elif isinstance(obj, Mapping):
       d = dict(obj)
-    elif hasattr(obj, 'to_dict'):
+    elif hasattr(obj, "to_dict"):
       d = obj.to_dict()
     else:
       raise TypeError(
-          f'obj: expected a directory, dict or PretrainedConfig, got {type(obj)}')
-    model_type = d.get('model_type')
+          f"obj: expected a directory, dict or PretrainedConfig, got {type(obj)}")
+    model_type = d.get("model_type")
     if model_type not in MODEL_TYPES:
       raise ValueError(
-          f'config.json model_type: expected one of {MODEL_TYPES}, '
-          f'got {model_type!r}')
+          f"config.json model_type: expected one of {MODEL_TYPES}, "
+          f"got {model_type!r}")
 
     def need(key):
       if d.get(key) is None:
-        raise ValueError(f'config.json: missing field {key!r}')
+        raise ValueError(f"config.json: missing field {key!r}")
       return d[key]
 
-    hidden = need('hidden_size')
-    heads = need('num_attention_heads')
-    kv_heads = d.get('num_key_value_heads') or heads
-    head_dim = d.get('head_dim') or hidden // heads
+    hidden = need("hidden_size")
+    heads = need("num_attention_heads")
+    kv_heads = d.get("num_key_value_heads") or heads
+    head_dim = d.get("head_dim") or hidden // heads
     # transformers>=5 stores theta and scaling together in rope_parameters;
     # older files use rope_theta + rope_scaling.
-    rope_params = d.get('rope_parameters') or {}
-    rope_theta = rope_params.get('rope_theta', d.get('rope_theta', 10000.0))
-    rope_scaling = d.get('rope_scaling') or rope_params or None
-    sliding = d.get('sliding_window')
-    if model_type == 'llama':
+    rope_params = d.get("rope_parameters") or {}
+    rope_theta = rope_params.get("rope_theta", d.get("rope_theta", 10000.0))
+    rope_scaling = d.get("rope_scaling") or rope_params or None
+    sliding = d.get("sliding_window")
+    if model_type == "llama":
       sliding = None
-    elif model_type == 'qwen2':
-      if not d.get('use_sliding_window', False):
+    elif model_type == "qwen2":
+      if not d.get("use_sliding_window", False):
         sliding = None
-      elif d.get('max_window_layers', 0) < need('num_hidden_layers'):
+      elif d.get("max_window_layers", 0) < need("num_hidden_layers"):
         raise NotImplementedError(
-            'config.json: Qwen2 with use_sliding_window on only some layers '
-            '(max_window_layers < num_hidden_layers) is not supported')
+            "config.json: Qwen2 with use_sliding_window on only some layers "
+            "(max_window_layers < num_hidden_layers) is not supported")
       else:
         sliding = None
-    eos = d.get('eos_token_id')
-    attention_bias = d.get('attention_bias', model_type == 'qwen2')
-    if model_type == 'qwen2':
+    eos = d.get("eos_token_id")
+    attention_bias = d.get("attention_bias", model_type == "qwen2")
+    if model_type == "qwen2":
       attention_bias = True  # Qwen2 always has q/k/v biases.
-    if d.get('mlp_bias'):
-      raise NotImplementedError('config.json: mlp_bias=True is not supported')
-    if d.get('hidden_act', 'silu') != 'silu':
+    if d.get("mlp_bias"):
+      raise NotImplementedError("config.json: mlp_bias=True is not supported")
+    if d.get("hidden_act", "silu") != "silu":
       raise NotImplementedError(
           f"config.json: hidden_act must be 'silu', got {d.get('hidden_act')!r}")
     kwargs = dict(
         model_type=model_type,
-        vocab_size=need('vocab_size'),
+        vocab_size=need("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=need('intermediate_size'),
-        num_layers=need('num_hidden_layers'),
+        intermediate_size=need("intermediate_size"),
+        num_layers=need("num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=d.get('rms_norm_eps', 1e-6),
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling,
-        max_position_embeddings=d.get('max_position_embeddings', 2048),
-        tie_word_embeddings=bool(d.get('tie_word_embeddings', False)),
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         attention_bias=bool(attention_bias),
         sliding_window=sliding,
-        bos_token_id=d.get('bos_token_id'),
+        bos_token_id=d.get("bos_token_id"),
         eos_token_ids=eos,
-        pad_token_id=d.get('pad_token_id'),
+        pad_token_id=d.get("pad_token_id"),
     )
     kwargs.update(overrides)
     return cls(**kwargs)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The config.json content that transformers loads for this model."""
-    rope_parameters = {'rope_type': 'default', 'rope_theta': self.rope_theta}
+    rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
     if self.rope_scaling is not None:
       rope_parameters = dict(self.rope_scaling)
-      rope_parameters['rope_theta'] = self.rope_theta
+      rope_parameters["rope_theta"] = self.rope_theta
     eos = list(self.eos_token_ids)
     d = {
-        'architectures': [_ARCHITECTURES[self.model_type]],
-        'model_type': self.model_type,
-        'vocab_size': self.vocab_size,
-        'hidden_size': self.hidden_size,
-        'intermediate_size': self.intermediate_size,
-        'num_hidden_layers': self.num_layers,
-        'num_attention_heads': self.num_heads,
-        'num_key_value_heads': self.num_kv_heads,
-        'head_dim': self.head_dim,
-        'hidden_act': 'silu',
-        'rms_norm_eps': self.rms_norm_eps,
+        "architectures": [_ARCHITECTURES[self.model_type]],
+        "model_type": self.model_type,
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads,
+        "num_key_value_heads": self.num_kv_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": self.rms_norm_eps,
         # Both spellings, so old and new transformers read the same RoPE.
-        'rope_theta': self.rope_theta,
-        'rope_parameters': rope_parameters,
-        'rope_scaling': (dict(self.rope_scaling)
+        "rope_theta": self.rope_theta,
+        "rope_parameters": rope_parameters,
+        "rope_scaling": (dict(self.rope_scaling)
                          if self.rope_scaling is not None else None),
-        'max_position_embeddings': self.max_position_embeddings,
-        'tie_word_embeddings': self.tie_word_embeddings,
-        'bos_token_id': self.bos_token_id,
-        'eos_token_id': eos[0] if len(eos) == 1 else eos,
-        'pad_token_id': self.pad_token_id,
-        'torch_dtype': self.param_dtype,
-        'dtype': self.param_dtype,
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "bos_token_id": self.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+        "pad_token_id": self.pad_token_id,
+        "torch_dtype": self.param_dtype,
+        "dtype": self.param_dtype,
     }
-    if self.model_type == 'llama':
-      d['attention_bias'] = self.attention_bias
-      d['mlp_bias'] = False
-    elif self.model_type == 'mistral':
-      d['sliding_window'] = self.sliding_window
+    if self.model_type == "llama":
+      d["attention_bias"] = self.attention_bias
+      d["mlp_bias"] = False
+    elif self.model_type == "mistral":
+      d["sliding_window"] = self.sliding_window
     else:
-      d['use_sliding_window'] = False
-      d['sliding_window'] = None
+      d["use_sliding_window"] = False
+      d["sliding_window"] = None
     return d

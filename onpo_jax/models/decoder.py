@@ -22,7 +22,7 @@ from flax import nnx
 from onpo_jax.models import layers
 from onpo_jax.models import rope as rope_lib
 from onpo_jax.models.config import DecoderConfig
-from onpo_jax.models.sharding import constrain
+from onpo_jax.models.partitioning import constrain
 
 
 class KVCache(NamedTuple):
@@ -44,8 +44,8 @@ def init_cache(config: DecoderConfig, batch_size: int, max_length: int,
   """An empty cache with `max_length` slots (dtype defaults to config.dtype)."""
   if batch_size <= 0 or max_length <= 0:
     raise ValueError(
-        f'batch_size and max_length: expected positive ints, got '
-        f'{batch_size}, {max_length}')
+        f"batch_size and max_length: expected positive ints, got "
+        f"{batch_size}, {max_length}")
   dtype = jnp.dtype(dtype or config.dtype)
   shape = (config.num_layers, batch_size, max_length, config.num_kv_heads,
            config.head_dim)
@@ -90,12 +90,12 @@ def chunked_token_logprobs(h: jnp.ndarray, tokens: jnp.ndarray,
   """
   if h.ndim != 3 or tokens.shape != h.shape[:2]:
     raise ValueError(
-        f'h / tokens: expected [B, L, D] and [B, L], got {h.shape}, '
-        f'{tokens.shape}')
+        f"h / tokens: expected [B, L, D] and [B, L], got {h.shape}, "
+        f"{tokens.shape}")
   if attention_mask.shape != tokens.shape:
     raise ValueError(
-        f'attention_mask: expected shape {tokens.shape}, '
-        f'got {attention_mask.shape}')
+        f"attention_mask: expected shape {tokens.shape}, "
+        f"got {attention_mask.shape}")
   b, l, d = h.shape
   n = l - 1
   if n == 0:
@@ -103,7 +103,7 @@ def chunked_token_logprobs(h: jnp.ndarray, tokens: jnp.ndarray,
   if chunk_size is None:
     chunk_size = n
   if chunk_size <= 0:
-    raise ValueError(f'chunk_size: expected a positive int, got {chunk_size}')
+    raise ValueError(f"chunk_size: expected a positive int, got {chunk_size}")
   chunk_size = min(chunk_size, n)
   num_chunks = -(-n // chunk_size)
   pad = num_chunks * chunk_size - n
@@ -138,26 +138,26 @@ class Decoder(nnx.Module):
     pd = c.jnp_param_dtype
     self.config = c
     self.embed = layers.param(rngs, (c.vocab_size, c.hidden_size),
-                              ('vocab', 'embed'), pd)
+                              ("vocab", "embed"), pd)
     self.layers = nnx.List(
         [layers.Block(c, rngs=rngs) for _ in range(c.num_layers)])
     self.final_norm = layers.RMSNorm(c.hidden_size, c.rms_norm_eps, pd)
     if not c.tie_word_embeddings:
       self.lm_head = layers.param(rngs, (c.hidden_size, c.vocab_size),
-                                  ('embed', 'vocab'), pd)
+                                  ("embed", "vocab"), pd)
 
   def _check_inputs(self, tokens, positions, attention_mask):
     if tokens.ndim != 2:
-      raise ValueError(f'tokens: expected [B, L], got shape {tokens.shape}')
+      raise ValueError(f"tokens: expected [B, L], got shape {tokens.shape}")
     if positions.shape != tokens.shape:
       raise ValueError(
-          f'positions: expected shape {tokens.shape}, got {positions.shape}')
+          f"positions: expected shape {tokens.shape}, got {positions.shape}")
     if attention_mask.shape != tokens.shape:
       raise ValueError(
-          f'attention_mask: expected shape {tokens.shape}, '
-          f'got {attention_mask.shape}')
+          f"attention_mask: expected shape {tokens.shape}, "
+          f"got {attention_mask.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f'tokens: expected an integer dtype, got {tokens.dtype}')
+      raise ValueError(f"tokens: expected an integer dtype, got {tokens.dtype}")
 
   def hidden_states(self, tokens, positions, attention_mask,
                     cache: KVCache | None = None):
@@ -180,9 +180,9 @@ class Decoder(nnx.Module):
     b, l = tokens.shape
     # FSDP gathers the embed dimension before use; gathering rows straight
     # from an fsdp-sharded table makes XLA replicate the whole lookup.
-    table = constrain(self.embed[...], ('vocab', None))
+    table = constrain(self.embed[...], ("vocab", None))
     h = jnp.take(table, tokens, axis=0).astype(c.jnp_dtype)
-    h = constrain(h, ('batch', 'length', None))
+    h = constrain(h, ("batch", "length", None))
     # A constant of the config; kept off the module so it is not nnx state.
     inv_freq = jnp.asarray(_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
     if cache is None:
@@ -194,15 +194,15 @@ class Decoder(nnx.Module):
     else:
       if cache.mask.shape[0] != b:
         raise ValueError(
-            f'cache: batch size {cache.mask.shape[0]} != tokens batch {b}')
+            f"cache: batch size {cache.mask.shape[0]} != tokens batch {b}")
       s = cache.mask.shape[1]
       # dynamic_update_slice would silently clamp an overflowing write; check
       # whenever the index is concrete (outside jit).
       if (not isinstance(cache.index, jax.core.Tracer)
           and int(cache.index) + l > s):
         raise ValueError(
-            f'cache: writing {l} tokens at slot {int(cache.index)} overflows '
-            f'max_length {s}')
+            f"cache: writing {l} tokens at slot {int(cache.index)} overflows "
+            f"max_length {s}")
       index = jnp.asarray(cache.index, jnp.int32)
       key_mask = jax.lax.dynamic_update_slice(
           cache.mask, attention_mask, (jnp.zeros((), jnp.int32), index))
@@ -241,7 +241,7 @@ class Decoder(nnx.Module):
     h, new_cache = self.hidden_states(tokens, positions, attention_mask,
                                       cache)
     logits = constrain(self.logits_from_hidden(h),
-                       ('batch', 'length', 'vocab'))
+                       ("batch", "length", "vocab"))
     return logits, new_cache
 
   def token_logprobs(self, tokens, positions, attention_mask, *,
@@ -264,5 +264,5 @@ def _inv_freq(head_dim, theta, scaling):
 
 
 def _unembed(h, w):
-  return jnp.einsum('...d,dv->...v', h, w.astype(h.dtype),
+  return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype),
                     preferred_element_type=jnp.float32)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -29,10 +29,10 @@ from onpo_jax.models.config import DecoderConfig
 from onpo_jax.models.decoder import Decoder
 from onpo_jax.models.sharding import DEFAULT_RULES, state_shardings
 
-SINGLE_FILE = 'model.safetensors'
-INDEX_FILE = 'model.safetensors.index.json'
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 # Buffers some old checkpoints carry; they are recomputed from the config.
-_IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class _TensorSpec(NamedTuple):
@@ -61,35 +61,35 @@ _BIAS = (lambda a, s: a.reshape(s), lambda a: a.reshape(-1),
 def tensor_specs(config: DecoderConfig) -> dict[tuple[Any, ...], _TensorSpec]:
   """{Decoder state path: _TensorSpec} for every parameter of `config`."""
   specs = {
-      ('embed',): _TensorSpec('model.embed_tokens.weight', *_COPY),
-      ('final_norm', 'scale'): _TensorSpec('model.norm.weight', *_COPY),
+      ("embed",): _TensorSpec("model.embed_tokens.weight", *_COPY),
+      ("final_norm", "scale"): _TensorSpec("model.norm.weight", *_COPY),
   }
   if not config.tie_word_embeddings:
-    specs[('lm_head',)] = _TensorSpec('lm_head.weight', *_TRANSPOSE)
+    specs[("lm_head",)] = _TensorSpec("lm_head.weight", *_TRANSPOSE)
   for i in range(config.num_layers):
-    pre = f'model.layers.{i}.'
+    pre = f"model.layers.{i}."
     layer = {
-        ('attn_norm', 'scale'): ('input_layernorm.weight', _COPY),
-        ('mlp_norm', 'scale'): ('post_attention_layernorm.weight', _COPY),
-        ('attn', 'q'): ('self_attn.q_proj.weight', _QKV),
-        ('attn', 'k'): ('self_attn.k_proj.weight', _QKV),
-        ('attn', 'v'): ('self_attn.v_proj.weight', _QKV),
-        ('attn', 'o'): ('self_attn.o_proj.weight', _OUT),
-        ('mlp', 'gate'): ('mlp.gate_proj.weight', _TRANSPOSE),
-        ('mlp', 'up'): ('mlp.up_proj.weight', _TRANSPOSE),
-        ('mlp', 'down'): ('mlp.down_proj.weight', _TRANSPOSE),
+        ("attn_norm", "scale"): ("input_layernorm.weight", _COPY),
+        ("mlp_norm", "scale"): ("post_attention_layernorm.weight", _COPY),
+        ("attn", "q"): ("self_attn.q_proj.weight", _QKV),
+        ("attn", "k"): ("self_attn.k_proj.weight", _QKV),
+        ("attn", "v"): ("self_attn.v_proj.weight", _QKV),
+        ("attn", "o"): ("self_attn.o_proj.weight", _OUT),
+        ("mlp", "gate"): ("mlp.gate_proj.weight", _TRANSPOSE),
+        ("mlp", "up"): ("mlp.up_proj.weight", _TRANSPOSE),
+        ("mlp", "down"): ("mlp.down_proj.weight", _TRANSPOSE),
     }
     if config.attention_bias:
-      for name in 'qkv':
-        layer[('attn', f'{name}_bias')] = (f'self_attn.{name}_proj.bias',
+      for name in "qkv":
+        layer[("attn", f"{name}_bias")] = (f"self_attn.{name}_proj.bias",
                                            _BIAS)
     for path, (hf_name, fns) in layer.items():
-      specs[('layers', i) + path] = _TensorSpec(pre + hf_name, *fns)
+      specs[("layers", i) + path] = _TensorSpec(pre + hf_name, *fns)
   return specs
 
 
 def _key_path(path) -> tuple[Any, ...]:
-  return tuple(getattr(k, 'key', getattr(k, 'idx', k)) for k in path)
+  return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
 
 
 def _is_var(x) -> bool:
@@ -106,7 +106,7 @@ def checkpoint_files(path: str) -> dict[str, str]:
   single_path = os.path.join(path, SINGLE_FILE)
   if os.path.exists(index_path):
     with open(index_path) as f:
-      weight_map = json.load(f).get('weight_map')
+      weight_map = json.load(f).get("weight_map")
     if not isinstance(weight_map, dict):
       raise ValueError(f'{index_path}: missing "weight_map"')
     files = {}
@@ -114,11 +114,11 @@ def checkpoint_files(path: str) -> dict[str, str]:
       full = os.path.join(path, fname)
       if not os.path.exists(full):
         raise FileNotFoundError(
-            f'{index_path} lists tensor {name!r} in {fname}, which is missing')
+            f"{index_path} lists tensor {name!r} in {fname}, which is missing")
       files[name] = full
     return files
   if os.path.exists(single_path):
-    with safe_open(single_path, framework='numpy') as f:
+    with safe_open(single_path, framework="numpy") as f:
       return {name: single_path for name in f.keys()}
   raise FileNotFoundError(
       f'{path}: expected {SINGLE_FILE} or {INDEX_FILE} (safetensors); '
@@ -126,7 +126,8 @@ def checkpoint_files(path: str) -> dict[str, str]:
 
 
 def load_hf_checkpoint(path, *, mesh: jax.sharding.Mesh | None = None,
-                       rules=DEFAULT_RULES, **config_overrides) -> Decoder:
+                       rules=DEFAULT_RULES, extra_tensors: Sequence[str] = (),
+                       **config_overrides) -> Decoder:
   """Imports a local HF checkpoint directory into a Decoder.
 
   Args:
@@ -134,6 +135,8 @@ def load_hf_checkpoint(path, *, mesh: jax.sharding.Mesh | None = None,
     mesh: when given, each parameter is placed with its NamedSharding on this
       mesh (from its logical names and `rules`); else on the default device.
     rules: (logical, mesh_axis) pairs.
+    extra_tensors: names of tensors the caller reads itself (e.g. a
+      classifier head); they are not reported as unused.
     **config_overrides: DecoderConfig fields to set on top of config.json
       (e.g. param_dtype='bfloat16', dtype='bfloat16', remat=True).
 
@@ -152,14 +155,14 @@ def load_hf_checkpoint(path, *, mesh: jax.sharding.Mesh | None = None,
   files = checkpoint_files(path)
   specs = tensor_specs(config)
   known = {s.hf_name for s in specs.values()}
-  unexpected = [n for n in files if n not in known
+  unexpected = [n for n in files if n not in known and n not in extra_tensors
                 and not n.endswith(_IGNORED_SUFFIXES)
                 # Some tied checkpoints still store a copy of the head.
-                and not (config.tie_word_embeddings and n == 'lm_head.weight')]
+                and not (config.tie_word_embeddings and n == "lm_head.weight")]
   if unexpected:
     raise ValueError(
-        f'{path}: tensors not used by a {config.model_type} decoder with this '
-        f'config.json: {sorted(unexpected)[:10]}')
+        f"{path}: tensors not used by a {config.model_type} decoder with this "
+        f"config.json: {sorted(unexpected)[:10]}")
   abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(params=0)))
   graphdef, abstract_state = nnx.split(abstract)
   shardings = (state_shardings(abstract_state, mesh, rules)
@@ -176,12 +179,12 @@ def load_hf_checkpoint(path, *, mesh: jax.sharding.Mesh | None = None,
     def read(name: str) -> np.ndarray:
       if name not in files:
         raise KeyError(
-            f'{path}: tensor {name!r} not found in '
-            f'{sorted(set(os.path.basename(f) for f in files.values()))}')
+            f"{path}: tensor {name!r} not found in "
+            f"{sorted(set(os.path.basename(f) for f in files.values()))}")
       fname = files[name]
       if fname not in handles:
         handles[fname] = stack.enter_context(
-            safe_open(fname, framework='numpy'))
+            safe_open(fname, framework="numpy"))
       return handles[fname].get_tensor(name)
 
     def load(p, var):
@@ -192,9 +195,9 @@ def load_hf_checkpoint(path, *, mesh: jax.sharding.Mesh | None = None,
       want = spec.hf_shape(target.shape)
       if tuple(arr.shape) != want:
         raise ValueError(
-            f'{path}: tensor {spec.hf_name!r} in '
-            f'{os.path.basename(files[spec.hf_name])} has shape '
-            f'{tuple(arr.shape)}, expected {want} for config.json')
+            f"{path}: tensor {spec.hf_name!r} in "
+            f"{os.path.basename(files[spec.hf_name])} has shape "
+            f"{tuple(arr.shape)}, expected {want} for config.json")
       arr = np.ascontiguousarray(
           spec.to_ours(arr, target.shape).astype(target.dtype))
       placed = (jax.device_put(arr, sharding_of[key])
@@ -209,7 +212,7 @@ def load_hf_checkpoint(path, *, mesh: jax.sharding.Mesh | None = None,
 def _parse_size(size) -> int:
   if isinstance(size, int):
     return size
-  units = {'KB': 10**3, 'MB': 10**6, 'GB': 10**9}
+  units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
   for unit, mult in units.items():
     if str(size).upper().endswith(unit):
       return int(float(str(size)[:-2]) * mult)
@@ -250,8 +253,8 @@ def save_hf_checkpoint(model: Decoder, path, *,
     nonlocal pending, pending_bytes
     if not pending:
       return
-    fname = os.path.join(path, f'.shard-{len(tmp_files):05d}.tmp')
-    save_file(pending, fname, metadata={'format': 'pt'})
+    fname = os.path.join(path, f".shard-{len(tmp_files):05d}.tmp")
+    save_file(pending, fname, metadata={"format": "pt"})
     tmp_files.append((fname, list(pending)))
     pending, pending_bytes = {}, 0
 
@@ -259,7 +262,7 @@ def save_hf_checkpoint(model: Decoder, path, *,
       state, is_leaf=_is_var)[0]:
     key = _key_path(p)
     if key not in specs:
-      raise ValueError(f'parameter {key} has no HF tensor mapping')
+      raise ValueError(f"parameter {key} has no HF tensor mapping")
     spec = specs[key]
     arr = np.ascontiguousarray(spec.to_hf(np.asarray(jax.device_get(
         var.get_value()))))
@@ -278,23 +281,23 @@ def save_hf_checkpoint(model: Decoder, path, *,
     n = len(tmp_files)
     total = 0
     for i, (fname, names) in enumerate(tmp_files):
-      final = f'model-{i + 1:05d}-of-{n:05d}.safetensors'
+      final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
       os.replace(fname, os.path.join(path, final))
       for name in names:
         weight_map[name] = final
     for var in jax.tree.leaves(state, is_leaf=_is_var):
       value = var.get_value()
       total += value.size * value.dtype.itemsize
-    with open(os.path.join(path, INDEX_FILE), 'w') as f:
-      json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map},
+    with open(os.path.join(path, INDEX_FILE), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
                 f, indent=2, sort_keys=True)
-  with open(os.path.join(path, 'config.json'), 'w') as f:
+  with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config.to_hf_dict(), f, indent=2, sort_keys=True)
   if generation_config:
     eos = list(config.eos_token_ids)
-    gen = {'bos_token_id': config.bos_token_id,
-           'eos_token_id': eos[0] if len(eos) == 1 else eos,
-           'pad_token_id': config.pad_token_id}
-    with open(os.path.join(path, 'generation_config.json'), 'w') as f:
+    gen = {"bos_token_id": config.bos_token_id,
+           "eos_token_id": eos[0] if len(eos) == 1 else eos,
+           "pad_token_id": config.pad_token_id}
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
       json.dump(gen, f, indent=2, sort_keys=True)
   return path

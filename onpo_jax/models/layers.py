@@ -20,7 +20,7 @@ from flax import nnx
 
 from onpo_jax.models import rope as rope_lib
 from onpo_jax.models.config import DecoderConfig
-from onpo_jax.models.sharding import constrain
+from onpo_jax.models.partitioning import constrain
 
 # Finite mask value: a query with no visible key (a left pad) gets a uniform
 # softmax instead of NaN, so pads never poison gradients.
@@ -28,19 +28,19 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _INIT_STD = 0.02
 
 
-def param(rngs: nnx.Rngs | None, shape, names, dtype, init: str = 'normal'
+def param(rngs: nnx.Rngs | None, shape, names, dtype, init: str = "normal"
           ) -> nnx.Param:
   """A Param carrying logical axis names (sharded later, not eagerly)."""
   if len(shape) != len(names):
-    raise ValueError(f'names {names} do not match shape {shape}')
-  if init == 'normal':
+    raise ValueError(f"names {names} do not match shape {shape}")
+  if init == "normal":
     value = _INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
-  elif init == 'ones':
+  elif init == "ones":
     value = jnp.ones(shape, jnp.float32)
-  elif init == 'zeros':
+  elif init == "zeros":
     value = jnp.zeros(shape, jnp.float32)
   else:
-    raise ValueError(f'init: unknown initialiser {init!r}')
+    raise ValueError(f"init: unknown initialiser {init!r}")
   return nnx.Param(value.astype(dtype), out_sharding=tuple(names),
                    eager_sharding=False)
 
@@ -52,7 +52,7 @@ def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
   result cast back to x.dtype before scaling, as HF Llama does.
   """
   if scale.shape != x.shape[-1:]:
-    raise ValueError(f'scale: expected shape {x.shape[-1:]}, got {scale.shape}')
+    raise ValueError(f"scale: expected shape {x.shape[-1:]}, got {scale.shape}")
   x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
   normed = (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype)
@@ -63,7 +63,7 @@ class RMSNorm(nnx.Module):
   """RMSNorm with a learned per-channel scale."""
 
   def __init__(self, dim: int, eps: float, param_dtype):
-    self.scale = param(None, (dim,), ('norm',), param_dtype, init='ones')
+    self.scale = param(None, (dim,), ("norm",), param_dtype, init="ones")
     self.eps = eps
 
   def __call__(self, x):
@@ -98,31 +98,31 @@ class Attention(nnx.Module):
     pd = c.jnp_param_dtype
     self.config = c
     self.q = param(rngs, (c.hidden_size, c.num_heads, c.head_dim),
-                   ('embed', 'heads', 'head_dim'), pd)
+                   ("embed", "heads", "head_dim"), pd)
     self.k = param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim),
-                   ('embed', 'kv_heads', 'head_dim'), pd)
+                   ("embed", "kv_heads", "head_dim"), pd)
     self.v = param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim),
-                   ('embed', 'kv_heads', 'head_dim'), pd)
+                   ("embed", "kv_heads", "head_dim"), pd)
     self.o = param(rngs, (c.num_heads, c.head_dim, c.hidden_size),
-                   ('heads', 'head_dim', 'embed'), pd)
+                   ("heads", "head_dim", "embed"), pd)
     if c.attention_bias:
       self.q_bias = param(rngs, (c.num_heads, c.head_dim),
-                          ('heads', 'head_dim'), pd, init='zeros')
+                          ("heads", "head_dim"), pd, init="zeros")
       self.k_bias = param(rngs, (c.num_kv_heads, c.head_dim),
-                          ('kv_heads', 'head_dim'), pd, init='zeros')
+                          ("kv_heads", "head_dim"), pd, init="zeros")
       self.v_bias = param(rngs, (c.num_kv_heads, c.head_dim),
-                          ('kv_heads', 'head_dim'), pd, init='zeros')
+                          ("kv_heads", "head_dim"), pd, init="zeros")
 
   def project_kv(self, x, positions, inv_freq):
     """Rotated keys and values of x: two [B, L, Hkv, d] arrays."""
     dt = x.dtype
-    k = jnp.einsum('bld,dhk->blhk', x, self.k[...].astype(dt))
-    v = jnp.einsum('bld,dhk->blhk', x, self.v[...].astype(dt))
+    k = jnp.einsum("bld,dhk->blhk", x, self.k[...].astype(dt))
+    v = jnp.einsum("bld,dhk->blhk", x, self.v[...].astype(dt))
     if self.config.attention_bias:
       k = k + self.k_bias[...].astype(dt)
       v = v + self.v_bias[...].astype(dt)
     k = rope_lib.apply_rope(k, positions, inv_freq)
-    names = ('batch', 'length', 'kv_heads', 'head_dim')
+    names = ("batch", "length", "kv_heads", "head_dim")
     return constrain(k, names), constrain(v, names)
 
   def __call__(self, x, positions, inv_freq, keys, values, mask):
@@ -141,23 +141,23 @@ class Attention(nnx.Module):
     c = self.config
     dt = x.dtype
     b, l, _ = x.shape
-    q = jnp.einsum('bld,dhk->blhk', x, self.q[...].astype(dt))
+    q = jnp.einsum("bld,dhk->blhk", x, self.q[...].astype(dt))
     if c.attention_bias:
       q = q + self.q_bias[...].astype(dt)
     q = rope_lib.apply_rope(q, positions, inv_freq)
-    q = constrain(q, ('batch', 'length', 'heads', 'head_dim'))
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
     groups = c.num_heads // c.num_kv_heads
     # Query head h uses kv head h // groups (HF repeat_kv order).
     q = q.reshape(b, l, c.num_kv_heads, groups, c.head_dim)
-    scores = jnp.einsum('blkgd,bskd->bkgls', q, keys.astype(dt),
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, keys.astype(dt),
                         preferred_element_type=jnp.float32)
     scores = scores * (c.head_dim ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum('bkgls,bskd->blkgd', probs, values.astype(dt))
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, values.astype(dt))
     out = out.reshape(b, l, c.num_heads, c.head_dim)
-    out = constrain(out, ('batch', 'length', 'heads', 'head_dim'))
-    return jnp.einsum('blhk,hkd->bld', out, self.o[...].astype(dt))
+    out = constrain(out, ("batch", "length", "heads", "head_dim"))
+    return jnp.einsum("blhk,hkd->bld", out, self.o[...].astype(dt))
 
 
 class MLP(nnx.Module):
@@ -167,17 +167,17 @@ class MLP(nnx.Module):
     c = config
     pd = c.jnp_param_dtype
     self.gate = param(rngs, (c.hidden_size, c.intermediate_size),
-                      ('embed', 'mlp'), pd)
+                      ("embed", "mlp"), pd)
     self.up = param(rngs, (c.hidden_size, c.intermediate_size),
-                    ('embed', 'mlp'), pd)
+                    ("embed", "mlp"), pd)
     self.down = param(rngs, (c.intermediate_size, c.hidden_size),
-                      ('mlp', 'embed'), pd)
+                      ("mlp", "embed"), pd)
 
   def __call__(self, x):
     dt = x.dtype
     g = x @ self.gate[...].astype(dt)
     u = x @ self.up[...].astype(dt)
-    h = constrain(jax.nn.silu(g) * u, ('batch', 'length', 'mlp'))
+    h = constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"))
     return h @ self.down[...].astype(dt)
 
 
@@ -219,7 +219,7 @@ class Block(nnx.Module):
           cache_v, v[None].astype(cache_v.dtype), start)
       k, v = cache_k[layer], cache_v[layer]
     x = x + self.attn(h, positions, inv_freq, k, v, mask)
-    x = constrain(x, ('batch', 'length', None))
+    x = constrain(x, ("batch", "length", None))
     x = x + self.mlp(self.mlp_norm(x))
-    x = constrain(x, ('batch', 'length', None))
+    x = constrain(x, ("batch", "length", None))
     return x, cache_k, cache_v

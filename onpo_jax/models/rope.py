@@ -37,20 +37,20 @@ def rope_inv_freq(head_dim: int, theta: float,
     ValueError: odd head_dim or an unsupported rope_type.
   """
   if head_dim % 2:
-    raise ValueError(f'head_dim: expected an even value, got {head_dim}')
+    raise ValueError(f"head_dim: expected an even value, got {head_dim}")
   inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64)
                               / head_dim))
   if scaling is None:
     return inv_freq.astype(np.float32)
   params = dict(scaling)
-  rope_type = params.get('rope_type')
-  if rope_type == 'linear':
-    return (inv_freq / params['factor']).astype(np.float32)
-  if rope_type != 'llama3':
-    raise ValueError(f'rope_scaling: unsupported rope_type {rope_type!r}')
-  factor = params['factor']
-  low, high = params['low_freq_factor'], params['high_freq_factor']
-  old_len = params['original_max_position_embeddings']
+  rope_type = params.get("rope_type")
+  if rope_type == "linear":
+    return (inv_freq / params["factor"]).astype(np.float32)
+  if rope_type != "llama3":
+    raise ValueError(f"rope_scaling: unsupported rope_type {rope_type!r}")
+  factor = params["factor"]
+  low, high = params["low_freq_factor"], params["high_freq_factor"]
+  old_len = params["original_max_position_embeddings"]
   wavelen = 2 * math.pi / inv_freq
   low_freq_wavelen = old_len / low
   high_freq_wavelen = old_len / high
@@ -80,13 +80,13 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray,
     [B, L, H, d] array of x.dtype.
   """
   if x.ndim != 4:
-    raise ValueError(f'x: expected [B, L, H, d], got shape {x.shape}')
+    raise ValueError(f"x: expected [B, L, H, d], got shape {x.shape}")
   if positions.shape != x.shape[:2]:
     raise ValueError(
-        f'positions: expected shape {x.shape[:2]}, got {positions.shape}')
+        f"positions: expected shape {x.shape[:2]}, got {positions.shape}")
   if inv_freq.shape != (x.shape[-1] // 2,):
     raise ValueError(
-        f'inv_freq: expected shape {(x.shape[-1] // 2,)}, got {inv_freq.shape}')
+        f"inv_freq: expected shape {(x.shape[-1] // 2,)}, got {inv_freq.shape}")
   # float32 angles as in HF (float64 for float64 inputs).
   ft = jnp.promote_types(x.dtype, jnp.float32)
   angles = positions.astype(ft)[..., None] * inv_freq.astype(ft)  # [B, L, d/2]

@@ -1,19 +1,14 @@
-"""Logical axis names → mesh axes, and sharded model construction.
+"""Sharded model construction: meshes, parameter / cache shardings, sharded init.
 
-Every parameter of the decoder carries logical axis names in its
-`out_sharding` metadata ('vocab', 'embed', 'mlp', 'heads', 'kv_heads',
-'head_dim', 'norm'); activations are constrained with ('batch', 'length', ...).
-The mapping to mesh axes ('data', 'fsdp', 'tensor') is config data: a tuple of
-(logical_name, mesh_axis) pairs, where mesh_axis is a mesh axis name, a tuple
-of names, or None (replicated). A logical name may appear several times; the
-first candidate whose mesh axes are unused in the same spec and divide the
-dimension wins, so one rule set serves every tensor shape.
+The logical-name rules themselves (`DEFAULT_RULES`, `logical_to_spec`) and the
+activation constraints (`activation_sharding`, `constrain`) live in
+`partitioning`, which `layers` and `decoder` import; they are re-exported here
+so `sharding` stays the one module callers need. This module imports `decoder`
+(to build sharded Decoders); nothing it imports imports it back.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -22,21 +17,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
-
-# FSDP over 'fsdp' on the embed dimension, tensor parallelism on heads / mlp /
-# vocab, data parallelism of activations over ('data', 'fsdp').
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ('batch', ('data', 'fsdp')),
-    ('length', None),
-    ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('head_dim', None),
-    ('norm', None),
-)
+from onpo_jax.models.decoder import Decoder
+from onpo_jax.models.partitioning import activation_sharding as activation_sharding
+from onpo_jax.models.partitioning import axes_tuple
+from onpo_jax.models.partitioning import constrain as constrain
+from onpo_jax.models.partitioning import DEFAULT_RULES as DEFAULT_RULES
+from onpo_jax.models.partitioning import logical_to_spec as logical_to_spec
+from onpo_jax.models.partitioning import MESH_AXES as MESH_AXES
 
 
 def make_mesh(shape: Sequence[int] = (1, 1, 1),
@@ -45,95 +32,12 @@ def make_mesh(shape: Sequence[int] = (1, 1, 1),
   """A mesh with Auto axes (GSPMD propagation between our constraints)."""
   if len(shape) != len(axis_names):
     raise ValueError(
-        f'shape: expected {len(axis_names)} entries for axes {axis_names}, '
-        f'got {tuple(shape)}')
-  kwargs = {} if devices is None else {'devices': devices}
+        f"shape: expected {len(axis_names)} entries for axes {axis_names}, "
+        f"got {tuple(shape)}")
+  kwargs = {} if devices is None else {"devices": devices}
   return jax.make_mesh(
       tuple(shape), tuple(axis_names),
       axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names), **kwargs)
-
-
-def _axes_tuple(mesh_axis) -> tuple[str, ...]:
-  if mesh_axis is None:
-    return ()
-  if isinstance(mesh_axis, str):
-    return (mesh_axis,)
-  return tuple(mesh_axis)
-
-
-def logical_to_spec(names: Sequence[str | None], rules,
-                    mesh_shape: dict[str, int] | None = None,
-                    shape: Sequence[int] | None = None) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec.
-
-  Args:
-    names: one logical name (or None) per array dimension.
-    rules: tuple of (logical_name, mesh_axis) pairs.
-    mesh_shape: {mesh axis: size}; when given, axes missing from the mesh are
-      skipped and, with `shape`, axes that do not divide the dim are skipped.
-    shape: the array shape, same length as names.
-
-  Returns:
-    The PartitionSpec; never uses a mesh axis twice.
-  """
-  if shape is not None and len(shape) != len(names):
-    raise ValueError(
-        f'names: expected {len(shape)} logical names for shape {tuple(shape)},'
-        f' got {tuple(names)}')
-  used: set[str] = set()
-  spec = []
-  for dim, name in enumerate(names):
-    chosen = None
-    for logical, mesh_axis in rules:
-      if name is None or logical != name:
-        continue
-      axes = _axes_tuple(mesh_axis)
-      if mesh_shape is not None:
-        axes = tuple(a for a in axes if a in mesh_shape)
-      if any(a in used for a in axes):
-        continue
-      if mesh_shape is not None and shape is not None and axes:
-        size = math.prod(mesh_shape[a] for a in axes)
-        if shape[dim] % size:
-          continue
-      chosen = axes
-      break
-    if chosen:
-      used.update(chosen)
-      spec.append(chosen[0] if len(chosen) == 1 else chosen)
-    else:
-      spec.append(None)
-  return PartitionSpec(*spec)
-
-
-# Rules for activation constraints; set by `activation_sharding`.
-_ACTIVE_RULES: contextvars.ContextVar = contextvars.ContextVar(
-    'onpo_jax_activation_rules', default=None)
-
-
-@contextlib.contextmanager
-def activation_sharding(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
-  """Context in which decoder activations are constrained to `mesh`.
-
-  Tracing (jit) must happen inside the context; outside it `constrain` is a
-  no-op, so single-device code pays nothing.
-  """
-  token = _ACTIVE_RULES.set((mesh, tuple(rules)))
-  try:
-    with jax.set_mesh(mesh):
-      yield
-  finally:
-    _ACTIVE_RULES.reset(token)
-
-
-def constrain(x: jnp.ndarray, names: Sequence[str | None]) -> jnp.ndarray:
-  """with_sharding_constraint by logical names, when a context is active."""
-  active = _ACTIVE_RULES.get()
-  if active is None:
-    return x
-  mesh, rules = active
-  spec = logical_to_spec(names, rules, dict(mesh.shape), x.shape)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def _is_var(x) -> bool:
@@ -143,7 +47,7 @@ def _is_var(x) -> bool:
 def logical_axes(state) -> Any:
   """Tree of the logical axis names of each Variable in `state`."""
   def names(v):
-    n = v.get_metadata().get('out_sharding')
+    n = v.get_metadata().get("out_sharding")
     if n is None:
       return (None,) * len(v.get_value().shape)
     return tuple(n)
@@ -166,7 +70,7 @@ def state_shardings(state, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
 
   def one(v):
     value = v.get_value()
-    names = v.get_metadata().get('out_sharding') or (None,) * len(value.shape)
+    names = v.get_metadata().get("out_sharding") or (None,) * len(value.shape)
     spec = logical_to_spec(tuple(names), rules, mesh_shape, value.shape)
     return v.replace(NamedSharding(mesh, spec))
 
@@ -191,7 +95,6 @@ def create_sharded_model(config, mesh: jax.sharding.Mesh | None,
   Returns:
     The Decoder, its parameters sharded over `mesh`.
   """
-  from onpo_jax.models.decoder import Decoder  # avoid an import cycle
   if isinstance(rngs, int):
     rngs = nnx.Rngs(params=rngs)
   key = rngs.params()
@@ -230,18 +133,17 @@ def param_bytes_per_device(config, mesh, rules=DEFAULT_RULES) -> ParamBytes:
     ParamBytes(num_params, total_bytes, bytes_per_device), where
     bytes_per_device is the largest per-device share (shards are ceil-sized).
   """
-  from onpo_jax.models.decoder import Decoder
   abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(params=0)))
   state = nnx.state(abstract, nnx.Param)
   mesh_shape = dict(mesh.shape)
   num = total = per_device = 0
   for v in jax.tree.leaves(state, is_leaf=_is_var):
     value = v.get_value()
-    names = v.get_metadata().get('out_sharding') or (None,) * len(value.shape)
+    names = v.get_metadata().get("out_sharding") or (None,) * len(value.shape)
     spec = logical_to_spec(tuple(names), rules, mesh_shape, value.shape)
     shard = list(value.shape)
     for d, axes in enumerate(spec):
-      size = math.prod(mesh_shape[a] for a in _axes_tuple(axes))
+      size = math.prod(mesh_shape[a] for a in axes_tuple(axes))
       shard[d] = -(-shard[d] // size)
     itemsize = jnp.dtype(value.dtype).itemsize
     num += math.prod(value.shape)
@@ -268,8 +170,8 @@ def cache_shardings(cache, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
     return NamedSharding(mesh, logical_to_spec(names, rules, mesh_shape,
                                                x.shape))
 
-  kv = ('layers', 'batch', 'length', 'kv_heads', 'head_dim')
+  kv = ("layers", "batch", "length", "kv_heads", "head_dim")
   return type(cache)(
       k=named(cache.k, kv), v=named(cache.v, kv),
-      mask=named(cache.mask, ('batch', 'length')),
+      mask=named(cache.mask, ("batch", "length")),
       index=NamedSharding(mesh, PartitionSpec()))

@@ -11,7 +11,7 @@ import os
 from typing import Sequence
 
 
-def load_tokenizer(path, *, padding_side: str = 'left'):
+def load_tokenizer(path, *, padding_side: str = "left"):
   """AutoTokenizer from a local directory (tokenizer.json + config).
 
   Args:
@@ -28,15 +28,15 @@ def load_tokenizer(path, *, padding_side: str = 'left'):
   import transformers
   path = os.fspath(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'tokenizer path: not a directory: {path}')
-  if padding_side not in ('left', 'right'):
+    raise FileNotFoundError(f"tokenizer path: not a directory: {path}")
+  if padding_side not in ("left", "right"):
     raise ValueError(
         f"padding_side: expected 'left' or 'right', got {padding_side!r}")
   tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
   tok.padding_side = padding_side
   if tok.pad_token is None:
     if tok.eos_token is None:
-      raise ValueError(f'{path}: tokenizer has no pad_token and no eos_token')
+      raise ValueError(f"{path}: tokenizer has no pad_token and no eos_token")
     # Pads are masked out everywhere, so reusing eos is safe.
     tok.pad_token = tok.eos_token
   return tok
@@ -49,13 +49,13 @@ def chat_prompt_ids(tokenizer, messages: Sequence[dict],
   Raises:
     ValueError: the tokenizer has no chat template.
   """
-  if not getattr(tokenizer, 'chat_template', None):
-    raise ValueError('tokenizer: has no chat_template')
+  if not getattr(tokenizer, "chat_template", None):
+    raise ValueError("tokenizer: has no chat_template")
   text = tokenizer.apply_chat_template(
       list(messages), add_generation_prompt=add_generation_prompt,
       tokenize=False)
   # The template already places any special tokens it wants.
-  return list(tokenizer(text, add_special_tokens=False)['input_ids'])
+  return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def eos_token_ids(tokenizer, config=None) -> tuple[int, ...]:

@@ -3,9 +3,9 @@
 Each method has a pure single-step function on log-policies (log-softmax
 normalisation, so no probability under- or overflows) and a `lax.scan` runner
 that returns the played policies π_1..π_T as a [T, C, n] array. Rewards are the
-exact win rates r_t(y) = P(y ≻ π_t) (ONPO, arXiv 2502.16852; ONPO_SPEC §2). All runners
-are jitted with a static `num_rounds`; step sizes may be traced (so callers can
-`vmap` over a grid of η).
+exact win rates r_t(y) = P(y ≻ π_t) (ONPO, arXiv 2502.16852; docs/algorithm.md §2).
+All runners are jitted with a static `num_rounds`; step sizes may be traced (so
+callers can `vmap` over a grid of η).
 
 Methods: OMD (= INPO with τ = 0), ONPO (optimistic OMD, two sequences),
 INPO (arXiv 2407.00617), Nash-MD (Munos et al. 2023, arXiv 2312.00886) and a
@@ -41,7 +41,7 @@ def reward(p: jax.Array, logp: jax.Array) -> jax.Array:
 def omd_step(p: jax.Array, logp: jax.Array, eta) -> jax.Array:
   """One OMD (multiplicative-weights) step: π_{t+1} ∝ π_t · exp(η r_t).
 
-  The OMD baseline of ONPO's Theorem 1 (ONPO_SPEC §2).
+  The OMD baseline of ONPO's Theorem 1 (docs/algorithm.md §2.1).
 
   Args:
     p: [C, n, n] preference matrix.
@@ -57,7 +57,7 @@ def omd_step(p: jax.Array, logp: jax.Array, eta) -> jax.Array:
 
 
 def onpo_step(p: jax.Array, logp_aux: jax.Array, reward_prev: jax.Array, eta):
-  """One ONPO round (optimistic OMD, predictor m_t = r_{t−1}; ONPO_SPEC §2).
+  """One ONPO round (optimistic OMD, predictor m_t = r_{t−1}; docs/algorithm.md §2.2).
 
     π_t(y)      ∝ π'_t(y) · exp(η m_t(y))
     π'_{t+1}(y) ∝ π'_t(y) · exp(η r_t(y)),   r_t(y) = P(y ≻ π_t)
@@ -83,7 +83,7 @@ def onpo_step(p: jax.Array, logp_aux: jax.Array, reward_prev: jax.Array, eta):
 
 def onpo_policy_compact(logp_init: jax.Array, reward_sum: jax.Array, reward_last: jax.Array,
                         eta) -> jax.Array:
-  """Compact ONPO form: π_{t+1} ∝ π'_1 · exp(η Σ_{s≤t} r_s + η r_t) (ONPO_SPEC §2).
+  """Compact ONPO form: π_{t+1} ∝ π'_1 · exp(η Σ_{s≤t} r_s + η r_t) (docs/algorithm.md §2.3).
 
   Unrolling π'_{t+1} ∝ π'_1 exp(η Σ_{s≤t} r_s) and applying the predictor.
 
@@ -103,7 +103,7 @@ def onpo_policy_compact(logp_init: jax.Array, reward_sum: jax.Array, reward_last
 
 
 def inpo_step(p: jax.Array, logp: jax.Array, logp_ref: jax.Array, tau, eta_inpo) -> jax.Array:
-  """One INPO step in closed form (INPO, arXiv 2407.00617; ONPO_SPEC §2).
+  """One INPO step in closed form (INPO, arXiv 2407.00617; docs/algorithm.md §2.4).
 
     π_{t+1}(y) ∝ exp(P(y ≻ π_t)/η_I) · π_ref(y)^{τ/η_I} · π_t(y)^{1−τ/η_I}
 

@@ -1,6 +1,6 @@
 """Exact quantities of a tabular preference game: win rates, values, duality gaps, Nash.
 
-Notation (ONPO, arXiv 2502.16852; ONPO_SPEC §1): P[c, y, y'] =
+Notation (ONPO, arXiv 2502.16852; docs/algorithm.md §1): P[c, y, y'] =
 P(y ≻ y' | x_c), policies π[c, y]; P(y ≻ π) = E_{y'~π} P(y ≻ y') and
 J(π1, π2) = E P(y1 ≻ y2). All functions except `nash_lp` are jittable and
 batched over the leading context axis; averages over contexts (E_x with a
@@ -24,7 +24,7 @@ def _check_policy(p: jax.Array, pi: jax.Array, name: str) -> None:
 
 
 def win_rate_vs_policy(p: jax.Array, pi: jax.Array) -> jax.Array:
-  """P(y ≻ π | x) for every action y: ONPO's reward r_t (ONPO_SPEC §1).
+  """P(y ≻ π | x) for every action y: ONPO's reward r_t (docs/algorithm.md §1.1).
 
   Args:
     p: [C, n, n] preference matrix.
@@ -39,7 +39,7 @@ def win_rate_vs_policy(p: jax.Array, pi: jax.Array) -> jax.Array:
 
 
 def preference_value(p: jax.Array, pi1: jax.Array, pi2: jax.Array) -> jax.Array:
-  """J(π1, π2) = E_{y1~π1, y2~π2} P(y1 ≻ y2) per context (ONPO_SPEC §1).
+  """J(π1, π2) = E_{y1~π1, y2~π2} P(y1 ≻ y2) per context (docs/algorithm.md §1.3).
 
   Args:
     p: [C, n, n].
@@ -61,7 +61,7 @@ def duality_gap(p: jax.Array, pi: jax.Array) -> jax.Array:
   DualGap(π) = max_{π1} J(π1, π) − min_{π2} J(π, π2) (ONPO, arXiv 2502.16852,
   duality gap definition). Both optima are attained at pure strategies and
   J(π, y) = 1 − P(y ≻ π), so per context the gap is 2·max_y P(y ≻ π) − 1
-  (ONPO_SPEC §1). The paper's E_x-gap is the mean of the result.
+  (docs/algorithm.md §1.4). The paper's E_x-gap is the mean of the result.
 
   Args:
     p: [C, n, n].
@@ -85,8 +85,8 @@ def kl_duality_gap(p: jax.Array, pi: jax.Array, pi_ref: jax.Array, tau) -> jax.A
   """Duality gap of INPO's KL-regularised game, per context.
 
   J_τ(π1, π2) = E P(y1 ≻ y2) − τ KL(π1‖π_ref) + τ KL(π2‖π_ref) (INPO,
-  arXiv 2407.00617; ONPO_SPEC §1). The inner optima are Gibbs policies, giving the
-  closed form of ONPO_SPEC §1:
+  arXiv 2407.00617; docs/algorithm.md §1.3). The inner optima are Gibbs policies,
+  giving the closed form of docs/algorithm.md §1.4:
     2τ·log Σ_y π_ref(y) exp(P(y ≻ π)/τ) + 2τ·KL(π‖π_ref) − 1,
   evaluated with a log-sum-exp so that small τ does not overflow.
 
@@ -113,7 +113,7 @@ def nash_lp(p) -> tuple[np.ndarray, np.ndarray]:
 
   Solves max_{π, v} v s.t. J(π, y') = Σ_y π(y) P(y ≻ y') ≥ v for every pure
   y', Σ π = 1, π ≥ 0 (von Neumann's minimax LP). For a symmetric game
-  (P + Pᵀ = 1) the value is 1/2 (ONPO_SPEC §1).
+  (P + Pᵀ = 1) the value is 1/2 (docs/algorithm.md §1.3).
 
   Args:
     p: numpy-convertible [C, n, n] preference matrix (not traced).

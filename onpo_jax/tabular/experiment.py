@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from onpo_jax import metrics as metrics_lib
-from onpo_jax import plots
+from onpo_jax.infra import metrics as metrics_lib
+from onpo_jax.infra import plots
 from onpo_jax.tabular import dynamics
 from onpo_jax.tabular import exact
 from onpo_jax.tabular import games

@@ -1,8 +1,8 @@
 """Tabular preference games: matrices P[c, y, y'] = P(y ≻ y' | x_c).
 
 Every game is a batch of C contexts (prompts) with n actions (responses) and
-satisfies the general-preference axioms of ONPO (arXiv 2502.16852; ONPO_SPEC
-§1): P ∈ [0, 1] and P + Pᵀ = 1, hence P(y ≻ y) = 1/2. Nothing here
+satisfies the general-preference axioms of ONPO (arXiv 2502.16852;
+docs/algorithm.md §1.1): P ∈ [0, 1] and P + Pᵀ = 1, hence P(y ≻ y) = 1/2. Nothing here
 assumes a Bradley–Terry (BT) reward; BT games are one family among several.
 
 Random games take an explicit PRNG key so that a seed fixes the game; games

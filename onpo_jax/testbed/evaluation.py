@@ -1,9 +1,9 @@
-"""Exact evaluation on the enumerable testbed (`onpo_jax.testbed`).
+"""Exact evaluation on the enumerable testbed (`onpo_jax.testbed.env`).
 
 Every response y ∈ Y = V^L is enumerated, so a policy is evaluated exactly:
 teacher-forced log-probs give the table log π(y | x) [C, |Y|]; with the oracle's
 full matrix P[x, y, y'] (`oracle.preference_matrix`) the tabular functions of
-`onpo_jax.tabular.exact` give the duality gap (ONPO_SPEC §1:
+`onpo_jax.tabular.exact` give the duality gap (docs/algorithm.md §1.4:
 DualGap(π) = E_x[2·max_y P(y ≻ π | x) − 1]), the win rate J(π1, π2) =
 E_x E_{y1~π1, y2~π2} P(y1 ≻ y2) between any two policies, and the per-prompt
 exact Nash equilibrium by linear programming (its gap ≈ 0) for reference.
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onpo_jax import testbed
+from onpo_jax.testbed import env as testbed
 from onpo_jax.tabular import exact
 
 

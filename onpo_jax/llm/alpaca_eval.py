@@ -215,7 +215,7 @@ def encode_outputs(tokenizer, texts: Sequence[str], max_length: int
 
 def oracle_preferences(oracle, prompt_tokens, prompt_mask, a_tokens, a_mask, b_tokens, b_mask,
                        micro_batch_size: int = 8) -> np.ndarray:
-  """[n] P(a_i ≻ b_i | x_i) from any `onpo_jax.oracle.Oracle`, in micro-batches.
+  """[n] P(a_i ≻ b_i | x_i) from any `onpo_jax.oracles.Oracle`, in micro-batches.
 
   The last micro-batch is padded by repeating row 0 so every oracle call has the
   same shape (no recompilation); padded rows are dropped.

@@ -20,6 +20,11 @@ Activations are not counted (they depend on remat and XLA's scheduling).
 
 Per-device bytes of a leaf of shape s sharded by spec p over mesh sizes m:
   Π_d ceil(s_d / Π_{a ∈ p_d} m_a) · itemsize (the largest shard, as XLA pads).
+
+`estimate_memory(config, mesh_dims)` plans a whole `llm` config: the decoders
+come from config.json (`policy.path`, `judge.path`) or, when those directories
+are absent, from `policy.hf_config` / `judge.hf_config`, and the optimizer is
+the one the run builds (`onpo_jax.llm.optim`).
 """
 
 from __future__ import annotations
@@ -27,17 +32,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from onpo_jax.llm import optim
 from onpo_jax.models import sharding as sharding_lib
 from onpo_jax.models.config import DecoderConfig
 from onpo_jax.models.decoder import Decoder
 from onpo_jax.models.decoder import init_cache
+from onpo_jax.onpo_step import onpo_step
+from onpo_jax.selfplay import methods as methods_lib
 
 # Logical names of the KV cache [layers, B, S, kv_heads, head_dim]: batch over
 # the data axes and heads over 'tensor', as the activation rules place them.
@@ -241,3 +251,67 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
       judge_params=frozen(judge_config),
       kv_cache=kv_cache_bytes_per_device(policy_config, kv_batch_size, kv_length, mesh_shape,
                                          rules, kv_dtype))
+
+
+# ------------------------------------------------------------ llm config plans
+
+
+def decoder_configs(config) -> tuple[DecoderConfig, DecoderConfig]:
+  """(policy, judge) DecoderConfigs of an llm config, from config.json when the path exists.
+
+  Args:
+    config: the llm config (`policy` and `judge` sections).
+
+  Raises:
+    ValueError: a role has neither a directory with config.json nor `hf_config`.
+  """
+
+  def one(section, **overrides):
+    src = section.path if section.path and os.path.isdir(section.path) else section.hf_config
+    if src is None:
+      raise ValueError(f"no config.json at {section.path!r} and no hf_config to plan from")
+    if isinstance(src, ml_collections.ConfigDict):
+      src = src.to_dict()
+    return DecoderConfig.from_hf(src, **overrides)
+
+  policy = one(config.policy, param_dtype=config.policy.param_dtype, dtype=config.policy.dtype,
+               remat=bool(config.policy.remat))
+  judge = one(config.judge, param_dtype=config.judge.dtype, dtype=config.judge.dtype)
+  return policy, judge
+
+
+def estimate_memory(config, mesh_dims: tuple[int, int, int] | None = None) -> MemoryEstimate:
+  """Per-device bytes of an llm config on its mesh, nothing allocated.
+
+  The optimizer is the one the run builds for the first method; π_ref counts
+  only when some method anchors on it and it is not offloaded, the judge only
+  when it is not offloaded; the KV cache is one sampling micro-batch at the
+  longest prompt bucket plus N new tokens.
+
+  Args:
+    config: the llm config.
+    mesh_dims: (data, fsdp, tensor); None: `config.mesh.shape`, which must
+      then have no -1.
+
+  Raises:
+    ValueError: no mesh without -1 to plan on, or no architecture to plan from.
+  """
+  policy, judge = decoder_configs(config)
+  if mesh_dims is None:
+    if -1 in tuple(config.mesh.shape):
+      raise ValueError("config.mesh.shape has a -1; pass mesh_dims for a memory plan")
+    mesh_dims = tuple(config.mesh.shape)
+  name = config.selfplay.methods[0]
+  spec = methods_lib.METHODS[name]
+  inner = optim.make_inner_optimizer(config, optim.updates_per_regression(config, name))
+  opt = (onpo_step(inner, variant=spec.variant, init_from=config.selfplay.init_from)
+         if spec.variant else inner)
+  needs_ref = any("ref" in methods_lib.METHODS[m].anchors for m in config.selfplay.methods)
+  return estimate(
+      policy, opt, dict(zip(("data", "fsdp", "tensor"), mesh_dims)),
+      ref_config=(policy.replace(param_dtype=config.ref.dtype)
+                  if needs_ref and not config.ref.offload else None),
+      judge_config=None if config.judge.offload else judge,
+      kv_batch_size=int(config.sampling.micro_batch_size),
+      kv_length=max(config.sampling.prompt_buckets) + int(config.sampling.max_new_tokens),
+      kv_dtype=config.sampling.cache_dtype)

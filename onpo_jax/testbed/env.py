@@ -2,7 +2,7 @@
 
 Responses are exactly L tokens over the model's whole vocabulary of V tokens, so
 the response set Y = V^L (up to a few thousand) can be enumerated and every
-policy quantity computed exactly (`onpo_jax.evaluation`). The policy's
+policy quantity computed exactly (`onpo_jax.testbed.evaluation`). The policy's
 vocabulary *is* the response vocabulary: there is no token the sampler could
 emit outside Y, and the enumerated π(· | x) sums to 1 (tested). Prompts are
 short random token sequences over the same vocabulary.

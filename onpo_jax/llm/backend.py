@@ -1,0 +1,162 @@
+"""The real-checkpoint backend of the self-play engine.
+
+What differs from the testbed (`onpo_jax.testbed.backend`):
+  * responses end at EOS: the response mask comes from the sampled tokens
+    (`sampler.response_mask_from_tokens`), so pad tokens after EOS are never
+    scored, and examples are built on the host because the judge reads text;
+  * sampling, anchor log-probs and judging run in micro-batches;
+  * the reference and the judge may wait in pinned host memory between uses
+    (`onpo_jax.selfplay.roles`), and the judge may run on its own mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from onpo_jax import logprobs
+from onpo_jax import sampler as sampler_lib
+from onpo_jax.llm.export import host_gather
+from onpo_jax.models.decoder import positions_from_mask
+from onpo_jax.selfplay import examples as examples_lib
+from onpo_jax.selfplay import roles
+from onpo_jax.selfplay.backend import Samples
+from onpo_jax.selfplay.methods import PairBatch
+from onpo_jax.selfplay.methods import PairLogps
+
+
+class MicroBatchedSampler:
+  """Calls a `Sampler`/`MixtureSampler` on fixed-size row blocks.
+
+  Returns `Samples(tokens [rows, N] numpy with pad after EOS, mask)`. Block b
+  uses the key fold_in(key, b); the last block is padded with copies of row 0.
+  """
+
+  def __init__(self, sampler, micro_batch_size: int, eos_ids, offloaded=()):
+    self.sampler = sampler
+    self.micro_batch_size = int(micro_batch_size)
+    self.eos_ids = tuple(eos_ids)
+    self.offloaded = tuple(offloaded)  # positions of state args kept on host between calls
+
+  def __call__(self, *args):
+    # (states..., tokens, mask, key[, alpha]) as the sampler takes them.
+    extra = (args[-1],) if isinstance(args[-1], (float, int)) else ()
+    *states, tokens, mask, key = args[:len(args) - len(extra)]
+    states = [roles.to_memory(s, "device") if i in self.offloaded else s
+              for i, s in enumerate(states)]
+    tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
+    rows, mb = tokens.shape[0], self.micro_batch_size
+    pad = -rows % mb
+    tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, 0)])
+    mask = np.concatenate([mask, np.repeat(mask[:1], pad, 0)])
+    outs = []
+    for b, start in enumerate(range(0, rows + pad, mb)):
+      out = self.sampler(*states, tokens[start:start + mb], mask[start:start + mb],
+                         jax.random.fold_in(key, b), *extra)
+      outs.append(host_gather(out.response_tokens))
+    resp = np.concatenate(outs)[:rows]
+    resp_mask, _ = sampler_lib.response_mask_from_tokens(jnp.asarray(resp), self.eos_ids)
+    return Samples(resp, np.asarray(resp_mask))
+
+
+class ScopedOracle:
+  """Runs an oracle under its own mesh and, optionally, offloads it between calls.
+
+  On several hosts the judge is sharded over each host's own devices: every
+  host judges the same (replicated) batch, so judging needs no cross-host
+  traffic and its outputs are host-local arrays the host-side code can read.
+  With `offload`, its parameters stay in pinned host memory except during a call.
+  """
+
+  def __init__(self, oracle, mesh, rules, offload: bool = False):
+    self.oracle, self.mesh, self.rules, self.offload = oracle, mesh, rules, offload
+    self.vocab_size = oracle.vocab_size
+    if offload:
+      oracle.state = roles.to_memory(oracle.state, "pinned_host")
+
+  def preference_prob(self, *args):
+    from onpo_jax.models import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+    host = self.oracle.state
+    # Host copies: arrays made under the global mesh cannot enter the judge's mesh.
+    args = [host_gather(a) for a in args]
+    with sharding_lib.activation_sharding(self.mesh, self.rules):
+      if self.offload:
+        self.oracle.state = roles.to_memory(host, "device")
+      try:
+        # numpy, so the caller's arrays on the policy's mesh can mix with it.
+        return host_gather(self.oracle.preference_prob(*args))
+      finally:
+        self.oracle.state = host
+
+
+class LLMBackend:
+  """`onpo_jax.selfplay.backend.Backend` for Hugging Face checkpoints and judges.
+
+  Args:
+    graphdef: the policy's graphdef.
+    model_config: its `DecoderConfig`.
+    oracle: any oracle with `preference_prob` (e.g. a `ScopedOracle` judge).
+    config: the llm config (`configs/llm_common.py`).
+    eos_ids: token ids that end a response.
+    pad_id: id written after EOS.
+  """
+
+  def __init__(self, graphdef, model_config, oracle, config, *, eos_ids, pad_id: int):
+    sp, sc = config.selfplay, config.sampling
+    self.graphdef, self.oracle = graphdef, oracle
+    self.eos_ids, self.pad_id = tuple(int(e) for e in eos_ids), int(pad_id)
+    self.reduction = sp.logp_reduction
+    self.tournament_mode = sp.get("tournament_mode", "deterministic")
+    self.chunk_size = config.policy.logprob_chunk_size or None
+    self.micro = int(sp.minibatch_size)
+    self.ref_placement = roles.role_placements(config)[roles.Role.REF]
+    sampling = sampler_lib.SamplingConfig(
+        max_new_tokens=int(sc.max_new_tokens), temperature=float(sp.temperature),
+        top_p=float(sc.top_p), eos_ids=self.eos_ids, pad_id=self.pad_id,
+        prompt_buckets=tuple(sc.prompt_buckets), cache_dtype=sc.cache_dtype)
+    self.sampler = MicroBatchedSampler(
+        sampler_lib.Sampler(graphdef, sampling, model_config=model_config),
+        sc.micro_batch_size, self.eos_ids)
+    self.mixture_sampler = MicroBatchedSampler(
+        sampler_lib.MixtureSampler(graphdef, graphdef, sampling, policy_model_config=model_config,
+                                   ref_model_config=model_config),
+        sc.micro_batch_size, self.eos_ids, offloaded=(1,) if self.ref_placement.offload else ())
+    self._seq_logps = jax.jit(self.sequence_logprobs)
+
+  def sample(self, params, prompt_tokens, prompt_mask, key) -> Samples:
+    return self.sampler(params, prompt_tokens, prompt_mask, key)
+
+  def sample_mixture(self, params, ref_params, prompt_tokens, prompt_mask, key,
+                     alpha: float) -> Samples:
+    return self.mixture_sampler(params, ref_params, prompt_tokens, prompt_mask, key, alpha)
+
+  def build_examples(self, data, pairing, prompt_tokens, prompt_mask, responses, response_mask,
+                     opponents, opponent_mask, key):
+    # Eager: the judge decodes the sampled tokens to text on the host.
+    return examples_lib.build_examples(data, pairing, prompt_tokens, prompt_mask, responses,
+                                       response_mask, opponents, opponent_mask, key,
+                                       oracle=self.oracle, pad_id=self.pad_id,
+                                       tournament_mode=self.tournament_mode)
+
+  def sequence_logprobs(self, params, tokens, attn, resp):
+    model = nnx.merge(self.graphdef, params)
+    token_lp = model.token_logprobs(tokens, positions_from_mask(attn), attn,
+                                    chunk_size=self.chunk_size)
+    return logprobs.reduce_logprobs(token_lp, resp, self.reduction)
+
+  def anchor_logprobs(self, params, batch):
+    """Anchor log-probs in micro-batches of `selfplay.minibatch_size` examples."""
+    params = roles.fetch(params, self.ref_placement)
+    mb = self.micro
+
+    def lp(tok, attn, resp):
+      return jnp.concatenate([self._seq_logps(params, tok[i:i + mb], attn[i:i + mb],
+                                              resp[i:i + mb])
+                              for i in range(0, tok.shape[0], mb)])
+
+    if isinstance(batch, PairBatch):
+      return PairLogps(lp(batch.tok_w, batch.attn_w, batch.resp_w),
+                       lp(batch.tok_l, batch.attn_l, batch.resp_l))
+    return lp(batch.tok, batch.attn, batch.resp)

@@ -1,0 +1,98 @@
+"""Evaluation of the `llm` job: AlpacaEval-format generations and a judged win rate.
+
+Each evaluation decodes the `eval.prompt_file` instructions with the current
+policy (greedy unless `eval.temperature` > 0) and asks the run's oracle whether
+each answer beats the reference answer: the SFT policy's own generations with
+the same decoding settings, or an AlpacaEval outputs file
+(`eval.reference_outputs`). The win rate and its confidence interval come from
+`alpaca_eval.win_rate`; the generations are AlpacaEval records, so the official
+AlpacaEval 2.0 annotator can score the same files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onpo_jax import sampler as sampler_lib
+from onpo_jax.llm import alpaca_eval
+from onpo_jax.llm.backend import MicroBatchedSampler
+
+
+class Evaluator:
+  """AlpacaEval-format generations and the oracle win rate against a reference.
+
+  The reference is the SFT policy's own generations (same decoding settings)
+  or, with `eval.reference_outputs`, an AlpacaEval outputs file whose
+  instructions must match the prompt file's, in order.
+
+  Args:
+    config: the llm config (`eval`, `data`, `sampling` and `judge` sections).
+    tokenizer: the policy's tokenizer.
+    graphdef: the policy's graphdef.
+    model_config: its DecoderConfig.
+    oracle: the run's oracle (`preference_prob`).
+    eos_ids: token ids that end a response.
+    pad_id: id written after EOS.
+  """
+
+  def __init__(self, config, tokenizer, graphdef, model_config, oracle, *, eos_ids, pad_id):
+    from onpo_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    ec = config.eval
+    instructions, datasets = alpaca_eval.read_instructions(ec.prompt_file)
+    if ec.max_prompts:
+      instructions, datasets = instructions[:ec.max_prompts], datasets[:ec.max_prompts]
+    self.instructions, self.datasets = instructions, datasets
+    records = [data_lib.PromptRecord(id=str(i), messages=(("user", s),), is_chat=False,
+                                     source=f"{ec.prompt_file}:{i}")
+               for i, s in enumerate(instructions)]
+    # Truncation, not dropping: every instruction must get an output.
+    toks, _, _ = data_lib.tokenize_prompts(
+        records, tokenizer, max_prompt_length=int(config.data.max_prompt_length),
+        overlong="truncate", use_chat_template=bool(config.data.use_chat_template))
+    self.prompt_tokens, self.prompt_mask = data_lib.left_pad(
+        toks, int(config.data.max_prompt_length), pad_id)
+    greedy = float(ec.temperature) == 0.0
+    sampling = sampler_lib.SamplingConfig(
+        max_new_tokens=int(ec.max_new_tokens), temperature=1.0 if greedy else float(ec.temperature),
+        greedy=greedy, eos_ids=tuple(eos_ids), pad_id=int(pad_id),
+        prompt_buckets=tuple(config.sampling.prompt_buckets),
+        cache_dtype=config.sampling.cache_dtype)
+    self.sampler = MicroBatchedSampler(
+        sampler_lib.Sampler(graphdef, sampling, model_config=model_config),
+        ec.micro_batch_size, eos_ids)
+    self.tokenizer, self.oracle, self.config = tokenizer, oracle, config
+    self.reference = None  # (tokens, mask, texts)
+
+  def generate(self, params, key):
+    """(tokens [n, N], mask [n, N], texts) of the policy's answers."""
+    out = self.sampler(params, self.prompt_tokens, self.prompt_mask, key)
+    texts = [self.tokenizer.decode(t[m].tolist(), skip_special_tokens=True)
+             for t, m in zip(out.tokens, out.mask)]
+    return out.tokens, out.mask, texts
+
+  def set_reference(self, sft_params, key) -> list[dict] | None:
+    """Fixes the reference outputs; returns the SFT records when they were generated."""
+    ec = self.config.eval
+    if ec.reference_outputs:
+      recs = alpaca_eval.read_outputs(ec.reference_outputs)
+      got = [r["instruction"] for r in recs[:len(self.instructions)]]
+      if got != self.instructions:
+        raise ValueError(f"config.eval.reference_outputs={ec.reference_outputs!r}: its "
+                         "instructions must equal eval.prompt_file's, in the same order")
+      texts = [r["output"] for r in recs[:len(self.instructions)]]
+      tokens, mask = alpaca_eval.encode_outputs(self.tokenizer, texts, int(ec.max_new_tokens))
+      self.reference = (tokens, mask, texts)
+      return None
+    self.reference = self.generate(sft_params, key)
+    return alpaca_eval.make_records(self.instructions, self.reference[2], "sft", self.datasets)
+
+  def evaluate(self, params, key, generator: str):
+    """(AlpacaEval records, WinRate vs the reference, mean response tokens)."""
+    tokens, mask, texts = self.generate(params, key)
+    ref_tokens, ref_mask, _ = self.reference
+    prefs = alpaca_eval.oracle_preferences(
+        self.oracle, self.prompt_tokens, self.prompt_mask, tokens, mask, ref_tokens, ref_mask,
+        micro_batch_size=int(self.config.judge.micro_batch_size))
+    wr = alpaca_eval.win_rate(prefs, float(self.config.eval.confidence))
+    records = alpaca_eval.make_records(self.instructions, texts, generator, self.datasets)
+    return records, wr, float(np.mean(mask.sum(axis=1)))
