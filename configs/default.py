@@ -22,7 +22,12 @@ def get_config(arg=None):
   args = common.parse_arg(arg, tiny=False)
   c = ml_collections.ConfigDict()
   c.experiment = "selfplay"
-  c.seed = 0  # one seed fixes oracle, prompts, SFT data, sampling and minibatch order
+  c.seed = 0  # fixes oracle, prompts, SFT data; seed s of `seeds` derives its own run keys
+  # S: seeds per method. Every reported number is a mean over them with a 95%
+  # t-interval. Sampled rounds: seeds vary the sampling, oracle draws, prompt draws
+  # and minibatch order in one game; exact rounds draw nothing, so there seeds vary
+  # the game (oracle, prompts, SFT start).
+  c.seeds = 5
 
   c.testbed = ml_collections.ConfigDict()
   c.testbed.vocab_size = 4  # V: tokens of prompts and responses (= oracle's vocabulary)
@@ -90,6 +95,19 @@ def get_config(arg=None):
   c.nash_md.alpha = 0.125  # Nash-MD α: mixture weight of π_ref in π_θ^{1−α} π_ref^{α}
   c.nash_md.beta = 0.05  # Nash-MD β: KL(π_θ‖π_ref) coefficient
 
+  # Exact-expectation rounds (docs/testbed.md §8): each round's loss is the exact
+  # expectation over the enumerated responses, solved full-batch by L-BFGS, next to
+  # its tabular shadow (the same game through onpo_jax.tabular's dynamics).
+  c.exact = ml_collections.ConfigDict()
+  c.exact.enabled = True
+  c.exact.methods = ("onpo_two_step", "onpo_extrapolate", "omd", "inpo")
+  c.exact.num_rounds = 16  # T of the exact rounds (slopes are fitted over rounds 1..T)
+  c.exact.tol = 1e-6  # stop a regression when the gradient's global L2 norm is below this
+  c.exact.max_steps = 50  # L-BFGS steps per regression at most
+  c.exact.vocab_size = 2  # the exact world: V = 2, L = 3 (|Y| = 8), 2 prompts, so that the
+  c.exact.response_length = 3  # policy can represent every table and rounds stay cheap
+  c.exact.num_prompts = 2
+
   c.eval = ml_collections.ConfigDict()
   c.eval.nash_reference = True  # solve the per-prompt Nash LP once and report its gap (≈ 0)
 
@@ -118,5 +136,10 @@ def get_config(arg=None):
     c.selfplay.num_samples = 4
     c.selfplay.epochs = 1
     c.selfplay.minibatch_size = 4
+    c.seeds = 2
+    c.exact.methods = ("onpo_two_step", "omd")
+    c.exact.num_rounds = 2
+    c.exact.max_steps = 10
+    c.exact.response_length = 2
     c.log_every_seconds = 0.0
   return c

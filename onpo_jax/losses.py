@@ -46,13 +46,13 @@ def _check_param(name: str, value, *, low=None, high=None, low_inclusive=False,
   if v is None:
     return
   if v.shape != ():
-    raise ValueError(f'{fn}: {name} must be a scalar, got shape {v.shape}')
+    raise ValueError(f"{fn}: {name} must be a scalar, got shape {v.shape}")
   bad_low = low is not None and (v < low if low_inclusive else v <= low)
   bad_high = high is not None and (v > high if high_inclusive else v >= high)
   if bad_low or bad_high or not np.isfinite(v):
-    lo = '' if low is None else f'{low} {"<=" if low_inclusive else "<"} '
-    hi = '' if high is None else f' {"<=" if high_inclusive else "<"} {high}'
-    raise ValueError(f'{fn}: expected {lo}{name}{hi}, got {name}={float(v)}')
+    lo = "" if low is None else f'{low} {"<=" if low_inclusive else "<"} '
+    hi = "" if high is None else f' {"<=" if high_inclusive else "<"} {high}'
+    raise ValueError(f"{fn}: expected {lo}{name}{hi}, got {name}={float(v)}")
 
 
 def _check_same_shape(fn: str, ndim: Optional[int] = 1, **arrays):
@@ -60,14 +60,14 @@ def _check_same_shape(fn: str, ndim: Optional[int] = 1, **arrays):
   first = names[0]
   shape = jnp.shape(arrays[first])
   if ndim is not None and len(shape) != ndim:
-    raise ValueError(f'{fn}: {first} must have {ndim} dim(s), got shape {shape}')
+    raise ValueError(f"{fn}: {first} must have {ndim} dim(s), got shape {shape}")
   for name in names:
     a = arrays[name]
     if jnp.shape(a) != shape:
       raise ValueError(
-          f'{fn}: {name} must have shape {shape} (like {first}), got {jnp.shape(a)}')
+          f"{fn}: {name} must have shape {shape} (like {first}), got {jnp.shape(a)}")
     if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
-      raise ValueError(f'{fn}: {name} must be floating point, got {jnp.result_type(a)}')
+      raise ValueError(f"{fn}: {name} must be floating point, got {jnp.result_type(a)}")
   return shape
 
 
@@ -75,10 +75,10 @@ def _weights(weights, shape, dtype, fn: str) -> jax.Array:
   if weights is None:
     return jnp.ones(shape, dtype)
   if jnp.shape(weights) != tuple(shape):
-    raise ValueError(f'{fn}: weights must have shape {tuple(shape)}, got {jnp.shape(weights)}')
+    raise ValueError(f"{fn}: weights must have shape {tuple(shape)}, got {jnp.shape(weights)}")
   w = _concrete_value(weights)
   if w is not None and np.any(w < 0):
-    raise ValueError(f'{fn}: weights must be >= 0 (0 masks a padded pair)')
+    raise ValueError(f"{fn}: weights must be >= 0 (0 masks a padded pair)")
   return jnp.asarray(weights).astype(dtype)
 
 
@@ -116,12 +116,12 @@ def log_ratio_margin(logp_policy_w, logp_policy_l, logp_anchor_w, logp_anchor_l)
 def _regression(margin, target, w) -> tuple[jax.Array, Metrics]:
   loss = weighted_mean(jnp.square(margin - target), w)
   metrics = {
-      'loss': loss,
-      'margin': weighted_mean(margin, w),
-      'target': jnp.asarray(target, margin.dtype),
-      'frac_past_target': weighted_mean((margin >= target).astype(margin.dtype), w),
-      'accuracy': weighted_mean((margin > 0).astype(margin.dtype), w),
-      'num_pairs': jnp.sum(w),
+      "loss": loss,
+      "margin": weighted_mean(margin, w),
+      "target": jnp.asarray(target, margin.dtype),
+      "frac_past_target": weighted_mean((margin >= target).astype(margin.dtype), w),
+      "accuracy": weighted_mean((margin > 0).astype(margin.dtype), w),
+      "num_pairs": jnp.sum(w),
   }
   return loss, metrics
 
@@ -135,8 +135,8 @@ def _anchored_regression(fn, anchor, logp_policy_w, logp_policy_l, logp_anchor_w
   target is computed only after `value` passed its check (1/(2·0) never runs).
   """
   shape = _check_same_shape(fn, logp_policy_w=logp_policy_w, logp_policy_l=logp_policy_l,
-                            **{f'logp_{anchor}_w': logp_anchor_w,
-                               f'logp_{anchor}_l': logp_anchor_l})
+                            **{f"logp_{anchor}_w": logp_anchor_w,
+                               f"logp_{anchor}_l": logp_anchor_l})
   _check_param(param, value, low=0, fn=fn)
   dt = _dtype(logp_policy_w, logp_policy_l, logp_anchor_w, logp_anchor_l)
   w = _weights(weights, shape, dt, fn)
@@ -172,8 +172,8 @@ def onpo_loss(logp_policy_w, logp_policy_l, logp_aux_w, logp_aux_l, *, eta,
     (loss, metrics) with metrics 'margin' (mean g), 'target', 'frac_past_target',
     'accuracy' (fraction with g > 0), 'num_pairs'.
   """
-  return _anchored_regression('onpo_loss', 'aux', logp_policy_w, logp_policy_l, logp_aux_w,
-                              logp_aux_l, weights, 'eta', eta, lambda e: e / 2)
+  return _anchored_regression("onpo_loss", "aux", logp_policy_w, logp_policy_l, logp_aux_w,
+                              logp_aux_l, weights, "eta", eta, lambda e: e / 2)
 
 
 def omd_loss(logp_policy_w, logp_policy_l, logp_prev_w, logp_prev_l, *, eta_inpo,
@@ -191,8 +191,8 @@ def omd_loss(logp_policy_w, logp_policy_l, logp_prev_w, logp_prev_l, *, eta_inpo
     eta_inpo: INPO's η_I > 0 (its step size is 1/η_I).
     weights: optional [N] pair weights ≥ 0.
   """
-  return _anchored_regression('omd_loss', 'prev', logp_policy_w, logp_policy_l, logp_prev_w,
-                              logp_prev_l, weights, 'eta_inpo', eta_inpo,
+  return _anchored_regression("omd_loss", "prev", logp_policy_w, logp_policy_l, logp_prev_w,
+                              logp_prev_l, weights, "eta_inpo", eta_inpo,
                               lambda e: 1.0 / (2.0 * e))
 
 
@@ -214,16 +214,16 @@ def inpo_loss(logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l, logp_prev_w,
     eta_inpo: INPO's η_I > 0 (paper: 0.005).
     weights: optional [N] pair weights ≥ 0.
   """
-  fn = 'inpo_loss'
+  fn = "inpo_loss"
   shape = _check_same_shape(
       fn, logp_policy_w=logp_policy_w, logp_policy_l=logp_policy_l, logp_ref_w=logp_ref_w,
       logp_ref_l=logp_ref_l, logp_prev_w=logp_prev_w, logp_prev_l=logp_prev_l)
-  _check_param('eta_inpo', eta_inpo, low=0, fn=fn)
-  _check_param('tau', tau, low=0, low_inclusive=True, fn=fn)
+  _check_param("eta_inpo", eta_inpo, low=0, fn=fn)
+  _check_param("tau", tau, low=0, low_inclusive=True, fn=fn)
   tv, ev = _concrete_value(tau), _concrete_value(eta_inpo)
   if tv is not None and ev is not None and not tv < ev:
-    raise ValueError(f'{fn}: expected 0 <= tau < eta_inpo, got tau={float(tv)}, '
-                     f'eta_inpo={float(ev)}')
+    raise ValueError(f"{fn}: expected 0 <= tau < eta_inpo, got tau={float(tv)}, "
+                     f"eta_inpo={float(ev)}")
   dt = _dtype(logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l, logp_prev_w, logp_prev_l)
   w = _weights(weights, shape, dt, fn)
   (logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l, logp_prev_w,
@@ -249,8 +249,8 @@ def ipo_loss(logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l, *, beta,
     beta: β > 0 (target 1/(2β)).
     weights: optional [N] pair weights ≥ 0.
   """
-  return _anchored_regression('ipo_loss', 'ref', logp_policy_w, logp_policy_l, logp_ref_w,
-                              logp_ref_l, weights, 'beta', beta, lambda b: 1.0 / (2.0 * b))
+  return _anchored_regression("ipo_loss", "ref", logp_policy_w, logp_policy_l, logp_ref_w,
+                              logp_ref_l, weights, "beta", beta, lambda b: 1.0 / (2.0 * b))
 
 
 online_ipo_loss = ipo_loss
@@ -277,11 +277,11 @@ def dpo_loss(logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l, *, beta,
     (loss, metrics) with 'margin' (mean L_ref), 'accuracy' (L_ref > 0),
     'reward_w' / 'reward_l' (mean β Δ_ref), 'num_pairs'.
   """
-  fn = 'dpo_loss'
+  fn = "dpo_loss"
   shape = _check_same_shape(fn, logp_policy_w=logp_policy_w, logp_policy_l=logp_policy_l,
                             logp_ref_w=logp_ref_w, logp_ref_l=logp_ref_l)
-  _check_param('beta', beta, low=0, fn=fn)
-  _check_param('label_smoothing', label_smoothing, low=0, high=0.5, low_inclusive=True, fn=fn)
+  _check_param("beta", beta, low=0, fn=fn)
+  _check_param("label_smoothing", label_smoothing, low=0, high=0.5, low_inclusive=True, fn=fn)
   dt = _dtype(logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l)
   w = _weights(weights, shape, dt, fn)
   logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l = _zero_masked(
@@ -291,12 +291,12 @@ def dpo_loss(logp_policy_w, logp_policy_l, logp_ref_w, logp_ref_l, *, beta,
   per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
   loss = weighted_mean(per_pair, w)
   metrics = {
-      'loss': loss,
-      'margin': weighted_mean(margin, w),
-      'accuracy': weighted_mean((margin > 0).astype(dt), w),
-      'reward_w': weighted_mean(beta * (logp_policy_w - logp_ref_w).astype(dt), w),
-      'reward_l': weighted_mean(beta * (logp_policy_l - logp_ref_l).astype(dt), w),
-      'num_pairs': jnp.sum(w),
+      "loss": loss,
+      "margin": weighted_mean(margin, w),
+      "accuracy": weighted_mean((margin > 0).astype(dt), w),
+      "reward_w": weighted_mean(beta * (logp_policy_w - logp_ref_w).astype(dt), w),
+      "reward_l": weighted_mean(beta * (logp_policy_l - logp_ref_l).astype(dt), w),
+      "num_pairs": jnp.sum(w),
   }
   return loss, metrics
 
@@ -320,12 +320,12 @@ def sppo_win_rates(win_matrix: jax.Array, *, include_self: bool = True) -> jax.A
   """
   if win_matrix.ndim != 3 or win_matrix.shape[1] != win_matrix.shape[2]:
     raise ValueError(
-        f'sppo_win_rates: win_matrix must have shape [P, K, K], got {win_matrix.shape}')
+        f"sppo_win_rates: win_matrix must have shape [P, K, K], got {win_matrix.shape}")
   k = win_matrix.shape[-1]
   if include_self:
     return jnp.mean(win_matrix, axis=-1)
   if k < 2:
-    raise ValueError('sppo_win_rates: include_self=False needs K >= 2 samples per prompt')
+    raise ValueError("sppo_win_rates: include_self=False needs K >= 2 samples per prompt")
   off_diag = jnp.sum(win_matrix, axis=-1) - jnp.diagonal(win_matrix, axis1=-2, axis2=-1)
   return off_diag / (k - 1)
 
@@ -346,10 +346,10 @@ def sppo_loss(logp_policy, logp_prev, win_rate, *, beta,
     beta: SPPO's β > 0 (= 1/η of the SPPO paper).
     weights: optional [...] sample weights ≥ 0.
   """
-  fn = 'sppo_loss'
+  fn = "sppo_loss"
   shape = _check_same_shape(fn, ndim=None, logp_policy=logp_policy, logp_prev=logp_prev,
                             win_rate=win_rate)
-  _check_param('beta', beta, low=0, fn=fn)
+  _check_param("beta", beta, low=0, fn=fn)
   dt = _dtype(logp_policy, logp_prev, win_rate)
   w = _weights(weights, shape, dt, fn)
   logp_policy, logp_prev, win_rate = _zero_masked(w, logp_policy, *_sg(logp_prev, win_rate))
@@ -357,11 +357,11 @@ def sppo_loss(logp_policy, logp_prev, win_rate, *, beta,
   target = ((win_rate - 0.5) / beta).astype(dt)
   loss = weighted_mean(jnp.square(delta - target), w)
   metrics = {
-      'loss': loss,
-      'log_ratio': weighted_mean(delta, w),
-      'target': weighted_mean(target, w),
-      'win_rate': weighted_mean(win_rate.astype(dt), w),
-      'num_samples': jnp.sum(w),
+      "loss": loss,
+      "log_ratio": weighted_mean(delta, w),
+      "target": weighted_mean(target, w),
+      "win_rate": weighted_mean(win_rate.astype(dt), w),
+      "num_samples": jnp.sum(w),
   }
   return loss, metrics
 
@@ -376,7 +376,7 @@ def sppo_pair_loss(logp_policy_w, logp_policy_l, logp_prev_w, logp_prev_l, win_r
     beta: SPPO's β > 0.
     weights: optional [N] pair weights ≥ 0.
   """
-  fn = 'sppo_pair_loss'
+  fn = "sppo_pair_loss"
   shape = _check_same_shape(fn, logp_policy_w=logp_policy_w, logp_policy_l=logp_policy_l,
                             logp_prev_w=logp_prev_w, logp_prev_l=logp_prev_l,
                             win_rate_w=win_rate_w, win_rate_l=win_rate_l)
@@ -410,10 +410,10 @@ def nash_md_loss(logp_policy, logp_ref, preference, *, beta,
     beta: KL coefficient β ≥ 0.
     weights: optional [N] sample weights ≥ 0.
   """
-  fn = 'nash_md_loss'
+  fn = "nash_md_loss"
   shape = _check_same_shape(fn, logp_policy=logp_policy, logp_ref=logp_ref,
                             preference=preference)
-  _check_param('beta', beta, low=0, low_inclusive=True, fn=fn)
+  _check_param("beta", beta, low=0, low_inclusive=True, fn=fn)
   dt = _dtype(logp_policy, logp_ref, preference)
   w = _weights(weights, shape, dt, fn)
   logp_policy, logp_ref, preference = _zero_masked(
@@ -423,9 +423,9 @@ def nash_md_loss(logp_policy, logp_ref, preference, *, beta,
   per_sample = (beta * log_ratio - advantage) * logp_policy.astype(dt)
   loss = weighted_mean(per_sample, w)
   metrics = {
-      'loss': loss,
-      'kl': weighted_mean(log_ratio, w),
-      'preference': weighted_mean(preference.astype(dt), w),
-      'num_samples': jnp.sum(w),
+      "loss": loss,
+      "kl": weighted_mean(log_ratio, w),
+      "preference": weighted_mean(preference.astype(dt), w),
+      "num_samples": jnp.sum(w),
   }
   return loss, metrics

@@ -76,8 +76,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-VARIANTS = ('two_step', 'extrapolate')
-INIT_FROM = ('anchor', 'policy')
+VARIANTS = ("two_step", "extrapolate")
+INIT_FROM = ("anchor", "policy")
 AUX_PHASE = 0
 POLICY_PHASE = 1
 
@@ -128,8 +128,8 @@ def _tree_sub(a, b):
   return jax.tree.map(lambda x, y: x - y, a, b)
 
 
-def onpo_step(inner: optax.GradientTransformation, *, variant: str = 'two_step',
-              init_from: str = 'anchor',
+def onpo_step(inner: optax.GradientTransformation, *, variant: str = "two_step",
+              init_from: str = "anchor",
               reset_inner_state: bool = True) -> optax.GradientTransformationExtraArgs:
   """ONPO's optimistic two-sequence update around an inner optimizer.
 
@@ -151,11 +151,11 @@ def onpo_step(inner: optax.GradientTransformation, *, variant: str = 'two_step',
     ValueError: unknown `variant` or `init_from`.
   """
   if variant not in VARIANTS:
-    raise ValueError(f'onpo_step: variant must be one of {VARIANTS}, got {variant!r}')
+    raise ValueError(f"onpo_step: variant must be one of {VARIANTS}, got {variant!r}")
   if init_from not in INIT_FROM:
-    raise ValueError(f'onpo_step: init_from must be one of {INIT_FROM}, got {init_from!r}')
+    raise ValueError(f"onpo_step: init_from must be one of {INIT_FROM}, got {init_from!r}")
   inner = optax.with_extra_args_support(inner)
-  keep_snapshot = variant == 'two_step' and init_from == 'policy'
+  keep_snapshot = variant == "two_step" and init_from == "policy"
 
   def init_fn(params):
     # Own buffers: params and state may be donated to the train step separately.
@@ -176,9 +176,9 @@ def onpo_step(inner: optax.GradientTransformation, *, variant: str = 'two_step',
     del grads, extra
     is_aux = state.phase == AUX_PHASE
     snapshot = state.policy_snapshot
-    if init_from == 'anchor':
+    if init_from == "anchor":
       target = state.aux_params
-    elif variant == 'extrapolate':
+    elif variant == "extrapolate":
       target = params
     else:  # two_step from the policy: π_t at both BEGINs of the round.
       target = _select(is_aux, params, snapshot)
@@ -190,7 +190,7 @@ def onpo_step(inner: optax.GradientTransformation, *, variant: str = 'two_step',
 
   def end_branch(grads, state, params, extra):
     del grads, extra
-    if variant == 'extrapolate':
+    if variant == "extrapolate":
       # params' = 2·π'_{t+1} − π'_t, written as an update params − π'_t.
       updates = _tree_sub(params, state.aux_params)
       new_state = state._replace(aux_params=params, round=state.round + 1)
@@ -205,11 +205,11 @@ def onpo_step(inner: optax.GradientTransformation, *, variant: str = 'two_step',
 
   def update_fn(grads, state, params=None, *, event=OnpoEvent.STEP, **extra_args):
     if params is None:
-      raise ValueError('onpo_step: update needs params (the current policy parameters)')
+      raise ValueError("onpo_step: update needs params (the current policy parameters)")
     fns = (step_branch, begin_branch, end_branch)
     if not isinstance(event, jax.core.Tracer):
       if int(event) not in tuple(OnpoEvent):
-        raise ValueError(f'onpo_step: event must be one of {list(OnpoEvent)}, got {event!r}')
+        raise ValueError(f"onpo_step: event must be one of {list(OnpoEvent)}, got {event!r}")
       # A concrete event picks its branch at trace time: transitions then need
       # no inner extra args (e.g. LBFGS's value_fn).
       return fns[int(event)](grads, state, params, extra_args)

@@ -27,7 +27,7 @@ PROMPT_LEN = 7
 NEW_TOKENS = 6
 
 
-@pytest.fixture(scope='module', params=tiny_hf.FAMILIES)
+@pytest.fixture(scope="module", params=tiny_hf.FAMILIES)
 def pair(request, tmp_path_factory):
   path = tiny_hf.make_tiny_checkpoint(
       tmp_path_factory.mktemp(request.param), request.param, seed=1)
@@ -59,7 +59,7 @@ def test_logits_parity_left_padded(pair):
              position_ids=torch.tensor(pos).long()).logits.numpy()
   tolerances.assert_close_rel(ours, ref, mask=mask,
                               rtol=tolerances.DECODER_RTOL,
-                              what=f'{family} logits')
+                              what=f"{family} logits")
   # The test can fail: logits are far from constant.
   assert np.abs(ref[mask]).max() > 1.0
 
@@ -112,6 +112,6 @@ def test_greedy_generation_matches_hf_generate(pair):
     live = ~np.isin(ref[:, :t], model.config.eos_token_ids).any(1)
     tolerances.assert_close_rel(our_logits[live, t], ref_logits[live, t],
                                 rtol=tolerances.DECODER_RTOL,
-                                what=f'{family} decode step {t}')
+                                what=f"{family} decode step {t}")
   # The generated tokens are not trivially constant.
   assert len(np.unique(ref)) > 2

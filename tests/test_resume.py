@@ -24,6 +24,7 @@ def get_config(arg=None):
   c = default.get_config("tiny")
   c.selfplay.methods = ("onpo_two_step", "sppo", "nash_md")
   c.selfplay.num_rounds = 2
+  c.exact.methods = ("onpo_two_step",)
   c.compilation_cache_dir = {cache!r}
   return c
 """
@@ -74,8 +75,9 @@ def test_sigkill_and_resume_gives_identical_results(tmp_path, config_path):
                           stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 900
-    # Kill after the second complete checkpoint (SFT and one self-play round),
-    # i.e. in the middle of the self-play loop.
+    # Kill after the second complete checkpoint (SFT and one trajectory), i.e. in
+    # the middle of the self-play loop (9 units: SFT, 2 seeds x 3 sampled methods,
+    # 2 seeds x 1 exact method).
     while len(_steps(killed)) < 2 or max(_steps(killed)) < 2:
       assert proc.poll() is None, "run ended before it could be killed"
       assert time.time() < deadline, "no checkpoint appeared"
@@ -84,7 +86,7 @@ def test_sigkill_and_resume_gives_identical_results(tmp_path, config_path):
   finally:
     proc.wait(timeout=60)
   last = max(_steps(killed))
-  assert last < 7, "the run finished before the kill; nothing was resumed"
+  assert last < 9, "the run finished before the kill; nothing was resumed"
   assert not os.path.exists(os.path.join(killed, "summary.json"))
 
   resumed = subprocess.run(_cmd(config_path, killed), cwd=REPO, capture_output=True, text=True,

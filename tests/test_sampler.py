@@ -512,7 +512,7 @@ def test_mixture_per_token_logprobs_match_numpy(policy, reference, mixture):
 
 def test_mixture_frequencies_chi_square(policy, reference):
   alpha, n = 0.3, 4096  # asymmetric: swapping the two models must fail
-  (pm, pcfg), (rm, rcfg) = policy, reference
+  (pm, _), (rm, _) = policy, reference
   config = sampler_lib.SamplingConfig(max_new_tokens=2, prompt_buckets=(4,))
   out = sampler_lib.sample_mixture(pm, rm, np.full((n, 2), [4, 1]), np.ones((n, 2), bool),
                                    jax.random.key(8), alpha=alpha, sampling_config=config)

@@ -197,9 +197,9 @@ def test_tiny_llm_configs_start_at_zero_margin(world):
   cfg, w = world
   for model in ("llama3_8b", "mistral_7b"):
     for method in llm_common.PAPER_METHODS:
-      c = llm_common.paper_config(model, method, "tiny")
+      c = llm_common.paper_config(model, method, tiny=True)
       assert c.ref.dtype == c.policy.param_dtype, (model, method)
-  c = llm_common.paper_config("llama3_8b", "inpo", "tiny")
+  c = llm_common.paper_config("llama3_8b", "inpo", tiny=True)
   params = w.init_params
   ref = jax.tree.map(lambda x: x.astype(jnp.dtype(c.ref.dtype)), params)
   tb = _testbed_backend(cfg, w)

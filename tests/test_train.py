@@ -74,21 +74,67 @@ def test_smoke_writes_every_output_with_finite_metrics(smoke):
   assert any(n.startswith("events") for n in os.listdir(os.path.join(workdir, "tb")))
   assert os.listdir(os.path.join(workdir, "checkpoints"))
   lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert [l["unit"] for l in lines] == list(range(1, 2 + t * len(methods)))
-  for line in lines[1:]:
+  # Unit 1 = SFT, then one trajectory per (seed, method), sampled then exact; the per-round
+  # lines of a trajectory carry its unit; the mean curves come last, past every unit.
+  units = 1 + cfg.seeds * (len(methods) + len(cfg.exact.methods))
+  assert sorted({l["unit"] for l in lines}) == list(range(1, units + 2))
+  for line in lines:
     assert all(v is not None and math.isfinite(v) for v in line.values()), line
-    method = next(k.split("/")[0] for k in line if "/" in k)
-    for key in ("gap", "win_rate_vs_sft", "mass", "oracle_queries", "sample_tokens_per_s",
-                "train_tokens_per_s"):
-      assert f"{method}/{key}" in line, (method, key)
-    # ONPO-extrapolate has one (auxiliary) regression per round; the others a policy one.
-    phase = "aux" if method == "onpo_extrapolate" else "policy"
-    for key in ("l2_grads", "l2_params", "l2_updates", "loss"):
-      assert f"{method}/{phase}/{key}" in line, (method, key)
-    # Vocabulary = response vocabulary: the exact distribution sums to 1.
-    assert abs(line[f"{method}/mass"] - 1.0) < 1e-4
-  onpo = [l for l in lines if "onpo_two_step/aux/loss" in l]
-  assert len(onpo) == t and all("onpo_two_step/policy/loss" in l for l in onpo)
+  for s in range(cfg.seeds):
+    for method in methods:
+      prefix = f"sampled/{method}/seed{s}/"
+      rows = [l for l in lines if prefix + "gap" in l]
+      assert len(rows) == t, (method, s)
+      for line in rows:
+        for key in ("gap", "avg_gap", "win_rate_vs_sft", "mass", "oracle_queries",
+                    "sample_tokens_per_s", "train_tokens_per_s"):
+          assert prefix + key in line, (method, key)
+        # ONPO-extrapolate has one (auxiliary) regression per round; the others a policy one.
+        phase = "aux" if method == "onpo_extrapolate" else "policy"
+        for key in ("l2_grads", "l2_params", "l2_updates", "loss"):
+          assert f"{prefix}{phase}/{key}" in line, (method, key)
+        # Vocabulary = response vocabulary: the exact distribution sums to 1.
+        assert abs(line[prefix + "mass"] - 1.0) < 1e-4
+      if method == "onpo_two_step":
+        assert all(prefix + "policy/loss" in l and prefix + "aux/loss" in l for l in rows)
+    for method in cfg.exact.methods:
+      rows = [l for l in lines if f"exact/{method}/seed{s}/tracking_kl" in l]
+      assert len(rows) == cfg.exact.num_rounds, (method, s)
+
+
+def test_summary_gives_means_intervals_tests_and_exact_shadows(smoke):
+  workdir, summary = smoke
+  cfg = default_config.get_config("tiny")
+  t, te = cfg.selfplay.num_rounds, cfg.exact.num_rounds
+  assert summary["seeds"] == cfg.seeds
+  for m, e in summary["sampled"].items():
+    assert e["seeds"] == cfg.seeds
+    for key in ("gap", "avg_gap", "win_rate"):
+      assert len(e[f"{key}_mean"]) == len(e[f"{key}_ci95"]) == t + 1, (m, key)
+      assert all(h >= 0 for h in e[f"{key}_ci95"])
+    assert e["gap_mean"] == summary["gap"][m]
+    q = e["oracle_queries"]
+    assert q[0] == 0 and all(b > a for a, b in zip(q, q[1:])), (m, q)
+  # Every method shares the SFT start: round 0 has no spread.
+  assert all(e["gap_ci95"][0] == 0 for e in summary["sampled"].values())
+  ref = cfg.selfplay.methods[0]
+  comp = summary["sampled_comparisons"]["gap"]
+  assert set(comp) == set(cfg.selfplay.methods) - {ref}
+  for d in comp.values():
+    assert d["low"] <= d["diff"] <= d["high"] and 0 <= d["p_value"] <= 1
+    assert d["supported"] == (d["low"] > 0 or d["high"] < 0)
+  assert set(summary["exact"]) == set(cfg.exact.methods)
+  for m, e in summary["exact"].items():
+    for key in ("gap", "avg_gap", "tracking_kl", "shadow_gap", "shadow_avg_gap"):
+      assert len(e[f"{key}_mean"]) == te + 1, (m, key)
+    assert e["tracking_kl_mean"][0] == 0.0  # both start at the same SFT table
+    assert all(k >= 0 for k in e["tracking_kl_mean"])
+    for key in ("slope_avg", "slope_last", "shadow_slope_avg"):
+      assert math.isfinite(e[key]["mean"]) and e[key]["ci95"] >= 0
+  for name in ("gap_vs_round.png", "gap_vs_queries.png", "win_rate_vs_queries.png",
+               "exact_avg_gap_loglog.png", "exact_gap_loglog.png"):
+    with open(os.path.join(workdir, name), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_finished_run_does_nothing(smoke, capsys, cache_dir):
@@ -132,6 +178,11 @@ def test_non_finite_loss_stops_the_run(tmp_path, cache_dir):
     ("nash_md.alpha", 1.5, r"config\.nash_md\.alpha"),
     ("selfplay.logp_reduction", "max", r"config\.selfplay\.logp_reduction"),
     ("testbed.response_length", 9, r"config\.testbed\.response_length"),
+    ("seeds", 1, r"config\.seeds"),
+    ("exact.methods", ("sppo",), r"config\.exact\.methods"),
+    ("exact.tol", 0.0, r"config\.exact\.tol"),
+    ("exact.response_length", 20, r"config\.exact\.response_length"),
+    ("selfplay.tournament_mode", "coin", r"config\.selfplay\.tournament_mode"),
 ])
 def test_bad_config_names_the_field(tmp_path, field, value, match):
   cfg = tiny("", **{field: value})

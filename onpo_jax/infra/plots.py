@@ -89,3 +89,32 @@ def heatmap(matrix, labels: Sequence[str], path: str, title: str = "", *, vmin: 
   fig.colorbar(im, ax=ax)
   ax.set_title(title)
   return _save(fig, path)
+
+
+def band_plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+              path: str, title: str = "", xlabel: str = "", ylabel: str = "", *,
+              logx: bool = False, logy: bool = False) -> str:
+  """Mean curves with a shaded interval: name -> (x, mean, half-width); returns the PNG path."""
+  fig = _new_figure()
+  ax = fig.add_subplot(1, 1, 1)
+  for name, (x, mean, half) in curves.items():
+    x, mean, half = (np.asarray(v, float) for v in (x, mean, half))
+    if not x.shape == mean.shape == half.shape or x.ndim != 1:
+      raise ValueError(f"curve {name!r}: x, mean and half-width must be 1-D of one length")
+    keep = np.ones_like(x, bool)
+    if logx:
+      keep &= x > 0
+    if logy:
+      keep &= mean > 0
+    x, mean, half = x[keep], mean[keep], half[keep]
+    (line,) = ax.plot(x, mean, label=name)
+    low = np.maximum(mean - half, mean * 1e-3) if logy else mean - half
+    ax.fill_between(x, low, mean + half, color=line.get_color(), alpha=0.2, linewidth=0)
+  ax.set_xscale("log" if logx else "linear")
+  ax.set_yscale("log" if logy else "linear")
+  ax.set_title(title)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize="small")
+  return _save(fig, path)

@@ -7,7 +7,7 @@ table log π(y | x) [C, |Y|] (`evaluation.policy_table`), and the oracle's full
 matrix P[c, y, y'] is known. This module writes each method's expected loss in
 matrix form *through the method table's own loss* (`selfplay.methods.METHODS`),
 so the neural code path is the one the sampled mode uses; only the examples and
-their probability weights change (docs/algorithm.md, §3 "practical algorithm").
+their probability weights change (docs/algorithm.md §3).
 
 Pair methods (ONPO, OMD, INPO, DPO, online IPO). A λ_p pair is drawn from
 π_t × π_t and ordered by the oracle, so the ordered pair (y_w, y_l) = (y, y')

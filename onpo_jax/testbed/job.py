@@ -1,25 +1,31 @@
-"""The main job: SFT, then T self-play rounds of every method, with exact evaluation.
+"""The main job: ONPO and its baselines on the exact-evaluation testbed, over seeds.
 
     python -m experiments.run --config=configs/default.py --workdir=runs/default
 
 `run(config, workdir)` (registered as experiment 'selfplay'):
-  1. builds the testbed (`onpo_jax.testbed.env`): C prompts, all |Y| = V^L
-     responses, the synthetic oracle (`onpo_jax.oracles`) and its full preference
-     matrix [C, |Y|, |Y|], and the per-prompt exact Nash (LP) for reference;
-  2. SFT: maximum likelihood on samples of the start distribution μ;
-  3. for each round t = 1..T and each method (`onpo_jax.selfplay.methods.METHODS`):
-     one round on the self-play engine with the testbed backend
-     (`onpo_jax.testbed.backend`), then the exact duality gap and win rate vs
-     SFT of the new policy;
-     metrics go to `workdir/metrics.jsonl` and TensorBoard (`workdir/tb`), and an
-     orbax checkpoint of everything a resume needs goes to `workdir/checkpoints`;
-  4. at the end: the head-to-head win-rate matrix of the final policies,
-     `summary.json`, `gap_vs_round.png`, `win_rate_matrix.png`.
+  1. builds the testbed world (`onpo_jax.testbed.world`): C prompts, all
+     |Y| = V^L responses, the synthetic oracle and its full preference matrix
+     [C, |Y|, |Y|], the per-prompt exact Nash (LP) for reference; then SFT
+     (unit 1), the start of every method;
+  2. sampled rounds: for each of `seeds` seeds and each method, T rounds on the
+     self-play engine with the testbed backend (sampling, oracle, pairs,
+     losses, `onpo_step`), with the exact gap, average-iterate gap, win rate vs
+     SFT and cumulative oracle queries after every round
+     (`trajectories.sampled`);
+  3. exact rounds (`config.exact`): for each seed (a game of its own) and each
+     method, T rounds whose loss is the exact expectation over the enumerated
+     responses, solved full batch, next to the tabular shadow of the same game
+     (`trajectories.ExactRounds`);
+  4. at the end: means and 95% intervals over seeds, fitted log-log slopes,
+     Welch tests of ONPO against each method (`report`), `summary.json`,
+     PNGs (gap vs round and vs oracle queries with interval bands, exact
+     log-log curves with their shadows, the win-rate matrix) and TensorBoard.
 
-Units of work are numbered: unit 1 = SFT, unit 1 + t·M + m + 1 = round t + 1 of
-method m (M methods). Checkpoints, resume and progress lines come from
-`onpo_jax.selfplay.loop.UnitLoop`; all randomness is derived from the seed, the
-round and the method, and the run key is also checkpointed.
+One unit of work is one trajectory (a method's T rounds for one seed): after
+each the loop (`onpo_jax.selfplay.loop.UnitLoop`) writes metrics and an orbax
+checkpoint of the per-seed results, so a killed run resumes after its last
+finished trajectory and ends with the same summary. All randomness derives from
+`config.seed`, the seed index, the round and the method.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ from onpo_jax.selfplay import loop as loop_lib
 from onpo_jax.selfplay import methods as methods_lib
 from onpo_jax.selfplay.engine import Engine
 from onpo_jax.testbed import evaluation
+from onpo_jax.testbed import report
+from onpo_jax.testbed import shadow
+from onpo_jax.testbed import trajectories
 from onpo_jax.testbed.backend import TestbedBackend
 from onpo_jax.testbed.world import sft_fit
 from onpo_jax.testbed.world import Testbed
@@ -100,91 +109,164 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f">= prompt_length + response_length = {tb.prompt_length + tb.response_length}",
         mc.max_position_embeddings)
   _need(tb.vocab_size ** tb.response_length <= MAX_RESPONSES, "testbed.response_length",
-        f"V^L <= {MAX_RESPONSES} responses for exact evaluation (V = {tb.vocab_size})",
+        f"V^L <= {MAX_RESPONSES} responses for exact evaluation (V = {tb.vocab_size}; "
+        f"the exact tables and P[C, |Y|, |Y|] would need "
+        f"{4 * tb.num_prompts * (tb.vocab_size ** tb.response_length) ** 2 / 2**30:.1f} GiB)",
         tb.response_length)
+  _need(isinstance(config.seeds, int) and config.seeds >= 2, "seeds",
+        "an integer >= 2 (a mean over seeds with a 95% interval needs two)", config.seeds)
+  ex = config.exact
+  if ex.enabled:
+    _need(len(ex.methods) >= 1 and all(m in shadow.SHADOW_METHODS for m in ex.methods),
+          "exact.methods", f"a non-empty tuple of {shadow.SHADOW_METHODS}", tuple(ex.methods))
+    for field in ("num_rounds", "max_steps", "vocab_size", "response_length", "num_prompts"):
+      _need(isinstance(ex[field], int) and ex[field] >= 1, f"exact.{field}", "an integer >= 1",
+            ex[field])
+    _need(ex.tol > 0, "exact.tol", "a gradient-norm tolerance > 0", ex.tol)
+    _need(ex.vocab_size ** ex.response_length <= MAX_RESPONSES, "exact.response_length",
+          f"V^L <= {MAX_RESPONSES} enumerable responses", ex.response_length)
 
 
-def _finalize(config, setup, state, methods, workdir) -> dict:
-  """Win-rate matrix, summary.json and the two PNGs."""
-  t_rounds = int(config.selfplay.num_rounds)
-  names = ["sft"] + list(methods)
-  tables = jnp.concatenate([state["sft_table"][None], state["tables"]])
-  wr = np.asarray(evaluation.win_rate_matrix(setup.pref, tables), np.float64)
-  gap = np.asarray(state["history"]["gap"], np.float64)
-  win = np.asarray(state["history"]["win_rate_vs_sft"], np.float64)
-  summary = {
-      "methods": list(methods),
-      "gap": {m: gap[i].tolist() for i, m in enumerate(methods)},
-      "win_rate_vs_sft": {m: win[i].tolist() for i, m in enumerate(methods)},
-      "oracle_queries": {m: float(q) for m, q in zip(methods, np.asarray(
-          state["history"]["oracle_queries"]))},
-      "win_rate_matrix": {"labels": names, "matrix": wr.tolist()},
-      "sft_gap": float(gap[0, 0]),
-      "nash_gap": float(state["nash_gap"]),
+def exact_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+  """The config of seed `seed`'s exact-mode world: the `exact` sizes, its own game."""
+  c = config.copy_and_resolve_references()
+  ex = config.exact
+  c.seed = int(config.seed) + 1 + seed  # exact rounds draw nothing: seeds vary the game
+  c.testbed.vocab_size = c.oracle.vocab_size = c.model.vocab_size = ex.vocab_size
+  c.testbed.response_length = ex.response_length
+  c.testbed.num_prompts = ex.num_prompts
+  c.selfplay.methods = tuple(ex.methods)
+  return c
+
+
+def _sft_start(config, world: Testbed) -> trajectories.Start:
+  params, _ = sft_fit(world.graphdef, world.init_params, world.prompt_tokens, world.prompt_mask,
+                      world.responses, world.logp_start, world.k_sft,
+                      num_steps=config.sft.num_steps, batch_size=config.sft.batch_size,
+                      learning_rate=config.sft.learning_rate)
+  return trajectories.Start(world, params, world.table_fn(params))
+
+
+def _units(config) -> list[tuple[str, int, int]]:
+  """(part, seed, method index) of every trajectory, after unit 1 (the SFT)."""
+  seeds = range(int(config.seeds))
+  units = [("sampled", s, mi) for s in seeds for mi in range(len(config.selfplay.methods))]
+  if config.exact.enabled:
+    units += [("exact", s, mi) for s in seeds for mi in range(len(config.exact.methods))]
+  return units
+
+
+SAMPLED_KEYS = ("gap", "avg_gap", "win_rate_vs_sft", "oracle_queries")
+EXACT_KEYS = ("gap", "avg_gap", "win_rate_vs_sft", "shadow_gap", "shadow_avg_gap",
+              "tracking_kl")
+EXACT_ROUND_KEYS = ("residual", "grad_norm", "steps")
+
+
+def _initial_state(config, world: Testbed) -> dict:
+  """The checkpointed state of a run before SFT (shapes fixed by the config)."""
+  s, m, t = int(config.seeds), len(config.selfplay.methods), int(config.selfplay.num_rounds)
+  n_y, c = world.responses.shape[0], world.prompt_tokens.shape[0]
+  state = {
+      "sft_params": world.init_params,
+      "sft_table": jnp.zeros((c, n_y), jnp.float32),
+      "sampled": {k: np.zeros((s, m, t + 1)) for k in SAMPLED_KEYS},
+      "final_tables": np.zeros((s, m, c, n_y), np.float32),
+      "nash_gap": np.zeros((), np.float32),
   }
-  rows = [[m] + [gap[i, t] for t in range(t_rounds + 1)] for i, m in enumerate(methods)]
-  print("\nExact duality gap per round (round 0 = SFT):")
-  print(metrics_lib.format_table(rows, ["method"] + [f"t={t}" for t in range(t_rounds + 1)]))
-  print("\nHead-to-head win rate J(row, column) of the final policies:")
+  if config.exact.enabled:
+    me, te = len(config.exact.methods), int(config.exact.num_rounds)
+    state["exact"] = {k: np.zeros((s, me, te + 1)) for k in EXACT_KEYS}
+    state["exact"].update({k: np.zeros((s, me, te)) for k in EXACT_ROUND_KEYS})
+  return state
+
+
+def _write_curves(writer, part: str, per_method: dict, after_unit: int) -> None:
+  """The mean and interval curves as metrics (TensorBoard), one step per round.
+
+  Tagged with a unit past the last trajectory, so a resume drops and redoes them.
+  """
+  num = len(next(iter(per_method.values()))["gap_mean"])
+  for t in range(num):
+    writer.write(t, {f"{part}/{m}/{k}": float(v[t]) for m, e in per_method.items()
+                     for k, v in e.items() if isinstance(v, list) and len(v) == num}
+                 | {"unit": after_unit + 1})
+
+
+def _finalize(config, world: Testbed, state: dict, workdir: str, writer, total_units: int
+              ) -> dict:
+  """summary.json content, printed tables, PNGs and the curves in TensorBoard."""
+  methods = list(config.selfplay.methods)
+  t_rounds = int(config.selfplay.num_rounds)
+  sampled = state["sampled"]
+  per_method = report.curves(sampled, methods, SAMPLED_KEYS)
+  for m, e in per_method.items():  # the budget axis: cumulative oracle queries per round
+    e["oracle_queries"] = e.pop("oracle_queries_mean")
+    del e["oracle_queries_ci95"]
+  names = ["sft"] + methods
+  wr = np.mean([np.asarray(evaluation.win_rate_matrix(world.pref, jnp.concatenate(
+      [state["sft_table"][None], jnp.asarray(state["final_tables"][s])])))
+                for s in range(int(config.seeds))], axis=0)
+  summary = {
+      "seeds": int(config.seeds),
+      "methods": methods,
+      "gap": {m: e["gap_mean"] for m, e in per_method.items()},
+      "win_rate_vs_sft": {m: e["win_rate_mean"] for m, e in per_method.items()},
+      "oracle_queries": {m: e["oracle_queries"][-1] for m, e in per_method.items()},
+      "win_rate_matrix": {"labels": names, "matrix": wr.tolist()},
+      "sft_gap": float(sampled["gap"][0, 0, 0]),
+      "nash_gap": float(state["nash_gap"]),
+      "sampled": per_method,
+      "sampled_comparisons": {
+          "gap": report.comparisons(sampled, methods, "gap", methods[0]),
+          "win_rate_vs_sft": report.comparisons(sampled, methods, "win_rate_vs_sft", methods[0])},
+  }
+  rounds = sorted({0, t_rounds // 2, t_rounds})
+  report.print_table(f"Sampled rounds, exact duality gap (mean ± 95% CI over {config.seeds} "
+                     "seeds):", per_method, "gap", rounds)
+  report.print_table("Sampled rounds, win rate vs SFT:", per_method, "win_rate", rounds)
+  print("\nFinal gap, " + methods[0] + " vs each method (Welch t-test, 95%):")
+  print("\n".join(report.describe(summary["sampled_comparisons"]["gap"], "gap", methods[0])))
+  print("\nHead-to-head win rate J(row, column) of the final policies (mean over seeds):")
   print(metrics_lib.format_table([[names[i]] + list(wr[i]) for i in range(len(names))],
                                  ["policy"] + names))
-  xs = list(range(t_rounds + 1))
-  plots.line_plot({m: (xs, gap[i].tolist()) for i, m in enumerate(methods)},
-                  os.path.join(workdir, "gap_vs_round.png"), "exact duality gap", "round",
-                  "duality gap")
+  report.plot_sampled(per_method, workdir)
+  _write_curves(writer, "sampled", per_method, total_units)
   plots.heatmap(wr, names, os.path.join(workdir, "win_rate_matrix.png"),
-                "win rate J(row, column)")
+                "win rate J(row, column), mean over seeds")
+  if config.exact.enabled:
+    ex_methods = list(config.exact.methods)
+    exact_arrays = state["exact"]
+    per_exact = report.curves(exact_arrays, ex_methods, EXACT_KEYS)
+    avg_slopes = report.slopes(exact_arrays, ex_methods, "avg_gap")
+    last_slopes = report.slopes(exact_arrays, ex_methods, "gap")
+    for i, m in enumerate(ex_methods):
+      e = per_exact[m]
+      e["slope_avg"], e["slope_last"] = avg_slopes[m], last_slopes[m]
+      e["shadow_slope_avg"] = report.slopes(exact_arrays, ex_methods, "shadow_avg_gap")[m]
+      for k in EXACT_ROUND_KEYS:
+        e[f"{k}_max"] = float(np.max(exact_arrays[k][:, i]))
+    summary["exact"] = per_exact
+    summary["exact_comparisons"] = {
+        "avg_gap": report.comparisons(exact_arrays, ex_methods, "avg_gap", ex_methods[0])}
+    te = int(config.exact.num_rounds)
+    report.print_table(f"Exact rounds (|Y| = {config.exact.vocab_size ** config.exact.response_length}"
+                       f", {config.exact.num_prompts} prompts, a game per seed), average-iterate "
+                       "gap:", per_exact, "avg_gap", sorted({1, te // 2, te}))
+    report.print_table("Exact rounds, KL(neural ‖ tabular shadow):", per_exact, "tracking_kl",
+                       sorted({1, te // 2, te}))
+    print("\nExact rounds, fitted log-log slopes over rounds 1..T (mean ± 95% CI):")
+    print(metrics_lib.format_table(
+        [[m, f"{e['slope_avg']['mean']:.3f} ± {e['slope_avg']['ci95']:.3f}",
+          f"{e['shadow_slope_avg']['mean']:.3f} ± {e['shadow_slope_avg']['ci95']:.3f}",
+          f"{e['slope_last']['mean']:.3f} ± {e['slope_last']['ci95']:.3f}",
+          f"{e['residual_max']:.2e}"] for m, e in per_exact.items()],
+        ["method", "slope avg (neural)", "slope avg (tabular)", "slope last (neural)",
+         "max residual"]))
+    print("\n".join(report.describe(summary["exact_comparisons"]["avg_gap"], "avg_gap",
+                                    ex_methods[0])))
+    report.plot_exact(per_exact, workdir)
+    _write_curves(writer, "exact", per_exact, total_units)
   return summary
-
-
-def _initial_state(setup: Testbed, engine: Engine, methods, t_rounds: int) -> dict:
-  """The checkpointed state of a run before SFT (shapes fixed by the config)."""
-  num_m = len(methods)
-  n_y, c = setup.responses.shape[0], setup.prompt_tokens.shape[0]
-  return {
-      "sft_params": setup.init_params,
-      "methods": {m: engine.init_state(m, setup.init_params) for m in methods},
-      "sft_table": jnp.zeros((c, n_y), jnp.float32),
-      "tables": jnp.zeros((num_m, c, n_y), jnp.float32),
-      "history": {k: np.zeros((num_m, t_rounds + 1), np.float32)
-                  for k in ("gap", "win_rate_vs_sft")} | {
-                      "oracle_queries": np.zeros((num_m,), np.float32)},
-      "nash_gap": np.zeros((), np.float32),
-      "run_key": jax.random.key_data(setup.k_run),
-      "data_cursor": np.zeros((), np.int64),
-  }
-
-
-def _sft_unit(config, setup: Testbed, engine: Engine, methods, state: dict):
-  """Unit 1: SFT from the initial policy; every method starts from its result."""
-  num_m = len(methods)
-  params, nll = sft_fit(setup.graphdef, setup.init_params, setup.prompt_tokens,
-                        setup.prompt_mask, setup.responses, setup.logp_start, setup.k_sft,
-                        num_steps=config.sft.num_steps, batch_size=config.sft.batch_size,
-                        learning_rate=config.sft.learning_rate)
-  sft_table = setup.table_fn(params)
-  m = jax.device_get(setup.metrics_fn(sft_table, sft_table))
-  start_m = jax.device_get(setup.metrics_fn(setup.logp_start, sft_table))
-  mu = jnp.exp(setup.logp_start)
-  kl = float(jnp.mean(jnp.sum(mu * (setup.logp_start - sft_table), -1)))
-  nash_gap = 0.0
-  if config.eval.nash_reference:
-    nash_gap = evaluation.nash_reference(setup.pref)["gap"]
-  state["sft_params"] = params
-  state["methods"] = {name: engine.init_state(name, params) for name in methods}
-  state["sft_table"] = sft_table
-  state["tables"] = jnp.broadcast_to(sft_table, (num_m,) + sft_table.shape)
-  state["history"]["gap"][:, 0] = m["gap"]
-  state["history"]["win_rate_vs_sft"][:, 0] = 0.5
-  state["nash_gap"] = np.asarray(nash_gap, np.float32)
-  n_y, c = setup.responses.shape[0], setup.prompt_tokens.shape[0]
-  print(f"selfplay: |Y| = {n_y} responses x {c} prompts; SFT gap {float(m['gap']):.4f} "
-        f"(start μ gap {float(start_m['gap']):.4f}, KL(μ‖π_SFT) {kl:.4f}, "
-        f"Σπ = {float(m['mass']):.6f}); exact Nash gap {nash_gap:.2e}")
-  metrics = {"sft/nll": float(nll[-1]), "sft/kl_start_to_sft": kl, "sft/gap": float(m["gap"]),
-             "sft/mass": float(m["mass"]), "start/gap": float(start_m["gap"]),
-             "nash/gap": nash_gap}
-  return state, metrics, 0, "sft"
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -193,62 +275,72 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.get("compilation_cache_dir", ""):
     enable_compilation_cache(config.compilation_cache_dir)
   methods = tuple(config.selfplay.methods)
-  num_m, t_rounds = len(methods), int(config.selfplay.num_rounds)
-  loop = loop_lib.UnitLoop(workdir, label="selfplay", total_units=1 + t_rounds * num_m,
+  units = _units(config)
+  loop = loop_lib.UnitLoop(workdir, label="selfplay", total_units=1 + len(units),
                            max_to_keep=config.checkpoint.max_to_keep,
                            log_every_seconds=config.log_every_seconds)
   summary = loop.finished_summary()
   if summary is not None:
     return summary
 
-  setup = Testbed(config)
+  world = Testbed(config)
   tb = config.testbed
   backend = TestbedBackend(
-      setup.graphdef, setup.model_config, setup.oracle, response_length=tb.response_length,
+      world.graphdef, world.model_config, world.oracle, response_length=tb.response_length,
       prompt_length=tb.prompt_length, temperature=config.selfplay.temperature,
-      reduction=config.selfplay.logp_reduction,
-      tournament_mode=config.selfplay.tournament_mode)
+      reduction=config.selfplay.logp_reduction, tournament_mode=config.selfplay.tournament_mode)
   engine = Engine(backend, config)
-  state, unit, _ = loop.restore(_initial_state(setup, engine, methods, t_rounds))
-  if unit:
-    for k in ("sft_params", "methods", "sft_table", "tables"):
-      state[k] = jax.tree.map(jnp.asarray, state[k])
-  run_key = None
+  state, unit, _ = loop.restore(_initial_state(config, world))
+  state["sft_params"] = jax.tree.map(jnp.asarray, state["sft_params"])
+  state["sft_table"] = jnp.asarray(state["sft_table"])
+  starts = {}  # exact-mode SFT starts per seed, rebuilt deterministically on resume
+  exact_rounds = None
 
   def step(unit: int, state: dict):
-    nonlocal run_key
+    nonlocal exact_rounds
     if unit == 0:
-      return _sft_unit(config, setup, engine, methods, state)
-    if run_key is None:
-      run_key = jax.random.wrap_key_data(jnp.asarray(state["run_key"]))
-    t, mi = divmod(unit - 1, num_m)  # round t + 1 of method mi
-    name = methods[mi]
-    prompts, mask = setup.round_prompts(t, int(config.selfplay.prompts_per_round))
-    new_state, metrics = engine.run_round(name, state["methods"][name], state["sft_params"],
-                                          prompts, mask, loop_lib.round_key(run_key, t, mi),
-                                          t + 1)
-    table = setup.table_fn(new_state["params"])
-    ev = jax.device_get(setup.metrics_fn(table, state["sft_table"]))
-    history = state["history"]
-    state["methods"][name] = new_state
-    state["tables"] = state["tables"].at[mi].set(table)
-    history["gap"][mi, t + 1] = ev["gap"]
-    history["win_rate_vs_sft"][mi, t + 1] = ev["win_rate_vs_sft"]
-    history["oracle_queries"][mi] += metrics["oracle_queries"]
-    state["data_cursor"] = np.asarray((t + 1) * int(config.selfplay.prompts_per_round), np.int64)
-    out = {f"{name}/{k}": float(v) for k, v in metrics.items()}
-    out.update({f"{name}/{k}": float(v) for k, v in ev.items()})
-    out[f"{name}/oracle_queries_total"] = float(history["oracle_queries"][mi])
-    if mi == num_m - 1:
-      row = "  ".join(f"{m}: gap {history['gap'][i, t + 1]:.4f} "
-                      f"win {history['win_rate_vs_sft'][i, t + 1]:.3f}"
-                      for i, m in enumerate(methods))
-      print(f"round {t + 1}/{t_rounds}  {row}", flush=True)
-    progress = (f"{name} round {t + 1}; sample {metrics['sample_tokens_per_s']:.0f} tok/s, "
-                f"train {metrics['train_tokens_per_s']:.0f} tok/s")
-    return state, out, t + 1, progress
+      start = _sft_start(config, world)
+      m = jax.device_get(world.metrics_fn(start.sft_table, start.sft_table))
+      nash_gap = evaluation.nash_reference(world.pref)["gap"] if config.eval.nash_reference \
+          else 0.0
+      state["sft_params"], state["sft_table"] = start.sft_params, start.sft_table
+      state["nash_gap"] = np.asarray(nash_gap, np.float32)
+      print(f"selfplay: |Y| = {world.responses.shape[0]} responses x "
+            f"{world.prompt_tokens.shape[0]} prompts; SFT gap {float(m['gap']):.4f}; exact Nash "
+            f"gap {nash_gap:.2e}; {config.seeds} seeds", flush=True)
+      return state, {"sft/gap": float(m["gap"]), "nash/gap": nash_gap}, 0, "sft"
+    part, s, mi = units[unit - 1]
+    if part == "sampled":
+      name = methods[mi]
+      start = trajectories.Start(world, state["sft_params"], state["sft_table"])
+      run_key = jax.random.fold_in(world.k_run, s)
+      out = trajectories.sampled(engine, start, name, mi, run_key,
+                                 int(config.selfplay.num_rounds),
+                                 int(config.selfplay.prompts_per_round))
+      for k in SAMPLED_KEYS:
+        state["sampled"][k][s, mi] = out[k]
+      state["final_tables"][s, mi] = out["final_table"]
+    else:
+      name = config.exact.methods[mi]
+      if s not in starts:
+        ec = exact_config(config, s)
+        starts[s] = _sft_start(ec, Testbed(ec))
+      if exact_rounds is None:
+        exact_rounds = trajectories.ExactRounds(
+            exact_config(config, 0), starts[s].world.graphdef, tol=config.exact.tol,
+            max_steps=config.exact.max_steps)
+      out = exact_rounds.run(starts[s], name, int(config.exact.num_rounds))
+      for k in EXACT_KEYS + EXACT_ROUND_KEYS:
+        state["exact"][k][s, mi] = out[k]
+    prefix = f"{part}/{name}/seed{s}/"
+    # Per-round lines belong to this unit: a resume that redoes it drops them first.
+    for t, m in enumerate(out["rounds"][:-1]):
+      loop.writer.write(t + 1, {prefix + k: float(v) for k, v in m.items()} | {"unit": unit + 1})
+    metrics = {prefix + k: float(v) for k, v in out["rounds"][-1].items()}
+    return state, metrics, len(out["rounds"]), (f"{part} {name} seed {s}: final gap "
+                                                f"{out['gap'][-1]:.4f}")
 
   state = loop.run(state, unit, step, methods=list(methods))
-  summary = _finalize(config, setup, state, methods, loop.workdir)
+  summary = _finalize(config, world, state, loop.workdir, loop.writer, loop.total_units)
   loop.finish(state, summary, methods=list(methods))
   return summary

@@ -7,6 +7,8 @@ rebuilds exactly the same world.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,12 +19,11 @@ from onpo_jax.testbed import env
 from onpo_jax.testbed import evaluation
 
 
-def sft_fit(graphdef, params, prompt_tokens, prompt_mask, responses, logp_start, key, *,
-            num_steps: int, batch_size: int, learning_rate: float):
-  """Maximum likelihood on samples of μ (one `lax.scan`); returns (params, step losses)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "batch_size",
+                                             "learning_rate"))
+def _sft_fit(params, prompt_tokens, prompt_mask, responses, logp_start, key, *, graphdef,
+             num_steps: int, batch_size: int, learning_rate: float):
   opt = optax.adam(learning_rate)
-  prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
-  responses = jnp.asarray(responses)
 
   def step(carry, k):
     p, st = carry
@@ -35,12 +36,27 @@ def sft_fit(graphdef, params, prompt_tokens, prompt_mask, responses, logp_start,
     updates, st = opt.update(grads, st, p)
     return (optax.apply_updates(p, updates), st), nll
 
-  @jax.jit
-  def fit(p, k):
-    (p, _), nll = jax.lax.scan(step, (p, opt.init(p)), jax.random.split(k, num_steps))
-    return p, nll
+  (params, _), nll = jax.lax.scan(step, (params, opt.init(params)),
+                                  jax.random.split(key, num_steps))
+  return params, nll
 
-  return fit(params, key)
+
+def sft_fit(graphdef, params, prompt_tokens, prompt_mask, responses, logp_start, key, *,
+            num_steps: int, batch_size: int, learning_rate: float):
+  """Maximum likelihood on samples of μ (one `lax.scan`); returns (params, step losses).
+
+  Compiled once per architecture and sizes: worlds of different seeds share it.
+  """
+  return _sft_fit(params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask),
+                  jnp.asarray(responses), logp_start, key, graphdef=graphdef,
+                  num_steps=int(num_steps), batch_size=int(batch_size),
+                  learning_rate=float(learning_rate))
+
+
+# Module-level so that every world with the same shapes reuses the executables.
+_preference_matrix = jax.jit(oracle_lib.preference_matrix)
+policy_table = jax.jit(evaluation.policy_table, static_argnums=0)
+exact_metrics = jax.jit(evaluation.exact_metrics)
 
 
 class Testbed:
@@ -69,9 +85,14 @@ class Testbed:
         strength=oc.strength, cyclic=oc.cyclic, cyclic_spread=oc.cyclic_spread)
     self.oracle = (synthetic if oc.kind == "synthetic"
                    else oracle_lib.synthetic_reward_oracle(synthetic))
-    self.pref = jax.jit(lambda pt, pm, ys: oracle_lib.preference_matrix(
-        self.oracle, pt, pm, ys, jnp.ones(ys.shape, bool)))(
-            self.prompt_tokens, self.prompt_mask, self.responses)
+    ys = jnp.asarray(self.responses)
+    if oc.kind == "synthetic":
+      self.pref = _preference_matrix(self.oracle, self.prompt_tokens, self.prompt_mask, ys,
+                                     jnp.ones(ys.shape, bool))
+    else:  # the BT oracle holds a function: a constant of its own program
+      self.pref = jax.jit(lambda pt, pm, ys: oracle_lib.preference_matrix(
+          self.oracle, pt, pm, ys, jnp.ones(ys.shape, bool)))(
+              self.prompt_tokens, self.prompt_mask, ys)
     self.logp_start = env.start_logprobs(self.k_style, tb.num_prompts, self.responses,
                                              tb.vocab_size, tb.start_temperature)
     mc = config.model
@@ -79,14 +100,24 @@ class Testbed:
         mc.vocab_size, mc.hidden_size, mc.intermediate_size, mc.num_layers, mc.num_heads,
         mc.num_kv_heads, mc.head_dim, mc.max_position_embeddings)
     self.graphdef, self.init_params = env.init_policy(self.model_config, config.seed)
-    self.table_fn = jax.jit(lambda p: evaluation.policy_table(
-        self.graphdef, p, self.prompt_tokens, self.prompt_mask, self.responses))
-    self.metrics_fn = jax.jit(lambda lp, lp_sft: evaluation.exact_metrics(self.pref, lp, lp_sft))
+    self.inputs = (self.prompt_tokens, self.prompt_mask, ys)  # what a policy table reads
 
-  def round_prompts(self, round_idx: int, n: int):
-    """Prompts of round `round_idx` (the same for every method): a seeded draw from the C."""
+  def table_fn(self, params):
+    """[C, |Y|] log π(y | x) of `params`."""
+    return policy_table(self.graphdef, params, *self.inputs)
+
+  def metrics_fn(self, logp, logp_sft) -> dict:
+    """`evaluation.exact_metrics` of a table against the SFT table."""
+    return exact_metrics(self.pref, logp, logp_sft)
+
+  def round_prompts(self, round_idx: int, n: int, key=None):
+    """Prompts of round `round_idx` (the same for every method): a seeded draw from the C.
+
+    `key` (default: the world's data key) lets seeds of one world draw differently.
+    """
     c = self.prompt_tokens.shape[0]
-    seed = np.asarray(jax.random.key_data(jax.random.fold_in(self.k_data, round_idx))).ravel()
+    key = self.k_data if key is None else jax.random.fold_in(key, 2**16)
+    seed = np.asarray(jax.random.key_data(jax.random.fold_in(key, round_idx))).ravel()
     rng = np.random.default_rng([int(x) for x in seed])
     ids = np.concatenate([rng.permutation(c) for _ in range(-(-n // c))])[:n]
     return self.prompt_tokens[ids], self.prompt_mask[ids]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-FAMILIES = ('llama', 'llama3.1', 'mistral', 'qwen2')
+FAMILIES = ("llama", "llama3.1", "mistral", "qwen2")
 
 _COMMON = dict(
     vocab_size=96,
@@ -38,21 +38,21 @@ def hf_config(family: str, **overrides):
   """A tiny transformers config of `family`, with `overrides` applied."""
   import transformers
   if family not in FAMILIES:
-    raise ValueError(f'family: expected one of {FAMILIES}, got {family!r}')
+    raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
   kw = dict(_COMMON)
-  if family == 'llama':
+  if family == "llama":
     cls = transformers.LlamaConfig
     kw.update(rope_theta=10000.0, tie_word_embeddings=False)
-  elif family == 'llama3.1':
+  elif family == "llama3.1":
     cls = transformers.LlamaConfig
     # Small original_max_position_embeddings so the low/medium/high frequency
     # bands of the 'llama3' scaling are all exercised at head_dim 8.
     kw.update(rope_theta=500000.0, tie_word_embeddings=False,
               eos_token_id=[2, 3],
-              rope_scaling={'rope_type': 'llama3', 'factor': 8.0,
-                            'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-                            'original_max_position_embeddings': 16})
-  elif family == 'mistral':
+              rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 16})
+  elif family == "mistral":
     cls = transformers.MistralConfig
     kw.update(rope_theta=10000.0, sliding_window=4,
               tie_word_embeddings=False)
@@ -62,13 +62,13 @@ def hf_config(family: str, **overrides):
               use_sliding_window=False, rms_norm_eps=1e-6)
   kw.update(overrides)
   config = cls(**kw)
-  config._attn_implementation = 'eager'
+  config._attn_implementation = "eager"
   return config
 
 
-def make_tiny_checkpoint(path, family: str = 'llama', *, seed: int = 0,
+def make_tiny_checkpoint(path, family: str = "llama", *, seed: int = 0,
                          max_shard_size: str | int | None = None,
-                         dtype: str = 'float32', **overrides) -> str:
+                         dtype: str = "float32", **overrides) -> str:
   """Saves a random tiny `family` model to `path` (config.json + safetensors).
 
   Args:
@@ -92,15 +92,15 @@ def make_tiny_checkpoint(path, family: str = 'llama', *, seed: int = 0,
   with torch.no_grad():
     for name, p in model.named_parameters():
       noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-      if name.endswith('norm.weight'):
+      if name.endswith("norm.weight"):
         p.copy_(1.0 + 0.2 * noise)
-      elif name.endswith('bias'):
+      elif name.endswith("bias"):
         p.copy_(0.2 * noise)
       else:
         p.copy_(0.15 * noise)
   model = model.to(getattr(torch, dtype))
   os.makedirs(path, exist_ok=True)
-  kw = {} if max_shard_size is None else {'max_shard_size': max_shard_size}
+  kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
   model.save_pretrained(path, **kw)
   return os.fspath(path)
 
@@ -110,12 +110,12 @@ def load_hf_model(path):
   import torch
   import transformers
   model = transformers.AutoModelForCausalLM.from_pretrained(
-      path, dtype=torch.float32, attn_implementation='eager')
+      path, dtype=torch.float32, attn_implementation="eager")
   return model.eval()
 
 
-SPECIAL_TOKENS = ('<pad>', '<s>', '</s>', '<eot>', '<unk>', '<|user|>',
-                  '<|assistant|>', '<|system|>')
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<eot>", "<unk>", "<|user|>",
+                  "<|assistant|>", "<|system|>")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <eot> "
     "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
@@ -142,21 +142,21 @@ def make_tiny_tokenizer(path, vocab=64) -> str:
     n = vocab - len(SPECIAL_TOKENS)
     if n <= 0:
       raise ValueError(
-          f'vocab: need more than {len(SPECIAL_TOKENS)} entries, got {vocab}')
-    words = [f'w{i}' for i in range(n)]
+          f"vocab: need more than {len(SPECIAL_TOKENS)} entries, got {vocab}")
+    words = [f"w{i}" for i in range(n)]
   else:
     words = [w for w in vocab if w not in SPECIAL_TOKENS]
   table = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + words)}
-  tok = tokenizers.Tokenizer(models.WordLevel(table, unk_token='<unk>'))
+  tok = tokenizers.Tokenizer(models.WordLevel(table, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  tok.decoder = decoders.WordPiece(prefix='##')  # joins words with spaces
+  tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
   fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token='<s>', eos_token='</s>',
-      unk_token='<unk>', pad_token='<pad>',
-      additional_special_tokens=['<eot>', '<|user|>', '<|assistant|>',
-                                 '<|system|>'])
+      tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+      unk_token="<unk>", pad_token="<pad>",
+      additional_special_tokens=["<eot>", "<|user|>", "<|assistant|>",
+                                 "<|system|>"])
   fast.chat_template = CHAT_TEMPLATE
-  fast.padding_side = 'left'
+  fast.padding_side = "left"
   os.makedirs(path, exist_ok=True)
   fast.save_pretrained(path)
   return os.fspath(path)

@@ -1,0 +1,112 @@
+"""What the testbed job reports: means over seeds with 95% t-intervals, tests, tables, plots.
+
+Every number is a mean over the seeds with the half-width of its 95% Student-t
+interval (`onpo_jax.infra.stats.mean_ci`); a difference between two methods is
+called supported when Welch's t-test rejects equality at the 5% level
+(`stats.differs`), which is the same as its 95% interval excluding 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from onpo_jax.infra import metrics as metrics_lib
+from onpo_jax.infra import plots
+from onpo_jax.infra import stats
+
+LEVEL = 0.95
+
+
+def _mean_ci(x: np.ndarray) -> tuple[list, list]:
+  mean, half = stats.mean_ci(np.asarray(x, np.float64), LEVEL)
+  return np.atleast_1d(mean).tolist(), np.atleast_1d(half).tolist()
+
+
+def curves(arrays: dict, methods, keys) -> dict:
+  """Per method: `{key}_mean` and `{key}_ci95` per round, from [S, M, T+1] arrays."""
+  out = {}
+  for i, m in enumerate(methods):
+    entry = {"seeds": int(arrays[keys[0]].shape[0])}
+    for key in keys:
+      name = "win_rate" if key == "win_rate_vs_sft" else key
+      entry[f"{name}_mean"], entry[f"{name}_ci95"] = _mean_ci(arrays[key][:, i])
+    out[m] = entry
+  return out
+
+
+def slopes(arrays: dict, methods, key: str) -> dict:
+  """Fitted log-log slope of `key` vs round (t >= 1) per method: mean and 95% half-width."""
+  out = {}
+  for i, m in enumerate(methods):
+    g = np.asarray(arrays[key][:, i, 1:], np.float64)
+    ts = np.arange(1, g.shape[1] + 1)
+    s = stats.slope_ci(ts, np.maximum(g, 1e-12), LEVEL)
+    out[m] = {"mean": s.slope, "ci95": s.half_width}
+  return out
+
+
+def comparisons(arrays: dict, methods, key: str, reference: str) -> dict:
+  """`reference` against every other method on the final value of `key` (Welch's t-test)."""
+  if reference not in methods:
+    return {}
+  ref = np.asarray(arrays[key][:, list(methods).index(reference), -1], np.float64)
+  out = {}
+  for i, m in enumerate(methods):
+    if m == reference:
+      continue
+    d = stats.differs(ref, np.asarray(arrays[key][:, i, -1], np.float64), LEVEL)
+    out[m] = {"diff": float(d.diff), "low": float(d.low), "high": float(d.high),
+              "p_value": float(d.p_value), "supported": bool(d.significant)}
+  return out
+
+
+def describe(comp: dict, key: str, reference: str) -> list[str]:
+  """Plain-language lines: which differences the intervals support."""
+  lines = []
+  for m, d in comp.items():
+    if not d["supported"]:
+      verdict = "not supported (the 95% interval of the difference contains 0)"
+    else:
+      verdict = f"supported: {reference} is {'lower' if d['diff'] < 0 else 'higher'}"
+    lines.append(f"  {reference} - {m}: final {key} difference {d['diff']:+.4f} "
+                 f"[{d['low']:+.4f}, {d['high']:+.4f}], p = {d['p_value']:.3g}: {verdict}")
+  return lines
+
+
+def print_table(title: str, per_method: dict, key: str, rounds: list[int]) -> None:
+  rows = [[m] + [f"{e[key + '_mean'][t]:.4f} ± {e[key + '_ci95'][t]:.4f}" for t in rounds]
+          for m, e in per_method.items()]
+  print(f"\n{title}")
+  print(metrics_lib.format_table(rows, ["method"] + [f"t={t}" for t in rounds]))
+
+
+def band_curves(per_method: dict, key: str, xs=None) -> dict:
+  return {m: (xs[m] if isinstance(xs, dict) else (xs if xs is not None else
+                                                  range(len(e[key + "_mean"]))),
+              e[key + "_mean"], e[key + "_ci95"]) for m, e in per_method.items()}
+
+
+def plot_sampled(per_method: dict, workdir: str) -> None:
+  plots.band_plot(band_curves(per_method, "gap"), os.path.join(workdir, "gap_vs_round.png"),
+                  "sampled rounds: exact duality gap (mean, 95% CI)", "round", "duality gap")
+  queries = {m: e["oracle_queries"] for m, e in per_method.items()}
+  plots.band_plot(band_curves(per_method, "gap", queries),
+                  os.path.join(workdir, "gap_vs_queries.png"),
+                  "duality gap vs cumulative oracle queries", "oracle queries", "duality gap")
+  plots.band_plot(band_curves(per_method, "win_rate", queries),
+                  os.path.join(workdir, "win_rate_vs_queries.png"),
+                  "win rate vs SFT vs cumulative oracle queries", "oracle queries", "win rate")
+
+
+def plot_exact(per_method: dict, workdir: str) -> None:
+  n = len(next(iter(per_method.values()))["gap_mean"])
+  ts = np.arange(n, dtype=float)  # round 0 (SFT) is dropped on the log axis
+  for key, name in (("avg_gap", "avg_gap"), ("gap", "gap")):
+    bands = band_curves(per_method, key, ts)
+    bands.update({f"{m} (tabular)": (ts, e[f"shadow_{key}_mean"], e[f"shadow_{key}_ci95"])
+                  for m, e in per_method.items() if f"shadow_{key}_mean" in e})
+    plots.band_plot(bands, os.path.join(workdir, f"exact_{name}_loglog.png"),
+                    f"exact rounds: {key.replace('_', ' ')} (mean, 95% CI)", "round",
+                    "duality gap", logx=True, logy=True)
