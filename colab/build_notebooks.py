@@ -8,6 +8,9 @@ The notebooks are generated rather than hand-edited so that their code stays
 reviewable as Python and `tests/test_notebooks.py` can check that the committed
 files still match this script. Every cell only calls `onpo_jax` and plots: any
 logic a tutorial needs belongs in the library.
+
+Settings (module constants, edit them here and rebuild):
+  PIP_SOURCE  where the notebooks' install cell installs `onpo_jax` from on Colab.
 """
 
 import argparse
@@ -18,27 +21,32 @@ import time
 
 import nbformat
 
-HERE = pathlib.Path(__file__).resolve().parent
-
-# Where Colab installs the package from: must be the public repository's URL
-# (assumed here; update it, then rebuild). CI and local checkouts already have
-# onpo_jax importable, so the install cell skips it (no network there).
+# The one source the install cell (first code cell of every notebook) hands to
+# `pip install` when `onpo_jax` is not importable, i.e. on Colab. Any pip
+# requirement works: the public repository (assumed here), a fork or branch
+# ("git+https://github.com/<you>/onpo_jax@<branch>"), or a wheel's URL. After
+# changing it, rebuild the notebooks (`python colab/build_notebooks.py`), since
+# tests/test_notebooks.py checks that the committed cells match this script.
+# Local checkouts (`pip install -e .`) and CI already import onpo_jax, so the
+# cell never installs there (no network is needed).
 PIP_SOURCE = "git+https://github.com/onpo-jax/onpo_jax"
 
-INSTALL = f'''\
+HERE = pathlib.Path(__file__).resolve().parent
+
+INSTALL = f"""\
 # Colab: install onpo_jax from its repository. Skipped where it is already
 # importable (a checkout installed with `pip install -e .`, or CI: no network there).
 import importlib.util
 import subprocess
 import sys
 
-ONPO_JAX_PIP = "{PIP_SOURCE}"  # or a fork / branch: "git+https://...@branch"
+# PIP_SOURCE of colab/build_notebooks.py; or a fork / branch: "git+https://...@branch"
+ONPO_JAX_PIP = "{PIP_SOURCE}"
 if importlib.util.find_spec("onpo_jax") is None:
   subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", ONPO_JAX_PIP])
 
 import onpo_jax
-print("onpo_jax", onpo_jax.__version__)'''
-
+print("onpo_jax", onpo_jax.__version__)"""
 
 
 def _md(text: str):
@@ -69,7 +77,7 @@ $J(\pi_1, \pi_2) = \mathbb{E}\,P(y_1 \succ y_2)$. Everything here is exact (no s
 Runtime: about a minute on a CPU runtime; no accelerator needed.
 """),
     _code(INSTALL),
-    _code(r'''
+    _code(r"""
 import os
 import tempfile
 
@@ -78,8 +86,8 @@ FAST = os.environ.get("ONPO_NOTEBOOK_FAST", "0") == "1"
 NUM_ROUNDS = 1_000 if FAST else 10_000  # T, rounds of self-play (average-iterate plots)
 LAST_ROUNDS = 300 if FAST else 2_000  # rounds of the last-iterate experiments
 WORKDIR = tempfile.mkdtemp(prefix="onpo_tabular_")
-print(f"FAST={FAST}  T={NUM_ROUNDS}  workdir={WORKDIR}")'''),
-    _code(r'''
+print(f"FAST={FAST}  T={NUM_ROUNDS}  workdir={WORKDIR}")"""),
+    _code(r"""
 import math
 
 import jax
@@ -97,7 +105,7 @@ from onpo_jax.tabular import games
 
 # Gaps reach 1e-4 and below: float64 keeps them exact.
 jax.config.update("jax_enable_x64", True)
-plt.rcParams.update({"figure.dpi": 60, "font.size": 9})  # small saved outputs'''),
+plt.rcParams.update({"figure.dpi": 60, "font.size": 9})  # small saved outputs"""),
     _md(r"""
 ## 1. Transitive vs cyclic preferences
 
@@ -106,7 +114,7 @@ response beats everything, so the Nash policy is pure. Rock–paper–scissors i
 response loses to another one, and the only Nash policy is the uniform mixture. General
 preferences (ONPO's setting) can be anything in between.
 """),
-    _code(r'''
+    _code(r"""
 p_bt = games.bradley_terry(jnp.array([[2.0, 1.0, 0.0]]))  # scores s = (2, 1, 0)
 p_rps = games.rock_paper_scissors(num_contexts=1)  # y0 rock, y1 paper, y2 scissors
 fig, axes = plt.subplots(1, 2, figsize=(7, 3), layout="constrained")
@@ -116,12 +124,12 @@ for ax, p, title in [(axes[0], p_bt, "transitive (Bradley-Terry)"),
   for (i, j), v in np.ndenumerate(np.asarray(p[0])):
     ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if abs(v - 0.5) > 0.3 else "k")
   ax.set(title=f"P(y beats y'): {title}", xlabel="y'", ylabel="y", xticks=range(3), yticks=range(3))
-plt.show()'''),
+plt.show()"""),
     _md(r"""
 The exact Nash policy of each game comes from a linear program (`exact.nash_lp`); the game value
 is $1/2$ for every symmetric preference game. The duality gap is $0$ exactly at a Nash policy.
 """),
-    _code(r'''
+    _code(r"""
 policies = {"uniform": jnp.full((1, 3), 1 / 3), "always y0": jnp.array([[1.0, 0.0, 0.0]])}
 rows = []
 for game_name, p in [("transitive", p_bt), ("cyclic", p_rps)]:
@@ -130,7 +138,7 @@ for game_name, p in [("transitive", p_bt), ("cyclic", p_rps)]:
   candidates = dict(policies, Nash=jnp.asarray(nash_pi))
   rows.append([game_name] + [float(exact.duality_gap(p, pi)[0]) for pi in candidates.values()])
 print()
-print(metrics.format_table(rows, ["game"] + [f"gap({k})" for k in candidates]))'''),
+print(metrics.format_table(rows, ["game"] + [f"gap({k})" for k in candidates]))"""),
     _md(r"""
 ## 2. Average iterate: OMD $O(1/\sqrt{T})$ vs ONPO $O(1/T)$
 
@@ -145,10 +153,10 @@ plot the exact gap of the uniform mixture $\bar\pi_T$ of $\pi_1..\pi_T$ (average
 ONPO uses Theorem 2's constant $\eta = \min(1/2, \sqrt{D})$. OMD's Theorem 1 step
 $\eta = \sqrt{D/T}$ depends on the horizon; here it is tuned for the last $T$, where its bound
 $4\sqrt{D/T}$ applies (`experiment.run` below re-tunes it for every $T$). For ONPO we check
-$2(D/\eta + \eta)/T$, the $O(1/T)$ bound derived in `ONPO_SPEC.md` §2 (the paper states
-$4\sqrt{D}/T$).
+$2(D/\eta + \eta)/T$, the $O(1/T)$ bound derived in `docs/algorithm.md` §2.5 (the paper
+states $4\sqrt{D}/T$).
 """),
-    _code(r'''
+    _code(r"""
 num_contexts, num_actions = 4, 6
 p = games.make_game("random", jax.random.key(0), num_contexts=num_contexts,
                     num_actions=num_actions, dtype=jnp.float64)
@@ -174,20 +182,20 @@ ax.legend()
 plt.show()
 bounds = {"OMD": 4 * math.sqrt(d / NUM_ROUNDS), "ONPO": 2 * (d / eta_onpo + eta_onpo) / NUM_ROUNDS}
 for name, gap in [("OMD", gap_omd), ("ONPO", gap_onpo)]:
-  print(f"{name:5s} gap at T={NUM_ROUNDS}: {gap[-1]:.2e}  (bound {bounds[name]:.2e})")'''),
+  print(f"{name:5s} gap at T={NUM_ROUNDS}: {gap[-1]:.2e}  (bound {bounds[name]:.2e})")"""),
     _md(r"""
 The same comparison with every baseline of the library is one call: `experiment.run` runs the
 config `configs/tabular.py` (OMD re-tuned to $\eta = \sqrt{D/T}$ for each horizon, INPO,
 Nash-MD and an extragradient method), writes metrics, a summary and plots into a work
 directory, and prints a table of average-iterate gaps and fitted log-log slopes.
 """),
-    _code(r'''
+    _code(r"""
 config = tabular_config.get_config()
 config.num_rounds = NUM_ROUNDS
 config.omd.eta = math.sqrt(math.log(config.num_actions) / NUM_ROUNDS)
 summary = experiment.run(config, f"{WORKDIR}/tabular")
 print(sorted(os.listdir(f"{WORKDIR}/tabular")))
-display(Image(filename=f"{WORKDIR}/tabular/gap_vs_T.png", width=400))'''),
+display(Image(filename=f"{WORKDIR}/tabular/gap_vs_T.png", width=400))"""),
     _md(r"""
 The extragradient method also reaches $O(1/T)$, but queries the oracle twice per round.
 Regularised methods (INPO, Nash-MD with $\tau > 0$) converge to the Nash policy of the
@@ -201,7 +209,7 @@ away from the equilibrium towards the boundary of the simplex, and its gap never
 converges linearly. (Theorem 3 proves linear convergence for $\eta \le 1/8$; it is slower there,
 but the picture is the same.)
 """),
-    _code(r'''
+    _code(r"""
 eta = 0.5
 logp_skew = jnp.log(jnp.array([[0.6, 0.3, 0.1]]))
 last = {}
@@ -223,7 +231,7 @@ ax_simplex.set(title="pi_t on the simplex (corners: rock, paper, scissors)", asp
 ax_simplex.legend(loc="upper right", fontsize=7)
 plt.show()
 for name, (_, gap) in last.items():
-  print(f"{name:5s} last-iterate gap: t=1 {gap[0]:.3f}   t={LAST_ROUNDS} {gap[-1]:.2e}")'''),
+  print(f"{name:5s} last-iterate gap: t=1 {gap[0]:.3f}   t={LAST_ROUNDS} {gap[-1]:.2e}")"""),
     _md(r"""
 ## 4. From transitive to cyclic
 
@@ -232,7 +240,7 @@ rock–paper–scissors ($\lambda = 1$). On a transitive game both last iterates
 response. The more cyclic the game, the more OMD's last iterate is left oscillating, while
 ONPO's still converges.
 """),
-    _code(r'''
+    _code(r"""
 logp_skew4 = jnp.log(jnp.tile(jnp.array([[0.6, 0.3, 0.1]]), (4, 1)))  # 4 prompts
 rows = []
 for cyclicity in [0.0, 0.5, 0.9, 1.0]:
@@ -242,7 +250,7 @@ for cyclicity in [0.0, 0.5, 0.9, 1.0]:
           for run in (dynamics.run_omd, dynamics.run_onpo)]
   rows.append([cyclicity] + [float(g) for g in gaps])
 print(f"last-iterate gap after {LAST_ROUNDS} rounds, eta={eta}")
-print(metrics.format_table(rows, ["cyclicity", "OMD", "ONPO"]))'''),
+print(metrics.format_table(rows, ["cyclicity", "OMD", "ONPO"]))"""),
     _md(r"""
 **Next:** `02_toy_llm_onpo.ipynb` runs the same comparison with a small transformer policy on the
 exact-evaluation testbed, where ONPO's steps are regressions on sampled preference pairs.
@@ -264,30 +272,38 @@ $$\mathcal{L}(\pi; \pi') = \mathbb{E}\Big[\big([\log\pi(y_w) - \log\pi(y_l)] - [
 What makes this a *testbed* is that everything can still be measured exactly: responses are all
 $V^L$ token strings of length $L$ over a tiny vocabulary, so the policy's full distribution, the
 oracle's full preference matrix, the duality gap and every head-to-head win rate are computed by
-enumeration, with no sampling noise. The oracle is a synthetic **general** preference model with a
-knob `oracle.cyclic` between Bradley–Terry (0) and purely cyclic (1) preferences.
+enumeration, with no evaluation noise. The oracle is a synthetic **general** preference model with
+a knob `oracle.cyclic` between Bradley–Terry (0) and purely cyclic (1) preferences.
 
 `onpo_jax.testbed.job.run(config, workdir)` does it all (the same job as
 `python -m experiments.run --config=configs/default.py`):
 1. SFT by maximum likelihood on samples of a random "style" distribution;
-2. $T$ self-play rounds of every method from the same SFT policy and oracle: ONPO (two
-   regressions per round, or one regression plus a parameter extrapolation), OMD (= INPO without
-   KL), INPO, SPPO, iterative DPO, online IPO and Nash-MD;
-3. the exact gap and win rate vs SFT after every round, the win-rate matrix of the final policies,
-   checkpoints (a rerun resumes), metrics and plots in `workdir`.
+2. **sampled rounds**: for each of `config.seeds` seeds, $T$ self-play rounds of every method from
+   the same SFT policy and oracle: ONPO (two regressions per round, or one regression plus a
+   parameter extrapolation), OMD (= INPO without KL), INPO, SPPO, iterative DPO, online IPO and
+   Nash-MD. Seeds vary the sampling, the oracle's draws, the prompts of each round and the
+   minibatch order; the exact gap, win rate vs SFT and oracle queries are recorded every round;
+3. **exact rounds** (`config.exact`): on a smaller world with a game per seed, each round's loss is
+   the exact expectation over all responses, solved full batch, next to its *tabular shadow* (the
+   same game through the closed-form dynamics of notebook 01);
+4. at the end, every number is reported as a **mean over the seeds with a 95% Student-t
+   interval**, with Welch tests of ONPO against each method, fitted log-log slopes, the win-rate
+   matrix, checkpoints (a rerun resumes), metrics and plots in `workdir`.
 
-Runtime: about 8 minutes on a 2-core CPU runtime with the default config (most of it compiling).
+Runtime: the default config (5 seeds, 8 methods, exact rounds) takes about RUNTIME_FULL on a
+2-core CPU runtime, most of it compiling; `ONPO_NOTEBOOK_FAST=1` runs the `:tiny` config (2 seeds,
+two methods) in about RUNTIME_FAST.
 """),
     _code(INSTALL),
-    _code(r'''
+    _code(r"""
 import os
 import tempfile
 
-# FAST=1 runs the `:tiny` config with two methods so that CI executes this notebook quickly.
+# FAST=1 runs the `:tiny` config (2 seeds) with two methods so that CI executes this notebook quickly.
 FAST = os.environ.get("ONPO_NOTEBOOK_FAST", "0") == "1"
 WORKDIR = tempfile.mkdtemp(prefix="onpo_selfplay_")
-print(f"FAST={FAST}  workdir={WORKDIR}")'''),
-    _code(r'''
+print(f"FAST={FAST}  workdir={WORKDIR}")"""),
+    _code(r"""
 import json
 
 import matplotlib.pyplot as plt
@@ -295,64 +311,92 @@ import numpy as np
 
 from configs import default as default_config
 from onpo_jax.infra import metrics
-from onpo_jax.testbed import job as train
+from onpo_jax.testbed import job
+from onpo_jax.testbed import report
 
-plt.rcParams.update({"figure.dpi": 60, "font.size": 9})  # small saved outputs'''),
+plt.rcParams.update({"figure.dpi": 60, "font.size": 9})  # small saved outputs"""),
     _md(r"""
 ## 1. The config
 
 Configs are plain Python (`configs/default.py`), one commented field per hyperparameter, with
 each paper's own symbol: ONPO's $\eta$, INPO's $\eta_I$ and $\tau$ (with $\eta_I = 1/\eta$ for OMD),
 SPPO's and DPO's $\beta$. Change any field before the run, e.g. `config.oracle.cyclic = 0.0` for a
-Bradley–Terry oracle, or `config.selfplay.pairing = "lambda_p"` for the pairs the theory assumes.
+Bradley–Terry oracle, `config.selfplay.pairing = "lambda_p"` for the pairs the theory assumes,
+`config.seeds = 10` for tighter intervals or `config.exact.enabled = False` to skip the exact rounds.
 """),
-    _code(r'''
+    _code(r"""
 config = default_config.get_config("tiny" if FAST else None)
 if FAST:
   config.selfplay.methods = ("onpo_two_step", "omd")
-tb, sp = config.testbed, config.selfplay
+tb, sp, ex = config.testbed, config.selfplay, config.exact
 print(f"|Y| = V^L = {tb.vocab_size}^{tb.response_length} = {tb.vocab_size ** tb.response_length} "
       f"responses, C = {tb.num_prompts} prompts, oracle cyclic = {config.oracle.cyclic}")
 print(f"T = {sp.num_rounds} rounds, K = {sp.num_samples} samples per prompt, "
       f"{sp.prompts_per_round} prompts per round, pairing = {sp.pairing}")
-print(f"ONPO eta = {config.onpo.eta} (target eta/2 = {config.onpo.eta / 2}); methods: {list(sp.methods)}")'''),
+print(f"ONPO eta = {config.onpo.eta} (target eta/2 = {config.onpo.eta / 2}); methods: {list(sp.methods)}")
+print(f"S = {config.seeds} seeds per method: the results are means over them with 95% intervals")
+if ex.enabled:
+  print(f"exact rounds: T = {ex.num_rounds}, |Y| = {ex.vocab_size ** ex.response_length}, "
+        f"{ex.num_prompts} prompts, methods: {list(ex.methods)}")"""),
     _md(r"""
-## 2. SFT and self-play rounds
+## 2. SFT, sampled rounds and exact rounds
 
-One call. It prints progress, then the exact duality gap per round and the win-rate matrix.
+One call. It prints progress (one line per trajectory: a method's $T$ rounds for one seed), then
+tables of means ± 95% half-widths over the seeds, Welch tests of ONPO against each method and the
+win-rate matrix.
 """),
-    _code(r'''
-summary = train.run(config, WORKDIR)'''),
+    _code(r"""
+summary = job.run(config, WORKDIR)"""),
     _md(r"""
-## 3. Gap and win-rate curves
+## 3. Gap and win-rate curves, with 95% intervals over seeds
 
-`summary` (also in `workdir/summary.json`) holds, per method, the exact duality gap of $\pi_t$ and
-its win rate against the SFT policy after every round (round 0 is SFT). The gap is 0 only at a
-Nash policy; the dotted line is the gap of the exact per-prompt Nash policy (a linear program),
-a check that the evaluation is exact.
+`summary` (also in `workdir/summary.json`) holds, per method, the **mean over the seeds** of the
+exact duality gap of $\pi_t$ and of its win rate against the SFT policy after every round (round 0
+is SFT), in `summary["sampled"][method]` as `gap_mean` / `win_rate_mean` with the half-widths of
+their 95% Student-t intervals `gap_ci95` / `win_rate_ci95` (shaded below), plus the cumulative
+oracle queries per round, the budget axis on the right. (`summary["gap"]` and
+`summary["win_rate_vs_sft"]` are the same means.) The gap is 0 only at a Nash policy; the dotted
+line is the gap of the exact per-prompt Nash policy (a linear program), a check that the evaluation
+is exact. With only a few seeds the intervals are wide: the t critical value is 12.7 for 2 seeds
+and 2.8 for 5.
 """),
-    _code(r'''
-fig, (ax_gap, ax_win) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
-for name in summary["methods"]:
-  ax_gap.plot(summary["gap"][name], marker=".", label=name)
-  ax_win.plot(summary["win_rate_vs_sft"][name], marker=".", label=name)
+    _code(r"""
+sampled = summary["sampled"]
+fig, (ax_gap, ax_win, ax_budget) = plt.subplots(1, 3, figsize=(12, 3.5), layout="constrained")
+for i, name in enumerate(summary["methods"]):
+  e = sampled[name]
+  rounds = np.arange(len(e["gap_mean"]))
+  for ax, x, key in [(ax_gap, rounds, "gap"), (ax_win, rounds, "win_rate"),
+                     (ax_budget, e["oracle_queries"], "gap")]:
+    mean, half = np.asarray(e[f"{key}_mean"]), np.asarray(e[f"{key}_ci95"])
+    ax.plot(x, mean, color=f"C{i}", marker=".", label=name)
+    ax.fill_between(x, mean - half, mean + half, color=f"C{i}", alpha=0.15, lw=0)
 ax_gap.axhline(summary["nash_gap"], color="k", ls=":", label="Nash (LP)")
 ax_gap.set(xlabel="round t", ylabel="exact DualGap(pi_t)", title="duality gap")
 ax_win.axhline(0.5, color="k", lw=0.5)
 ax_win.set(xlabel="round t", ylabel="P(pi_t beats SFT)", title="win rate vs SFT")
+ax_budget.set(xlabel="cumulative oracle queries", ylabel="exact DualGap(pi_t)",
+              title="duality gap vs oracle budget")
+fig.suptitle(f"mean over {summary['seeds']} seeds, shaded: 95% interval")
 fig.legend(*ax_gap.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
 plt.show()
-rows = [[m, summary["gap"][m][-1], summary["win_rate_vs_sft"][m][-1], summary["oracle_queries"][m]]
-        for m in summary["methods"]]
-print(metrics.format_table(rows, ["method", "final gap", "win rate vs SFT", "oracle queries"]))'''),
+rows = [[m, f"{e['gap_mean'][-1]:.4f} ± {e['gap_ci95'][-1]:.4f}",
+         f"{e['win_rate_mean'][-1]:.4f} ± {e['win_rate_ci95'][-1]:.4f}", e["oracle_queries"][-1]]
+        for m, e in sampled.items()]
+print(f"after T = {sp.num_rounds} rounds, mean ± 95% half-width over {summary['seeds']} seeds")
+print(metrics.format_table(rows, ["method", "final gap", "win rate vs SFT", "oracle queries"]))
+reference = summary["methods"][0]
+print(f"\n{reference} vs each method, final gap (Welch's t-test over seeds):")
+print("\n".join(report.describe(summary["sampled_comparisons"]["gap"], "gap", reference)))"""),
     _md(r"""
 ## 4. Who beats whom
 
-The head-to-head win rate $J(\pi_{\text{row}}, \pi_{\text{column}})$ of the final policies, exact.
-With a general (partly cyclic) oracle this matrix need not be transitive: a lower gap means a policy
-that no other policy beats by much, not one that beats everyone.
+The head-to-head win rate $J(\pi_{\text{row}}, \pi_{\text{column}})$ of the final policies, exact
+for each seed and averaged over the seeds. With a general (partly cyclic) oracle this matrix need
+not be transitive: a lower gap means a policy that no other policy beats by much, not one that
+beats everyone.
 """),
-    _code(r'''
+    _code(r"""
 labels = summary["win_rate_matrix"]["labels"]
 wr = np.asarray(summary["win_rate_matrix"]["matrix"])
 fig, ax = plt.subplots(figsize=(1.5 + 0.55 * len(labels), 1 + 0.5 * len(labels)), layout="constrained")
@@ -362,24 +406,69 @@ for (i, j), v in np.ndenumerate(wr):
           color="w" if abs(v - 0.5) > 0.18 else "k")
 ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
 ax.set_yticks(range(len(labels)), labels)
-ax.set_title("J(row, column)")
+ax.set_title(f"J(row, column), mean over {summary['seeds']} seeds")
 fig.colorbar(im)
-plt.show()'''),
+plt.show()"""),
     _md(r"""
-## 5. What the run left on disk
+## 5. Exact rounds: the rates without sampling noise
 
-Metrics per round (`metrics.jsonl`, TensorBoard in `tb/`), `summary.json`, the two plots, and orbax
-checkpoints holding everything a resume needs. Running the same call again resumes from the last
-checkpoint; after a finished run it does nothing.
+With `config.exact.enabled`, `summary["exact"][method]` holds the same means and 95% intervals over
+the seeds (here each seed is a different game) for rounds whose loss is the exact expectation, and
+next to them the *tabular shadow*: the closed-form OMD / ONPO / INPO step of notebook 01 on the
+same game. On log-log axes the average iterate's gap should fall with the slopes of notebook 01
+(about $-1/2$ for OMD, $-1$ for ONPO) once $T$ is large enough. The tracking KL
+$\mathrm{KL}(\pi_{\text{neural}} \,\|\, \pi_{\text{tabular}})$ measures how closely the regressions
+reproduce the closed-form step, and the fitted slopes come with their own 95% intervals.
 """),
-    _code(r'''
+    _code(r"""
+if "exact" in summary:
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
+  for i, (name, e) in enumerate(summary["exact"].items()):
+    ts = np.arange(1, len(e["gap_mean"]))  # round 0 (SFT) is off the log axis
+    for ax, key in [(axes[0], "avg_gap"), (axes[1], "gap")]:
+      mean, half = np.asarray(e[f"{key}_mean"])[1:], np.asarray(e[f"{key}_ci95"])[1:]
+      ax.loglog(ts, mean, color=f"C{i}", marker=".", label=f"{name} (neural)")
+      ax.fill_between(ts, np.maximum(mean - half, mean / 10), mean + half, color=f"C{i}",
+                      alpha=0.15, lw=0)
+      ax.loglog(ts, np.asarray(e[f"shadow_{key}_mean"])[1:], color=f"C{i}", ls=":",
+                label=f"{name} (tabular shadow)")
+  axes[0].set(xlabel="round t", ylabel="DualGap(average of pi_1..pi_t)", title="average iterate")
+  axes[1].set(xlabel="round t", ylabel="DualGap(pi_t)", title="last iterate")
+  axes[0].legend(fontsize=7)
+  fig.suptitle(f"exact rounds, mean over {summary['seeds']} games, shaded: 95% interval")
+  plt.show()
+  rows = [[m, f"{e['slope_avg']['mean']:.3f} ± {e['slope_avg']['ci95']:.3f}",
+           f"{e['shadow_slope_avg']['mean']:.3f} ± {e['shadow_slope_avg']['ci95']:.3f}",
+           f"{e['slope_last']['mean']:.3f} ± {e['slope_last']['ci95']:.3f}",
+           f"{e['tracking_kl_mean'][-1]:.2e}"] for m, e in summary["exact"].items()]
+  print("fitted log-log slopes over rounds 1..T (mean ± 95% half-width over seeds)")
+  print(metrics.format_table(rows, ["method", "slope avg (neural)", "slope avg (tabular)",
+                                    "slope last (neural)", "tracking KL at T"]))
+else:
+  print("config.exact.enabled = False: no exact rounds")"""),
+    _md(r"""
+## 6. What the run left on disk
+
+`summary.json`, the PNGs (gap vs round and vs oracle queries with interval bands, the exact
+log-log curves with their shadows, the win-rate matrix), TensorBoard in `tb/`, `metrics.jsonl` and
+orbax checkpoints holding everything a resume needs. The unit of work is one trajectory, so the
+metrics of round $t$ of a method and seed are logged under `sampled/<method>/seed<s>/...` (and
+`exact/...`), and the mean curves under `sampled/<method>/gap_mean`, ... Running the same call
+again resumes after the last finished trajectory; after a finished run it does nothing.
+"""),
+    _code(r"""
 print(sorted(os.listdir(WORKDIR)))
 with open(os.path.join(WORKDIR, "metrics.jsonl")) as f:
-  first_round = json.loads(f.readlines()[1])
-print("round 1 of", summary["methods"][0], {k.split("/", 1)[1]: round(v, 4) for k, v in first_round.items()
-       if k.startswith(summary["methods"][0]) and k.endswith(("/loss", "/target", "gap", "oracle_queries"))})
-summary_again = train.run(config, WORKDIR)
-assert summary_again["gap"] == summary["gap"]'''),
+  lines = [json.loads(line) for line in f]
+prefix = f"sampled/{summary['methods'][0]}/seed0/"  # the first method's trajectory for seed 0
+print(f"metrics.jsonl: {len(lines)} lines; the keys under {prefix}:")
+for line in lines:
+  row = {k[len(prefix):]: round(v, 4) for k, v in line.items()
+         if k.startswith(prefix) and k.endswith(("/loss", "gap", "win_rate_vs_sft", "oracle_queries"))}
+  if row:
+    print("  step", line["step"], row)
+summary_again = job.run(config, WORKDIR)
+assert summary_again["gap"] == summary["gap"]"""),
     _md(r"""
 **Next:** `03_real_model.ipynb` runs the same ONPO rounds on a Hugging Face checkpoint with a
 pairwise preference-model judge, on a GPU or TPU runtime.
@@ -394,22 +483,23 @@ NB03 = [
 The same rounds as the testbed notebook — sample $K$ responses per prompt from $\pi_t$, pick pairs
 with INPO's knockout tournament judged by a **pairwise preference model**, two regressions on the
 log-ratio margin against the auxiliary policy $\pi'$ — applied to a real causal LM loaded from a
-Hugging Face checkpoint into JAX (`onpo_jax.llm`, ONPO [arXiv 2502.16852](https://arxiv.org/abs/2502.16852) §5).
+Hugging Face checkpoint into JAX (`onpo_jax.llm.job.run`, ONPO [arXiv 2502.16852](https://arxiv.org/abs/2502.16852) §5).
 
 Two modes, switched by `USE_REAL_MODEL` below:
 
 * `False` (default, CPU, about a minute): builds a tiny **random** Llama checkpoint, tokenizer,
   judge and prompt file locally and runs one round. It checks the whole pipeline end to end —
   loading, sampling, judging, training, evaluation, export — but the "model" learns nothing
-  meaningful. This is what CI executes. It needs a checkout of the repository (the tiny-checkpoint
-  builder lives in its `tests/`).
+  meaningful. This is what CI executes. The tiny-checkpoint builder ships with the package
+  (`onpo_jax.testing.tiny_hf`; it writes the random weights with PyTorch, which Colab has), so no
+  checkout of the repository is needed.
 * `True` (a GPU or TPU runtime): downloads the checkpoints and prompts named below and runs the
   paper's config. The paper's 8B policy with an 8B judge needs 8×40 GB (the memory plan below
   tells you before anything is loaded); on a single Colab accelerator pick a smaller policy of a
   supported family (Llama, Mistral, Qwen2) and judge, and set `MESH_SHAPE = (1, -1, 1)`.
 """),
     _code(INSTALL),
-    _code(r'''
+    _code(r"""
 import os
 import tempfile
 
@@ -424,24 +514,23 @@ VARIANT = "gpu8"  # mesh variant of configs/llama3_8b_onpo.py: gpu8, v5p-8, v5p-
 MESH_SHAPE = None  # (data, fsdp, tensor); e.g. (1, -1, 1) = FSDP over this runtime's devices
 ASSETS = tempfile.mkdtemp(prefix="onpo_assets_")
 WORKDIR = tempfile.mkdtemp(prefix="onpo_llm_")
-print(f"FAST={FAST}  USE_REAL_MODEL={USE_REAL_MODEL}  workdir={WORKDIR}")'''),
-    _code(r'''
+print(f"FAST={FAST}  USE_REAL_MODEL={USE_REAL_MODEL}  workdir={WORKDIR}")"""),
+    _code(r"""
 import glob
 import json
-import pathlib
-import sys
 import warnings
 
 import jax
 
-import configs
 from configs import llama3_8b_onpo
-from onpo_jax.llm import job as llm
 from onpo_jax.infra import metrics
+from onpo_jax.llm import config as llm_config
+from onpo_jax.llm import job as llm_job
+from onpo_jax.llm import memory
 
 # tqdm warns in notebooks without ipywidgets (Colab has them).
 warnings.filterwarnings("ignore", message="IProgress not found")
-print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")'''),
+print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")"""),
     _md(r"""
 ## 1. Checkpoints, judge and prompts
 
@@ -450,7 +539,7 @@ downloads with `huggingface_hub` (log in first for gated models); in tiny mode i
 checkpoints (Hugging Face format: `config.json` + safetensors), a word-level tokenizer with a chat
 template, a JSONL prompt file and an AlpacaEval-style evaluation file.
 """),
-    _code(r'''
+    _code(r"""
 if USE_REAL_MODEL:
   from huggingface_hub import snapshot_download
   policy_path = snapshot_download(POLICY, local_dir=f"{ASSETS}/policy")
@@ -477,16 +566,18 @@ else:
   eval_file = f"{ASSETS}/eval.json"
   with open(eval_file, "w") as f:
     json.dump([{"instruction": p} for p in prompts[:4]], f)
-print(sorted(os.listdir(policy_path)))'''),
+print(sorted(os.listdir(policy_path)))"""),
     _md(r"""
 ## 2. The config
 
 `configs/llama3_8b_onpo.py` holds the paper's settings (ONPO $1/\eta = 0.01$, $K = 8$ with the
 tournament, global batch 128, cosine schedule with 3% warm-up, $T = 3$ rounds); its suffix picks
 the mesh (`gpu8`, `v5p-16`, ...), the method (`onpo`, `inpo`, `idpo`) and `tiny`, the CPU-sized
-copy. Every field is documented in `onpo_jax.llm.config.default_config`. Paths are set here.
+copy. The values live in `configs/llm_common.py`: `default_config()` lists and documents every
+field, `paper_config()` builds the six paper configs and `shrink_for_cpu()` their `:tiny` copy.
+Paths are set here.
 """),
-    _code(r'''
+    _code(r"""
 config = llama3_8b_onpo.get_config(VARIANT if USE_REAL_MODEL else "tiny")
 config.policy.path, config.judge.path = policy_path, judge_path
 if MESH_SHAPE is not None:
@@ -501,29 +592,30 @@ config.eval.prompt_file = eval_file
 sp = config.selfplay
 print(f"methods {list(sp.methods)}, T = {sp.num_rounds}, K = {sp.num_samples}, "
       f"{sp.prompts_per_round} prompts/round, pairing {sp.pairing}, eta = {config.onpo.eta}, "
-      f"lr {sp.learning_rate}, mesh {tuple(config.mesh.shape)}")'''),
+      f"lr {sp.learning_rate}, mesh {tuple(config.mesh.shape)}")"""),
     _md(r"""
 ## 3. Will it fit?
 
-A per-device memory plan from the checkpoints' `config.json` alone (nothing is allocated): policy
+A per-device memory plan (`onpo_jax.llm.memory.estimate_memory`) from the checkpoints'
+`config.json` alone (nothing is allocated): policy
 and optimizer state (which holds $\pi'$), the frozen reference and judge, and the sampler's KV
 cache. The second line is the paper's setup on 8 devices, for scale.
 """),
-    _code(r'''
-dims = llm.mesh_shape(config, jax.device_count())
-print("this run:  ", llm.estimate_memory(config, dims).summary())
+    _code(r"""
+dims = llm_config.mesh_shape(config, jax.device_count())
+print("this run:  ", memory.estimate_memory(config, dims).summary())
 paper = llama3_8b_onpo.get_config("gpu8")
-print("paper gpu8:", llm.estimate_memory(paper).summary())'''),
+print("paper gpu8:", memory.estimate_memory(paper).summary())"""),
     _md(r"""
 ## 4. Self-play rounds
 
-`llm.run` loads the policy into a sharded JAX model, then for every round and method: samples,
-judges pairs (both orders, to cancel position bias), computes the anchors' log-probs once, trains,
+`onpo_jax.llm.job.run` loads the policy into a sharded JAX model, then for every round and method:
+samples, judges pairs (both orders, to cancel position bias), computes the anchors' log-probs once, trains,
 evaluates against the SFT policy on the evaluation prompts (judged win rate with a confidence
 interval) and checkpoints. At the end each policy is exported as a Hugging Face checkpoint.
 """),
-    _code(r'''
-summary = llm.run(config, WORKDIR)'''),
+    _code(r"""
+summary = llm_job.run(config, WORKDIR)"""),
     _md(r"""
 ## 5. Results
 
@@ -531,7 +623,7 @@ Per-round metrics are in `metrics.jsonl` (and TensorBoard under `tb/`); the eval
 AlpacaEval-format JSON files, ready for `alpaca_eval`; `export/<method>/` is a regular Hugging Face
 checkpoint with its tokenizer.
 """),
-    _code(r'''
+    _code(r"""
 with open(os.path.join(WORKDIR, "metrics.jsonl")) as f:
   rows = [json.loads(line) for line in f]
 columns = ["loss", "oracle_queries", "eval/win_rate"]
@@ -549,7 +641,7 @@ for path in outputs:
   with open(path) as f:
     first = json.load(f)[0]
   print(f"  {first['generator']:20s} {first['instruction']!r} -> {first['output']!r}")
-print({name: sorted(os.listdir(path)) for name, path in summary["export"].items()})'''),
+print({name: sorted(os.listdir(path)) for name, path in summary["export"].items()})"""),
     _md(r"""
 The exported directory loads with `transformers` like any other checkpoint, e.g.
 `AutoModelForCausalLM.from_pretrained(summary["export"]["onpo_two_step"])`, or back into

@@ -23,6 +23,7 @@ from onpo_jax.tabular import dynamics
 from onpo_jax.testbed import env
 from onpo_jax.testbed import evaluation
 from onpo_jax.testbed import exact
+from onpo_jax.testbed import solver
 
 PAIR_METHODS = ("onpo_two_step", "omd", "inpo", "dpo", "online_ipo")
 
@@ -173,7 +174,7 @@ def test_free_tabular_minimiser_is_the_tabular_step(name, loss_fn):
     p, t = jnp.asarray(p), {k: jnp.asarray(v) for k, v in t.items()}
     anchors = {"prev": t["prev"], "ref": t["ref"]}
     data = exact.exact_data(name, CFG, t["prev"], p)
-    res = exact.solve_regression(loss_fn, t["prev"], anchors, data, tol=SOLVE_TOL,
+    res = solver.solve_regression(loss_fn, t["prev"], anchors, data, tol=SOLVE_TOL,
                                  max_steps=500)
     print(f"{name}: {int(res.steps)} L-BFGS steps, grad norm {float(res.grad_norm):.2e}")
     assert bool(res.converged)
@@ -209,7 +210,7 @@ def test_onpo_rounds_through_onpo_step_track_tabular_onpo(variant):
       for _ in range(phases):
         theta, state = onpo_begin_phase(opt, theta, state)
         aux = jax.nn.log_softmax(onpo_anchor_params(state), axis=-1)
-        res = exact.solve_regression(_LOSS_ONPO, theta, aux, data, tol=SOLVE_TOL, max_steps=500,
+        res = solver.solve_regression(_LOSS_ONPO, theta, aux, data, tol=SOLVE_TOL, max_steps=500,
                                      optimizer=opt, opt_state=state)
         assert bool(res.converged)
         steps.append(int(res.steps))
@@ -314,21 +315,21 @@ _QUAD = lambda x, a: jnp.sum(jnp.square(x - a))
 
 def test_solver_stops_at_tol_or_budget_and_compiles_once():
   a = jnp.asarray([1.0, -2.0, 3.0])
-  res = exact.solve_regression(_QUAD, jnp.zeros(3), a, tol=1e-4, max_steps=50)
+  res = solver.solve_regression(_QUAD, jnp.zeros(3), a, tol=1e-4, max_steps=50)
   assert bool(res.converged) and float(res.grad_norm) <= 1e-4
   np.testing.assert_allclose(res.params, a, atol=1e-4)
-  size = exact._solve._cache_size()
-  res2 = exact.solve_regression(_QUAD, jnp.zeros(3), 2 * a, tol=1e-4, max_steps=50)
+  size = solver._solve._cache_size()
+  res2 = solver.solve_regression(_QUAD, jnp.zeros(3), 2 * a, tol=1e-4, max_steps=50)
   np.testing.assert_allclose(res2.params, 2 * a, atol=1e-4)
-  assert exact._solve._cache_size() == size  # new data, same executable
-  short = exact.solve_regression(_QUAD, jnp.zeros(3), a, tol=1e-4, max_steps=1,
+  assert solver._solve._cache_size() == size  # new data, same executable
+  short = solver.solve_regression(_QUAD, jnp.zeros(3), a, tol=1e-4, max_steps=1,
                                  optimizer=optax.sgd(0.1))
   assert int(short.steps) == 1 and not bool(short.converged)
   np.testing.assert_allclose(short.params, 0.2 * a, rtol=1e-6)  # one SGD step
   assert np.isnan(short.residual)
   # The residual rule: SGD with rate 0.1 shrinks x − a by 0.8 per step, so the
   # residual |x − a|² = 14·0.64^k first drops below 0.1 at k = 12.
-  res = exact.solve_regression(_QUAD, jnp.zeros(3), a, tol=1e-9, max_steps=100,
+  res = solver.solve_regression(_QUAD, jnp.zeros(3), a, tol=1e-9, max_steps=100,
                                optimizer=optax.sgd(0.1), residual_fn=_QUAD, residual_tol=0.1)
   assert int(res.steps) == 12 and bool(res.converged)
   np.testing.assert_allclose(res.residual, 14.0 * 0.64 ** 12, rtol=1e-5)
@@ -356,12 +357,12 @@ def test_bad_inputs_raise_named_errors():
     exact.mixture_logp_table(jnp.zeros((1, 4, 2, 2)), jnp.zeros((1, 4, 2, 2)),
                              env.enumerate_responses(2, 2), 1.5)
   with pytest.raises(ValueError, match="tol must be"):
-    exact.solve_regression(_QUAD, jnp.zeros(3), jnp.zeros(3), tol=0.0, max_steps=5)
+    solver.solve_regression(_QUAD, jnp.zeros(3), jnp.zeros(3), tol=0.0, max_steps=5)
   with pytest.raises(ValueError, match="max_steps"):
-    exact.solve_regression(_QUAD, jnp.zeros(3), jnp.zeros(3), tol=1e-3, max_steps=0)
+    solver.solve_regression(_QUAD, jnp.zeros(3), jnp.zeros(3), tol=1e-3, max_steps=0)
   with pytest.raises(ValueError, match="residual_fn and residual_tol go together"):
-    exact.solve_regression(_QUAD, jnp.zeros(3), jnp.zeros(3), tol=1e-3, max_steps=5,
+    solver.solve_regression(_QUAD, jnp.zeros(3), jnp.zeros(3), tol=1e-3, max_steps=5,
                            residual_fn=_QUAD)
   with pytest.raises(ValueError, match="residual_tol must be"):
-    exact.solve_regression(_QUAD, jnp.zeros(3), jnp.zeros(3), tol=1e-3, max_steps=5,
+    solver.solve_regression(_QUAD, jnp.zeros(3), jnp.zeros(3), tol=1e-3, max_steps=5,
                            residual_fn=_QUAD, residual_tol=-1.0)

@@ -1,8 +1,9 @@
 """Nash-MD's sampled policy gradient is unbiased at the policy that drew the samples.
 
 What is compared (issue #15, item 6). On the `:tiny` testbed (C = 3 prompts,
-|Y| = 27 responses) with α = 0.5 and two random policies θ and π_ref that are
-far apart (θ spread, π_ref peaked, so the mixture differs from π_θ):
+|Y| = 27 responses) with α = 0.5 and two random policies θ and π_ref, far from
+uniform and from each other (entropies ≈ 2.5 and 2.1 nats, ln 27 ≈ 3.3), so
+that the mixture matters: opponents from π_θ instead would move g* by ≈ 25%:
 
   * the exact gradient g* = ∇_θ `exact.exact_loss('nash_md', ...)` at θ, whose
     data (`exact.exact_data`) are built from the tables of θ and of the
@@ -31,17 +32,20 @@ update the samples come from an older policy and, without importance weights,
 the same estimator is biased.
 
 The check. R independent batches (one `collect` call over the C prompts
-repeated R times: every row is an independent draw, so rows c·K.. of repeat r
-form one round's batch); each batch's gradient is projected on fixed
+repeated R + 1 times: every row is an independent draw, so the C·K rows of
+repeat r form one round's batch; batch 0 is kept for the update below); each batch's gradient is projected on fixed
 directions (random ones, g*, and the direction in which the mixture matters)
 and z_j = (mean_r ⟨v_j, ĝ_r⟩ − ⟨v_j, g*⟩)/(sd_j/√R) must satisfy |z_j| ≤ 4
 (CLT; a false alarm over 10 directions has probability < 1e-3, and the keys
 are fixed). The same check must fail for two biased estimators, so it has
 power: opponents from π_θ instead of the mixture (α = 0), and stale samples,
-i.e. the gradient after one engine update (Adam, selfplay.learning_rate) on
-an independent batch, taken on samples of the old policy and compared with
-the exact gradient at the new parameters (what every minibatch step after
-the first did when Nash-MD reused a round's samples).
+i.e. the gradient after one step of the engine's inner optimizer (Adam at
+selfplay.learning_rate, on the whole of an independent batch: what the engine
+now does once per round), taken on samples of the old policy and compared
+with the exact gradient at the new parameters (what every minibatch step
+after the first did when Nash-MD reused a round's samples). Measured with
+R = 4000: max |z| ≈ 2.3 for the estimator, ≈ 16 without the mixture, ≈ 26
+with stale samples after a step of KL(π_θ₁‖π_θ) ≈ 0.08 nats.
 """
 
 import jax
@@ -67,7 +71,7 @@ THETA_SCALE, REF_SCALE = 0.2, 0.5  # noise added to the init: θ spread, π_ref 
 
 
 def _collect(engine, world, theta, ref, key):
-  """R batches of one round each, stacked: leaves [R, C·K, ...], plus their ref log-probs."""
+  """R + 1 batches of one round each, stacked: leaves [R + 1, C·K, ...], and their ref lp."""
   c, k = world.prompt_tokens.shape[0], engine.k
   prompts = jnp.tile(world.prompt_tokens, (R + 1, 1))
   mask = jnp.tile(world.prompt_mask, (R + 1, 1))
@@ -102,15 +106,18 @@ def setup():
   @jax.jit
   def exact_grad(p, alpha):
     """(flat g*, log π_θ table) at p: exact data from p's own tables, held fixed."""
-    table_of = lambda q: exact.sequence_logp_from_token_logits(token_logits(q), world.responses)
-    logits, ref_logits = token_logits(p), token_logits(ref)
-    table = exact.sequence_logp_from_token_logits(logits, world.responses)
+    logits, pullback = jax.vjp(token_logits, p)
+    ref_logits = token_logits(ref)
+    table_of = lambda lg: exact.sequence_logp_from_token_logits(lg, world.responses)
+    table = table_of(logits)
     mix = exact.mixture_logp_table(logits, ref_logits, world.responses, alpha)
     data = jax.lax.stop_gradient(exact.exact_data("nash_md", cfg, table, world.pref,
                                                   logp_mix=mix))
-    anchors = {"ref": exact.sequence_logp_from_token_logits(ref_logits, world.responses)}
-    grads = jax.grad(lambda q: exact.exact_loss("nash_md", cfg, table_of(q), anchors, data)[0])(p)
-    return ravel_pytree(grads)[0], table
+    anchors = {"ref": table_of(ref_logits)}
+    # ∇_θ exact_loss(table(θ)) by the chain rule through the teacher-forced logits.
+    d_logits = jax.grad(lambda lg: exact.exact_loss("nash_md", cfg, table_of(lg), anchors,
+                                                    data)[0])(logits)
+    return ravel_pytree(pullback(d_logits)[0])[0], table
 
   def batch_grad(p, batch, anchor):
     loss = lambda q: METHODS["nash_md"].loss(cfg, _policy_logps(backend, q, batch),
@@ -152,9 +159,8 @@ def test_sampled_gradient_mean_matches_exact_gradient(setup):
   p_len = s["cfg"].testbed.prompt_length
   np.testing.assert_array_equal(batch.tok[0, :, :p_len],
                                 np.repeat(s["world"].prompt_tokens, k, 0))
-  proj = s["proj"][1:]  # batch 0 is the stale test's update batch: R batches here
+  proj = s["proj"][1:]  # batch 0 makes the stale test's update: R batches here
   z = _z(proj, s["directions"] @ s["g_star"])
-  print("Z", np.round(z, 2))  # DIAG
   assert np.all(np.abs(z) <= Z_MAX), z
   # The projections are informative: g* is resolved to a few percent.
   g_dir = proj[:, NUM_RANDOM_DIRECTIONS]
@@ -169,39 +175,23 @@ def test_opponents_from_the_policy_instead_of_the_mixture_fail(setup):
   batches = _collect(Engine(s["backend"], cfg), s["world"], s["theta"], s["ref"],
                      jax.random.key(4))
   proj, _ = s["projected_grads"](s["theta"], *batches, s["directions"])
-  z = _z(proj, s["directions"] @ s["g_star"])
+  z = _z(proj[1:], s["directions"] @ s["g_star"])
   assert np.max(np.abs(z)) > Z_MAX, z
-  print("Z", np.round(z, 2))  # DIAG
 
 
-def test_stale_samples_after_one_engine_update_fail(setup):
-  """Samples of θ, gradient at θ₁ = θ after one engine update, vs the exact gradient at θ₁."""
+def test_stale_samples_after_one_update_fail(setup):
+  """Samples of θ, gradient at θ₁ = θ after one update, vs the exact gradient at θ₁."""
   s = setup
-  engine, theta, ref = s["engine"], s["theta"], s["ref"]
   batch, anchor = s["batches"]
-  g0 = s["g0"]
-  # The engine's Nash-MD round: one Adam step on the whole batch (batch 0, independent of
-  # the R batches tested below), i.e. θ₁ − θ = −lr·ĝ₀/(|ĝ₀| + ε) coordinate-wise.
-  state = engine.init_state("nash_md", theta)
-  first = jax.tree.map(lambda x: x[0], batch)
-  state, _ = engine.train("nash_md", state, ref, first, jax.random.key(5), 1)
-  flat, unravel = ravel_pytree(theta)
-  step = ravel_pytree(state["params"])[0] - flat
-  lr = float(engine.config.selfplay.learning_rate)
-  want, _ = optax.adam(lr).update(g0, optax.adam(lr).init(g0))
-  # Adam's first step is −lr·g/(|g| + ε) per coordinate; where |g| is not far above ε the
-  # rounding of g (two programs) is amplified, so compare where |g| > 1e-6 only. Two steps,
-  # or steps on minibatches, would move coordinates by more than lr or in other directions.
-  g0, step, want = (np.asarray(x, np.float64) for x in (g0, step, want))
-  big = np.abs(g0) > 1e-6
-  assert big.mean() > 0.9, big.mean()
-  np.testing.assert_allclose(step[big], want[big], atol=1e-3 * lr, rtol=0)
-  assert np.abs(step).max() <= lr * (1 + 1e-4)
-  theta1 = unravel(ravel_pytree(state["params"])[0])  # θ's own pytree: no recompilation
+  # One step of the engine's inner optimizer (Adam, selfplay.learning_rate) on the whole of
+  # batch 0, which is independent of the R batches tested below.
+  lr = float(s["cfg"].selfplay.learning_rate)
+  step, _ = optax.adam(lr).update(s["g0"], optax.adam(lr).init(s["g0"]))
+  flat, unravel = ravel_pytree(s["theta"])
+  theta1 = unravel(flat + step)
   g1, table1 = s["exact_grad"](theta1, ALPHA)
   kl = float(jnp.mean(jnp.sum(jnp.exp(table1) * (table1 - s["table"]), -1)))
   assert 0 < kl < 0.5, kl  # one small update, yet ...
   proj1, _ = s["projected_grads"](theta1, batch, anchor, s["directions"])
   z = _z(proj1[1:], s["directions"] @ g1)
-  print("Z", np.round(z, 2), kl)  # DIAG
   assert np.max(np.abs(z)) > Z_MAX, z  # ... stale samples without importance weights are biased

@@ -36,6 +36,16 @@ def _check_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]])
       raise ValueError(f"curve {name!r} must be (x, y) with equal 1-D shapes")
 
 
+def _label_axes(ax, title: str, xlabel: str, ylabel: str, logx: bool, logy: bool) -> None:
+  ax.set_xscale("log" if logx else "linear")
+  ax.set_yscale("log" if logy else "linear")
+  ax.set_title(title)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize="small")
+
+
 def line_plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str,
               title: str = "", xlabel: str = "", ylabel: str = "", *, logx: bool = False,
               logy: bool = False) -> str:
@@ -52,13 +62,7 @@ def line_plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
       keep &= y > 0 if logy else keep
       x, y = x[keep], y[keep]
     ax.plot(x, y, label=name)
-  ax.set_xscale("log" if logx else "linear")
-  ax.set_yscale("log" if logy else "linear")
-  ax.set_title(title)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize="small")
+  _label_axes(ax, title, xlabel, ylabel, logx, logy)
   return _save(fig, path)
 
 
@@ -110,11 +114,5 @@ def band_plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float], Seque
     (line,) = ax.plot(x, mean, label=name)
     low = np.maximum(mean - half, mean * 1e-3) if logy else mean - half
     ax.fill_between(x, low, mean + half, color=line.get_color(), alpha=0.2, linewidth=0)
-  ax.set_xscale("log" if logx else "linear")
-  ax.set_yscale("log" if logy else "linear")
-  ax.set_title(title)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize="small")
+  _label_axes(ax, title, xlabel, ylabel, logx, logy)
   return _save(fig, path)

@@ -208,6 +208,10 @@ class Engine:
     on_policy_once = METHODS[name].data == "mixture"
     mb = num if on_policy_once and self.accumulation == 1 else int(sp.minibatch_size)
     epochs = 1 if on_policy_once else int(sp.epochs)
+    if on_policy_once and self.accumulation > 1 and num != mb * self.accumulation:
+      raise ValueError(f"{name}: {num} samples per round with gradient accumulation of "
+                       f"{self.accumulation} x {mb} make several updates per sample set; set "
+                       "selfplay.global_batch_size = prompts_per_round x num_samples")
     steps_per_epoch = -(-num // mb)
     history = []
     pair = isinstance(batch, PairBatch)

@@ -3,7 +3,7 @@
 In exact mode nothing is sampled: a round's data is `exact.ExactData` (every
 enumerated response or ordered pair with its probability under π_t), an
 anchor's "log-probs" are its whole table log π(y | x) [C, |Y|], and each
-regression is solved to a tolerance by `exact.solve_regression` (L-BFGS by
+regression is solved to a tolerance by `solver.solve_regression` (L-BFGS by
 default) instead of epochs of minibatches. Everything else, including ONPO's
 two phases through `onpo_step`, the anchors' fingerprints and the method
 table's losses, is the engine's own code path (`onpo_jax.selfplay.engine`).
@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from onpo_jax.testbed import exact
+from onpo_jax.testbed import solver
 from onpo_jax.testbed.world import policy_table
 
 
@@ -76,7 +77,7 @@ class ExactRegression:
   def __call__(self, name, optimizer, params, opt_state, data, anchors, key, round_idx, phase):
     del key  # full batch: nothing is shuffled
     t0 = time.perf_counter()
-    res = exact.solve_regression(self.loss_fn(name), params, anchors, data, self.inputs,
+    res = solver.solve_regression(self.loss_fn(name), params, anchors, data, self.inputs,
                                  tol=self.tol, max_steps=self.max_steps, optimizer=optimizer,
                                  opt_state=opt_state)
     metrics = {"loss": res.loss, "grad_norm": res.grad_norm, "steps": res.steps,

@@ -18,6 +18,7 @@ from onpo_jax.selfplay import loop as loop_lib
 from onpo_jax.selfplay.engine import Engine
 from onpo_jax.tabular import exact as tabular_exact
 from onpo_jax.testbed import exact
+from onpo_jax.testbed import solver
 from onpo_jax.testbed import shadow
 from onpo_jax.testbed.exact_backend import ExactBackend
 from onpo_jax.testbed.exact_backend import ExactRegression
@@ -93,7 +94,7 @@ class ExactRounds:
     self.config = config
     self.regression = ExactRegression(config, graphdef, tol=tol, max_steps=max_steps)
     self.backend = ExactBackend(self.regression.table)
-    self.engine = Engine(self.backend, config, inner_optimizer=exact.default_solver(),
+    self.engine = Engine(self.backend, config, inner_optimizer=solver.default_solver(),
                          regression=self.regression)
 
   def run(self, start: Start, name: str, num_rounds: int, *, with_shadow: bool = True) -> dict:
