@@ -290,9 +290,9 @@ a knob `oracle.cyclic` between Bradley–Terry (0) and purely cyclic (1) prefere
    interval**, with Welch tests of ONPO against each method, fitted log-log slopes, the win-rate
    matrix, checkpoints (a rerun resumes), metrics and plots in `workdir`.
 
-Runtime: the default config (5 seeds, 8 methods, exact rounds) takes about RUNTIME_FULL on a
-2-core CPU runtime, most of it compiling; `ONPO_NOTEBOOK_FAST=1` runs the `:tiny` config (2 seeds,
-two methods) in about RUNTIME_FAST.
+Runtime: about 8 minutes on a 2-core CPU runtime with the default config (5 seeds, 8 methods,
+exact rounds), most of it compiling; `ONPO_NOTEBOOK_FAST=1` runs the `:tiny` config (2 seeds, two
+methods) in about 2 minutes.
 """),
     _code(INSTALL),
     _code(r"""
@@ -410,15 +410,18 @@ ax.set_title(f"J(row, column), mean over {summary['seeds']} seeds")
 fig.colorbar(im)
 plt.show()"""),
     _md(r"""
-## 5. Exact rounds: the rates without sampling noise
+## 5. Exact rounds: no sampling, and the tabular shadow
 
 With `config.exact.enabled`, `summary["exact"][method]` holds the same means and 95% intervals over
-the seeds (here each seed is a different game) for rounds whose loss is the exact expectation, and
-next to them the *tabular shadow*: the closed-form OMD / ONPO / INPO step of notebook 01 on the
-same game. On log-log axes the average iterate's gap should fall with the slopes of notebook 01
-(about $-1/2$ for OMD, $-1$ for ONPO) once $T$ is large enough. The tracking KL
-$\mathrm{KL}(\pi_{\text{neural}} \,\|\, \pi_{\text{tabular}})$ measures how closely the regressions
-reproduce the closed-form step, and the fitted slopes come with their own 95% intervals.
+the seeds (here each seed is a different game) for rounds whose loss is the exact expectation over
+all responses, so the only error left is the regression's. Dotted, next to each curve, is its
+*tabular shadow*: the closed-form step of the same method (the dynamics of notebook 01, with the
+config's step sizes) on the same game from the same SFT start. A neural curve on its shadow means
+the regressions implement that step; the tracking KL
+$\mathrm{KL}(\pi_{\text{neural}} \,\|\, \pi_{\text{tabular}})$ measures the distance, which
+accumulates over the rounds. The log-log slopes fitted over rounds $1..T$ come with their own 95%
+intervals; with fixed step sizes and a short horizon they describe this run and need not equal the
+asymptotic rates of notebook 01.
 """),
     _code(r"""
 if "exact" in summary:
@@ -434,7 +437,7 @@ if "exact" in summary:
                 label=f"{name} (tabular shadow)")
   axes[0].set(xlabel="round t", ylabel="DualGap(average of pi_1..pi_t)", title="average iterate")
   axes[1].set(xlabel="round t", ylabel="DualGap(pi_t)", title="last iterate")
-  axes[0].legend(fontsize=7)
+  fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
   fig.suptitle(f"exact rounds, mean over {summary['seeds']} games, shaded: 95% interval")
   plt.show()
   rows = [[m, f"{e['slope_avg']['mean']:.3f} ± {e['slope_avg']['ci95']:.3f}",
@@ -466,7 +469,7 @@ for line in lines:
   row = {k[len(prefix):]: round(v, 4) for k, v in line.items()
          if k.startswith(prefix) and k.endswith(("/loss", "gap", "win_rate_vs_sft", "oracle_queries"))}
   if row:
-    print("  step", line["step"], row)
+    print("  round", line["step"], row)
 summary_again = job.run(config, WORKDIR)
 assert summary_again["gap"] == summary["gap"]"""),
     _md(r"""

@@ -127,8 +127,10 @@ def test_summary_gives_means_intervals_tests_and_exact_shadows(smoke):
   for m, e in summary["exact"].items():
     for key in ("gap", "avg_gap", "tracking_kl", "shadow_gap", "shadow_avg_gap"):
       assert len(e[f"{key}_mean"]) == te + 1, (m, key)
-    assert e["tracking_kl_mean"][0] == 0.0  # both start at the same SFT table
-    assert all(k >= 0 for k in e["tracking_kl_mean"])
+    # Both start at the same SFT table; the shadow re-normalises it with log_softmax, so the
+    # two differ by float32 rounding only (a few eps over |Y| = 4 terms, far below 1e-6).
+    assert abs(e["tracking_kl_mean"][0]) <= 1e-6
+    assert all(k >= -1e-6 for k in e["tracking_kl_mean"])
     for key in ("slope_avg", "slope_last", "shadow_slope_avg"):
       assert math.isfinite(e[key]["mean"]) and e[key]["ci95"] >= 0
   for name in ("gap_vs_round.png", "gap_vs_queries.png", "win_rate_vs_queries.png",
