@@ -1,7 +1,7 @@
 """Test configuration: 8 fake CPU devices, set before JAX initialises.
 
 Multi-device code (meshes, shardings, collectives) is tested on a fake 8-device
-CPU mesh, as STYLE.md asks. The flag must be in the environment before the first
+CPU mesh. The flag must be in the environment before the first
 `import jax` anywhere in the process, so it is set at conftest import time.
 """
 

@@ -149,7 +149,7 @@ def test_begin_resets_inner_state_only_when_asked(reset):
 
 
 def _sharded_params():
-  """Params created already sharded by a jitted initialiser (STYLE.md), so their
+  """Params created already sharded by a jitted initialiser, so their
   shardings are in the normalised form that jitted steps return."""
   mesh = jax.make_mesh((8,), ("data",))
   shardings = {"w": NamedSharding(mesh, P("data", None)), "b": NamedSharding(mesh, P(None))}

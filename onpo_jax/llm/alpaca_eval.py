@@ -9,7 +9,7 @@ During training the judge of the run (the same general-preference oracle the
 policy is aligned with) compares the policy's outputs with the SFT policy's
 (or with a reference-outputs file) on each evaluation prompt:
 
-  p_i = P(y_policy,i ≻ y_ref,i | x_i)          (ties count ½, BASELINES.md)
+  p_i = P(y_policy,i ≻ y_ref,i | x_i)          (ties count ½, docs/baselines.md §7)
   win rate  ŵ = (1/n) Σ_i p_i
   std. error s = sd(p) / √n                    (sample sd, ddof = 1)
   CI        [ŵ − z s, ŵ + z s] ∩ [0, 1],       z = Φ⁻¹((1 + level)/2)

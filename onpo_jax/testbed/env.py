@@ -7,7 +7,7 @@ vocabulary *is* the response vocabulary: there is no token the sampler could
 emit outside Y, and the enumerated π(· | x) sums to 1 (tested). Prompts are
 short random token sequences over the same vocabulary.
 
-SFT start (issue 5, step 3): μ(y | x) ∝ exp(style(x, y) / temperature) with a
+SFT start: μ(y | x) ∝ exp(style(x, y) / temperature) with a
 random "style" score, style(x, y) = Σ_t [E[t, y_t] + e(x) · F[t, y_t]], where
 e(x) is a random prompt embedding; π_SFT is fitted by maximum likelihood on
 samples of μ, so it is neither uniform nor Nash.
