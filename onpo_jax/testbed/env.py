@@ -24,6 +24,7 @@ from flax import nnx
 
 from onpo_jax.models import decoder as decoder_lib
 from onpo_jax.models.config import DecoderConfig
+from onpo_jax.selfplay import examples
 
 
 def enumerate_responses(vocab_size: int, length: int) -> np.ndarray:
@@ -119,10 +120,10 @@ def sequence_logprobs(graphdef, params, tokens: jax.Array, attention_mask: jax.A
 
 
 def full_sequences(prompt_tokens: jax.Array, prompt_mask: jax.Array, responses: jax.Array):
-  """Concatenates prompts [N, P] and responses [N, L] into (tokens, attention, response) masks."""
-  n, length = responses.shape
-  resp_mask = jnp.ones((n, length), bool)
-  tokens = jnp.concatenate([prompt_tokens, responses.astype(jnp.int32)], axis=1)
-  attn = jnp.concatenate([prompt_mask, resp_mask], axis=1)
-  response = jnp.concatenate([jnp.zeros_like(prompt_mask), resp_mask], axis=1)
-  return tokens, attn, response
+  """Prompts [N, P] + complete responses [N, L] -> (tokens, attention, scored) masks.
+
+  Testbed responses have no end-of-sequence token: every position is generated
+  and scored (`selfplay.examples.full_sequences` with an all-True mask).
+  """
+  return examples.full_sequences(prompt_tokens, prompt_mask, responses,
+                                 jnp.ones(responses.shape, bool))

@@ -239,10 +239,11 @@ def _finalize(config, world: Testbed, state: dict, workdir: str, writer, total_u
     per_exact = report.curves(exact_arrays, ex_methods, EXACT_KEYS)
     avg_slopes = report.slopes(exact_arrays, ex_methods, "avg_gap")
     last_slopes = report.slopes(exact_arrays, ex_methods, "gap")
+    shadow_slopes = report.slopes(exact_arrays, ex_methods, "shadow_avg_gap")
     for i, m in enumerate(ex_methods):
       e = per_exact[m]
       e["slope_avg"], e["slope_last"] = avg_slopes[m], last_slopes[m]
-      e["shadow_slope_avg"] = report.slopes(exact_arrays, ex_methods, "shadow_avg_gap")[m]
+      e["shadow_slope_avg"] = shadow_slopes[m]
       for k in EXACT_ROUND_KEYS:
         e[f"{k}_max"] = float(np.max(exact_arrays[k][:, i]))
     summary["exact"] = per_exact

@@ -83,9 +83,12 @@ def print_table(title: str, per_method: dict, key: str, rounds: list[int]) -> No
 
 
 def band_curves(per_method: dict, key: str, xs=None) -> dict:
-  return {m: (xs[m] if isinstance(xs, dict) else (xs if xs is not None else
-                                                  range(len(e[key + "_mean"]))),
-              e[key + "_mean"], e[key + "_ci95"]) for m, e in per_method.items()}
+  """name -> (x, mean, half-width) of `key`; x: one axis for all, a dict per method, or rounds."""
+  def x_of(m, e):
+    if isinstance(xs, dict):
+      return xs[m]
+    return range(len(e[key + "_mean"])) if xs is None else xs
+  return {m: (x_of(m, e), e[key + "_mean"], e[key + "_ci95"]) for m, e in per_method.items()}
 
 
 def plot_sampled(per_method: dict, workdir: str) -> None:
