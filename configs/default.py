@@ -18,8 +18,12 @@ from configs import common
 
 
 def get_config(arg=None):
-  """Returns the default self-play config; `arg='tiny'` shrinks it for smoke tests."""
-  args = common.parse_arg(arg, tiny=False)
+  """Returns the default self-play config.
+
+  `arg='tiny'` shrinks it for smoke tests; `arg='sweep'` adds the exact-mode η
+  sweep of ONPO and OMD (η ∈ {0.5, 1, 2, 4}, about six more minutes on 2 cores).
+  """
+  args = common.parse_arg(arg, tiny=False, sweep=False)
   c = ml_collections.ConfigDict()
   c.experiment = "selfplay"
   c.seed = 0  # fixes oracle, prompts, SFT data; seed s of `seeds` derives its own run keys
@@ -96,14 +100,25 @@ def get_config(arg=None):
   c.nash_md.beta = 0.05  # Nash-MD β: KL(π_θ‖π_ref) coefficient
 
   # Exact-expectation rounds (docs/testbed.md §8): each round's loss is the exact
-  # expectation over the enumerated responses, solved full-batch by L-BFGS, next to
-  # its tabular shadow (the same game through onpo_jax.tabular's dynamics).
+  # expectation over the enumerated responses, solved full batch (Gauss–Newton in
+  # table space, every seed at once), next to its tabular shadow (the same game
+  # through onpo_jax.tabular's dynamics).
   c.exact = ml_collections.ConfigDict()
   c.exact.enabled = True
   c.exact.methods = ("onpo_two_step", "onpo_extrapolate", "omd", "inpo")
-  c.exact.num_rounds = 16  # T of the exact rounds (slopes are fitted over rounds 1..T)
-  c.exact.tol = 1e-6  # stop a regression when the gradient's global L2 norm is below this
-  c.exact.max_steps = 50  # L-BFGS steps per regression at most
+  c.exact.num_rounds = 64  # T of the exact rounds (slopes are fitted over rounds 1..T)
+  c.exact.tol = 1e-6  # stop a regression when the gradient's global L2 norm is below this,
+  c.exact.residual_tol = 1e-8  # or its loss is within this of the exact minimum
+  c.exact.max_steps = 30  # Gauss–Newton steps per regression at most
+  # The tracked methods' neural iterates must stay within this KL (nats) of their
+  # shadows at every round (ONPO extrapolate is reported, not bounded).
+  c.exact.tracking_kl_bound = 1e-3
+  # η sweep at T = num_rounds: ONPO's η and OMD's step 1/η_I set to each value
+  # (empty: no sweep; `:sweep` sets it).
+  c.exact.eta_grid = ()
+  c.exact.sweep_methods = ("onpo_two_step", "omd")
+  if args.sweep:
+    c.exact.eta_grid = (0.5, 1.0, 2.0, 4.0)
   c.exact.vocab_size = 2  # the exact world: V = 2, L = 3 (|Y| = 8), 2 prompts, so that the
   c.exact.response_length = 3  # policy can represent every table and rounds stay cheap
   c.exact.num_prompts = 2
@@ -138,8 +153,10 @@ def get_config(arg=None):
     c.selfplay.minibatch_size = 4
     c.seeds = 2
     c.exact.methods = ("onpo_two_step", "omd")
-    c.exact.num_rounds = 2
+    c.exact.num_rounds = 3
     c.exact.max_steps = 10
+    c.exact.eta_grid = (1.0,)
+    c.exact.sweep_methods = ("omd",)
     c.exact.response_length = 2
     c.log_every_seconds = 0.0
   return c

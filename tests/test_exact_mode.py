@@ -23,6 +23,7 @@ from onpo_jax.tabular import dynamics
 from onpo_jax.testbed import env
 from onpo_jax.testbed import evaluation
 from onpo_jax.testbed import exact
+from onpo_jax.testbed import exact_backend
 from onpo_jax.testbed import solver
 
 PAIR_METHODS = ("onpo_two_step", "omd", "inpo", "dpo", "online_ipo")
@@ -366,3 +367,90 @@ def test_bad_inputs_raise_named_errors():
   with pytest.raises(ValueError, match="residual_tol must be"):
     solver.solve_regression(_QUAD, jnp.zeros(3), jnp.zeros(3), tol=1e-3, max_steps=5,
                            residual_fn=_QUAD, residual_tol=-1.0)
+
+
+# Gauss–Newton in output space: a small over-parameterised nonlinear least squares
+# with a known zero-residual solution (float64), then the decoder's table Jacobian.
+_NLS_W = np.random.default_rng(7).normal(size=(4, 6)) / 2.0
+_NLS_OUT = lambda p, w, target: jnp.tanh(w @ p)
+_NLS_LOSS = lambda out, w, target: jnp.sum(jnp.square(out - target))
+_NLS_JAC = lambda p, w, target: jax.jacrev(lambda q: jnp.tanh(w @ q))(p)
+
+
+@pytest.mark.parametrize("with_jacobian", [False, True])
+def test_gauss_newton_solves_a_nonlinear_least_squares_monotonically(with_jacobian):
+  with jax.enable_x64(True):
+    w = jnp.asarray(_NLS_W)
+    target = jnp.tanh(w @ jnp.asarray([0.8, -0.5, 0.3, 0.9, -0.7, 0.2]))
+    kw = {"output_fn": _NLS_OUT, "optimizer": solver.gauss_newton()}
+    if with_jacobian:
+      kw["output_jacobian"] = _NLS_JAC
+    losses = [float(solver.solve_regression(_NLS_LOSS, jnp.zeros(6), w, target, tol=1e-300,
+                                            max_steps=k, **kw).loss) for k in range(1, 9)]
+    # Levenberg–Marquardt never accepts a step that raises the loss.
+    assert all(b <= a for a, b in zip(losses, losses[1:])), losses
+    res = solver.solve_regression(_NLS_LOSS, jnp.zeros(6), w, target, tol=1e-12, max_steps=30,
+                                  **kw)
+    print(f"jacobian={with_jacobian}: {int(res.steps)} steps, loss {float(res.loss):.2e}")
+    assert bool(res.converged) and float(res.loss) < 1e-20
+    np.testing.assert_allclose(jnp.tanh(w @ res.params), target, atol=1e-10, rtol=0)
+    # The residual rule sees the output, as the loss does.
+    res = solver.solve_regression(_NLS_LOSS, jnp.zeros(6), w, target, tol=1e-300, max_steps=30,
+                                  residual_fn=_NLS_LOSS, residual_tol=1e-6, **kw)
+    assert bool(res.converged) and float(res.residual) <= 1e-6 < losses[0]
+
+
+def test_table_jacobian_is_the_jacobian_of_the_policy_table():
+  cfg = env.model_config(2, 16, 32, 1, 2, 1, 8, 8)
+  graphdef, params = env.init_policy(cfg, 3)
+  responses = env.enumerate_responses(2, 3)
+  prompts, mask = env.make_prompts(jax.random.key(2), 2, 3, 2)
+  got = jax.jit(lambda p: exact_backend.table_jacobian(graphdef, p, prompts, mask, responses))(
+      params)
+  want = jax.jacrev(lambda p: evaluation.policy_table(graphdef, p, prompts, mask, responses))(
+      params)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.shape == (2 * 8,) + w.shape[2:]
+    tolerances.assert_close_rel(g, w.reshape(g.shape), rtol=tolerances.DECODER_GRAD_RTOL)
+
+
+def test_gauss_newton_and_bad_output_arguments_raise_named_errors():
+  with pytest.raises(ValueError, match="min_damping <= damping"):
+    solver.gauss_newton(0.0)
+  with pytest.raises(ValueError, match="output_fn must be callable"):
+    solver.solve_regression(_QUAD, jnp.zeros(3), jnp.zeros(3), tol=1e-3, max_steps=5,
+                            output_fn=1.0)
+  with pytest.raises(ValueError, match="output_jacobian must be a callable given with output_fn"):
+    solver.solve_regression(_QUAD, jnp.zeros(3), jnp.zeros(3), tol=1e-3, max_steps=5,
+                            output_jacobian=_NLS_JAC)
+  with pytest.raises(ValueError, match="one leading batch axis"):
+    solver.solve_regression_batch(_QUAD, jnp.zeros((2, 3)), jnp.zeros((3, 3)), tol=1e-3,
+                                  max_steps=5, optimizer=optax.sgd(0.1),
+                                  opt_state=optax.sgd(0.1).init(jnp.zeros((2, 3))))
+
+
+def test_batched_solve_equals_one_solve_per_problem():
+  a = jnp.asarray([[1.0, -2.0, 3.0], [0.5, 0.25, -1.0]])
+  opt = solver.gauss_newton()
+  out = lambda x, target: x ** 3
+  loss = lambda o, target: jnp.sum(jnp.square(o - target))
+  batch = solver.solve_regression_batch(loss, jnp.ones((2, 3)), a, tol=1e-5, max_steps=40,
+                                        optimizer=opt, opt_state=opt.init(jnp.ones(3)),
+                                        output_fn=out)
+  for i in range(2):
+    one = solver.solve_regression(loss, jnp.ones(3), a[i], tol=1e-5, max_steps=40, optimizer=opt,
+                                  output_fn=out)
+    assert int(batch.steps[i]) == int(one.steps) and bool(batch.converged[i])
+    np.testing.assert_allclose(batch.params[i], one.params, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(batch.params ** 3, a, atol=1e-5)
+  assert jnp.shape(batch.opt_state.damping) == ()  # a shared scalar comes back as one
+
+
+def test_a_step_into_nan_is_undone_and_ends_the_solve():
+  # log(x) is NaN for x < 0: SGD with a large rate steps there at once.
+  loss = lambda x: jnp.sum(jnp.square(jnp.log(x)))
+  res = solver.solve_regression(loss, jnp.full(2, 2.0), tol=1e-9, max_steps=10,
+                                optimizer=optax.sgd(10.0))
+  assert int(res.steps) == 1 and not bool(res.converged)
+  np.testing.assert_array_equal(res.params, jnp.full(2, 2.0))
+  assert np.isfinite(float(res.loss))

@@ -77,7 +77,7 @@ def test_sigkill_and_resume_gives_identical_results(tmp_path, config_path):
     deadline = time.time() + 900
     # Kill after the second complete checkpoint (SFT and one trajectory), i.e. in
     # the middle of the self-play loop (9 units: SFT, 2 seeds x 3 sampled methods,
-    # 2 seeds x 1 exact method).
+    # 1 exact method over both seeds, 1 η-sweep unit).
     while len(_steps(killed)) < 2 or max(_steps(killed)) < 2:
       assert proc.poll() is None, "run ended before it could be killed"
       assert time.time() < deadline, "no checkpoint appeared"

@@ -74,9 +74,11 @@ def test_smoke_writes_every_output_with_finite_metrics(smoke):
   assert any(n.startswith("events") for n in os.listdir(os.path.join(workdir, "tb")))
   assert os.listdir(os.path.join(workdir, "checkpoints"))
   lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  # Unit 1 = SFT, then one trajectory per (seed, method), sampled then exact; the per-round
-  # lines of a trajectory carry its unit; the mean curves come last, past every unit.
-  units = 1 + cfg.seeds * (len(methods) + len(cfg.exact.methods))
+  # Unit 1 = SFT, then one sampled trajectory per (seed, method), one exact unit per method
+  # (all seeds at once), one per (η, method) of the sweep; the per-round lines of a unit
+  # carry its unit; the mean curves come last, past every unit.
+  units = (1 + cfg.seeds * len(methods) + len(cfg.exact.methods)
+           + len(cfg.exact.eta_grid) * len(cfg.exact.sweep_methods))
   assert sorted({l["unit"] for l in lines}) == list(range(1, units + 2))
   for line in lines:
     assert all(v is not None and math.isfinite(v) for v in line.values()), line
@@ -133,8 +135,16 @@ def test_summary_gives_means_intervals_tests_and_exact_shadows(smoke):
     assert all(k >= -1e-6 for k in e["tracking_kl_mean"])
     for key in ("slope_avg", "slope_last", "shadow_slope_avg"):
       assert math.isfinite(e[key]["mean"]) and e[key]["ci95"] >= 0
+    assert e["tracking_bound"] == (cfg.exact.tracking_kl_bound if m in train.TRACKED else None)
+    assert e["tracking_kl_max"] >= 0
+  assert set(summary["eta_sweep"]) == set(cfg.exact.sweep_methods)
+  for m, e in summary["eta_sweep"].items():
+    assert e["eta"] == list(cfg.exact.eta_grid) and e["seeds"] == cfg.seeds
+    for key in ("gap", "avg_gap", "shadow_avg_gap"):
+      assert len(e[f"{key}_mean"]) == len(e[f"{key}_ci95"]) == len(cfg.exact.eta_grid)
+    assert all(k >= 0 for k in e["tracking_kl_max"])
   for name in ("gap_vs_round.png", "gap_vs_queries.png", "win_rate_vs_queries.png",
-               "exact_avg_gap_loglog.png", "exact_gap_loglog.png"):
+               "exact_avg_gap_loglog.png", "exact_gap_loglog.png", "exact_eta_sweep.png"):
     with open(os.path.join(workdir, name), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
 
@@ -184,6 +194,11 @@ def test_non_finite_loss_stops_the_run(tmp_path, cache_dir):
     ("exact.methods", ("sppo",), r"config\.exact\.methods"),
     ("exact.tol", 0.0, r"config\.exact\.tol"),
     ("exact.response_length", 20, r"config\.exact\.response_length"),
+    ("exact.residual_tol", 0.0, r"config\.exact\.residual_tol"),
+    ("exact.tracking_kl_bound", 2.0, r"config\.exact\.tracking_kl_bound"),
+    ("exact.eta_grid", (1.0, 1.0), r"config\.exact\.eta_grid"),
+    ("exact.eta_grid", (-0.5,), r"config\.exact\.eta_grid"),
+    ("exact.sweep_methods", ("inpo",), r"config\.exact\.sweep_methods"),
     ("selfplay.tournament_mode", "coin", r"config\.selfplay\.tournament_mode"),
 ])
 def test_bad_config_names_the_field(tmp_path, field, value, match):
@@ -196,5 +211,7 @@ def test_bad_config_names_the_field(tmp_path, field, value, match):
 
 def test_config_tiny_and_unknown_arg():
   assert default_config.get_config().experiment == "selfplay"
+  assert default_config.get_config().exact.eta_grid == ()
+  assert default_config.get_config("sweep").exact.eta_grid == (0.5, 1.0, 2.0, 4.0)
   with pytest.raises(ValueError, match="unknown arg"):
     default_config.get_config("huge")

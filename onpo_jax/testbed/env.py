@@ -45,16 +45,28 @@ def make_prompts(key: jax.Array, num_prompts: int, prompt_length: int,
                  vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Distinct random prompts (no padding): tokens [C, P] int32 and mask [C, P] bool.
 
+  Each prompt holds at least two different tokens. A causal decoder with
+  rotary positions and no absolute position embedding gives every position of
+  a constant sequence the same hidden state (attention averages identical
+  values, whatever its weights), so after a prompt like (0, 0, 0) the
+  conditionals of the responses 0, 00, 000 ... would be tied and the policy
+  could not represent every table; a second token in the prompt breaks the tie.
+
   Raises:
-    ValueError: if V^P < C (not enough distinct prompts).
+    ValueError: if P < 2, V < 2 or V^P − V < C (not enough such prompts).
   """
-  if vocab_size ** prompt_length < num_prompts:
+  available = vocab_size ** prompt_length - vocab_size
+  if prompt_length < 2 or vocab_size < 2 or available < num_prompts:
     raise ValueError(f"cannot draw num_prompts={num_prompts} distinct prompts of length "
-                     f"{prompt_length} over {vocab_size} tokens")
+                     f"prompt_length={prompt_length} over vocab_size={vocab_size} tokens with "
+                     f"two different tokens each: there are V^P - V = {max(available, 0)} "
+                     "(P >= 2 and V >= 2 needed)")
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-  ids = rng.choice(vocab_size ** prompt_length, size=num_prompts, replace=False)
+  ids = np.arange(vocab_size ** prompt_length)
   digits = (ids[:, None] // vocab_size ** np.arange(prompt_length - 1, -1, -1)) % vocab_size
-  return digits.astype(np.int32), np.ones((num_prompts, prompt_length), bool)
+  digits = digits[np.ptp(digits, axis=1) > 0]
+  chosen = rng.choice(len(digits), size=num_prompts, replace=False)
+  return digits[chosen].astype(np.int32), np.ones((num_prompts, prompt_length), bool)
 
 
 def start_logprobs(key: jax.Array, num_prompts: int, responses: np.ndarray, vocab_size: int,

@@ -37,7 +37,7 @@ held fixed (the sampled estimator does not differentiate its samples either).
 Memory: pair methods hold C·|Y|² pairs (0.5 M for C = 8, |Y| = 256).
 
 Regressions are solved to a stated tolerance by `testbed.solver.solve_regression`,
-a jitted full-batch loop over any optax transform (L-BFGS by default), including
+a jitted full-batch loop over any optax transform (the job uses Gauss–Newton), including
 `onpo_step(...)` for ONPO's two phases. `regression_residual` reports how far
 a table is from the exact minimiser.
 """

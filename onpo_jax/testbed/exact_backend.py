@@ -3,29 +3,58 @@
 In exact mode nothing is sampled: a round's data is `exact.ExactData` (every
 enumerated response or ordered pair with its probability under π_t), an
 anchor's "log-probs" are its whole table log π(y | x) [C, |Y|], and each
-regression is solved to a tolerance by `solver.solve_regression` (L-BFGS by
-default) instead of epochs of minibatches. Everything else, including ONPO's
+regression is solved to a tolerance (`solver.gauss_newton` in table space, the
+seeds' regressions batched) instead of epochs of minibatches. Everything else, including ONPO's
 two phases through `onpo_step`, the anchors' fingerprints and the method
 table's losses, is the engine's own code path (`onpo_jax.selfplay.engine`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from onpo_jax.testbed import evaluation
 from onpo_jax.testbed import exact
 from onpo_jax.testbed import solver
 from onpo_jax.testbed.world import policy_table
+
+
+def table_jacobian(graphdef, params, prompt_tokens, prompt_mask, responses):
+  """∂ log π(y | x_c)/∂θ for every table entry: a params tree with a leading [C·|Y|] axis.
+
+  Row c·|Y| + y is the gradient of one sequence's log-probability (entries of
+  the table do not share sequences), so the Jacobian is a batch of
+  per-sequence gradients: one batched backward pass, not C·|Y| of them.
+  """
+  prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
+  responses = jnp.asarray(responses)
+  c, n_y = prompt_tokens.shape[0], responses.shape[0]
+  ci, yi = jnp.repeat(jnp.arange(c), n_y), jnp.tile(jnp.arange(n_y), c)
+
+  def one(p, i, j):
+    return evaluation.policy_table(graphdef, p, prompt_tokens[i][None], prompt_mask[i][None],
+                                   responses[j][None])[0, 0]
+
+  return jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, ci, yi)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def batched_table(graphdef, params, prompt_tokens, prompt_mask, responses):
+  """[S, C, |Y|] policy tables of S stacked parameter trees in S stacked worlds."""
+  one = lambda p, pt, pm, ys: evaluation.policy_table(graphdef, p, pt, pm, ys)
+  return jax.vmap(one)(params, prompt_tokens, prompt_mask, responses)
 
 
 class ExactBackend:
   """The part of the backend protocol a full-batch round uses: anchor tables.
 
   Args:
-    table_fn: params -> [C, |Y|] log π table of the current world.
+    table_fn: stacked params -> [S, C, |Y|] log π tables of the seeds' worlds.
   """
 
   def __init__(self, table_fn):
@@ -42,51 +71,108 @@ class ExactBackend:
 
 
 class ExactRegression:
-  """`Engine(regression=...)`: solves a regression on `ExactData` to a gradient tolerance.
+  """`Engine(regression=...)`: solves S seeds' regressions on `ExactData` at once.
 
-  The world (prompts and responses, `Testbed.inputs`) is an argument of the
-  compiled solver, not a constant, so worlds of different seeds share it.
+  Parameters, anchors, data and worlds carry a leading seed axis S; the S
+  regressions run in one vmapped `solver.solve_regression_batch` with
+  `solver.gauss_newton` in table space: the loss is a function of the policy's
+  table (`exact.exact_loss`), the table a function of the parameters, its
+  Jacobian a batch of per-sequence gradients (`table_jacobian`). A regression
+  stops when its gradient norm is ≤ tol or, for methods with a closed-form
+  minimiser, when `exact.regression_residual` is ≤ residual_tol.
+
+  The worlds (prompts and responses, stacked `Testbed.inputs`) are an argument
+  of the compiled solver, not a constant, so games of different seeds share it.
 
   Args:
     config: the run config (method hyperparameters).
     graphdef: the policy architecture.
     tol: tolerance on the global L2 norm of the loss gradient.
     max_steps: step budget of one regression.
+    residual_tol: tolerance on the residual (None: gradient norm only).
   """
 
-  def __init__(self, config, graphdef, *, tol: float, max_steps: int):
+  def __init__(self, config, graphdef, *, tol: float, max_steps: int, residual_tol=None):
     self.config, self.graphdef = config, graphdef
     self.tol, self.max_steps = float(tol), int(max_steps)
-    self.inputs = None  # (prompt_tokens, prompt_mask, responses) of the current world
-    self._loss_fns = {}
+    self.residual_tol = None if residual_tol is None else float(residual_tol)
+    self.inputs = None  # stacked (prompt_tokens, prompt_mask, responses) of the seeds' worlds
+    self._fns = {}
+    self._solutions = {}  # (method, phase) -> the last two solutions (stacked params)
+    self._table = lambda p, anchors, data, inputs: policy_table(graphdef, p, *inputs)
+    self._jacobian = lambda p, anchors, data, inputs: table_jacobian(graphdef, p, *inputs)
 
   def table(self, params, inputs=None):
-    """[C, |Y|] log π table of `params` in the current world (or in `inputs`)."""
+    """[S, C, |Y|] log π tables of stacked `params` in the seeds' worlds (or `inputs`)."""
     inputs = self.inputs if inputs is None else inputs
     if inputs is None:
-      raise ValueError("ExactRegression.inputs is not set: assign a world's Testbed.inputs")
-    return policy_table(self.graphdef, params, *inputs)
+      raise ValueError("ExactRegression.inputs is not set: assign the seeds' stacked "
+                       "Testbed.inputs")
+    return batched_table(self.graphdef, params, *inputs)
 
-  def loss_fn(self, name: str):
-    """loss(params, anchors, data, inputs) of method `name`, one function per method."""
-    if name not in self._loss_fns:
-      self._loss_fns[name] = lambda p, anchors, data, inputs: exact.exact_loss(
-          name, self.config, self.table(p, inputs), anchors, data)[0]
-    return self._loss_fns[name]
+  def _functions(self, name: str):
+    """Method `name`'s functions, built once so that each compiles once.
+
+    Returns:
+      (loss, residual) of one seed's table (residual None without a closed-form
+      minimiser or residual_tol), the seeds' residuals of stacked tables (jitted)
+      and the seeds' losses of stacked parameters (jitted).
+    """
+    if name not in self._fns:
+      cfg = self.config
+      loss = lambda table, anchors, data, inputs: exact.exact_loss(
+          name, cfg, table, anchors, data)[0]
+      residual = None
+      if name in exact.SOLVABLE and self.residual_tol is not None:
+        residual = lambda table, anchors, data, inputs: exact.regression_residual(
+            name, cfg, table, anchors, data)
+      batch_residual = jax.jit(jax.vmap(lambda table, anchors, data: exact.regression_residual(
+          name, cfg, table, anchors, data))) if name in exact.SOLVABLE else None
+      table = self._table
+      batch_loss = jax.jit(jax.vmap(lambda p, a, d, i: loss(table(p, a, d, i), a, d, i)))
+      self._fns[name] = (loss, residual, batch_residual, batch_loss)
+    return self._fns[name]
+
+  def reset(self) -> None:
+    """Forgets the previous solutions (call before a new trajectory)."""
+    self._solutions = {}
+
+  def _warm_start(self, name, phase, params, batch_loss, anchors, data):
+    """The start of a regression: the engine's, or the extrapolation of the last two solutions.
+
+    Consecutive rounds move the table by similar amounts (r_t changes slowly), so
+    2·θ*_{t} − θ*_{t−1} of the same phase often starts next to the solution. It
+    is used, per seed, only where its loss is lower than the engine's start; the
+    solve still runs to the same tolerance, so only the work changes. Not for
+    ONPO `extrapolate`, whose policy is defined by the parameters the aux
+    regression reaches from its anchor.
+    """
+    past = self._solutions.get((name, phase), [])
+    if name == "onpo_extrapolate" or len(past) < 2:
+      return params
+    guess = jax.tree.map(lambda a, b: 2 * a - b, past[-1], past[-2])
+    better = batch_loss(guess, anchors, data, self.inputs) < batch_loss(params, anchors, data,
+                                                                        self.inputs)
+    pick = lambda g, p: jnp.where(better.reshape((-1,) + (1,) * (g.ndim - 1)), g, p)
+    return jax.tree.map(pick, guess, params)
 
   def __call__(self, name, optimizer, params, opt_state, data, anchors, key, round_idx, phase):
     del key  # full batch: nothing is shuffled
     t0 = time.perf_counter()
-    res = solver.solve_regression(self.loss_fn(name), params, anchors, data, self.inputs,
-                                 tol=self.tol, max_steps=self.max_steps, optimizer=optimizer,
-                                 opt_state=opt_state)
+    loss, residual, batch_residual, batch_loss = self._functions(name)
+    params = self._warm_start(name, phase, params, batch_loss, anchors, data)
+    res = solver.solve_regression_batch(
+        loss, params, anchors, data, self.inputs, tol=self.tol, max_steps=self.max_steps,
+        optimizer=optimizer, opt_state=opt_state, residual_fn=residual,
+        residual_tol=self.residual_tol if residual is not None else None,
+        output_fn=self._table, output_jacobian=self._jacobian)
+    self._solutions[(name, phase)] = self._solutions.get((name, phase), [])[-1:] + [res.params]
     metrics = {"loss": res.loss, "grad_norm": res.grad_norm, "steps": res.steps,
                "converged": res.converged}
-    if name in exact.SOLVABLE:
-      metrics["residual"] = exact.regression_residual(name, self.config, self.table(res.params),
-                                                      anchors, data)
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not all(np.isfinite(v) for v in metrics.values()):
+    if batch_residual is not None:
+      metrics["residual"] = batch_residual(self.table(res.params), anchors, data)
+    metrics = {k: np.asarray(v, np.float64) for k, v in jax.device_get(metrics).items()}
+    if not all(np.all(np.isfinite(v)) for v in metrics.values()):
       raise FloatingPointError(f"method {name!r}, round {round_idx}, phase {phase!r}: exact "
                                f"regression metrics are not finite: {metrics}")
     return res.params, res.opt_state, metrics, (time.perf_counter() - t0, 0)

@@ -123,19 +123,37 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       _need(isinstance(ex[field], int) and ex[field] >= 1, f"exact.{field}", "an integer >= 1",
             ex[field])
     _need(ex.tol > 0, "exact.tol", "a gradient-norm tolerance > 0", ex.tol)
+    _need(ex.residual_tol > 0, "exact.residual_tol", "a residual tolerance > 0",
+          ex.residual_tol)
+    _need(0 < ex.tracking_kl_bound < 1, "exact.tracking_kl_bound",
+          "a KL bound in (0, 1) nats (KL of 1 nat is no tracking at all)", ex.tracking_kl_bound)
+    grid = tuple(ex.eta_grid)
+    _need(all(isinstance(e, (int, float)) and 0 < e <= 100 for e in grid)
+          and len(set(grid)) == len(grid), "exact.eta_grid",
+          "distinct step sizes η in (0, 100] (an empty tuple: no sweep)", grid)
+    _need(len(ex.sweep_methods) >= 1 and all(m in ("onpo_two_step", "onpo_extrapolate", "omd")
+                                             for m in ex.sweep_methods),
+          "exact.sweep_methods", "a non-empty tuple of 'onpo_two_step', 'onpo_extrapolate', "
+          "'omd' (the methods whose step is η)", tuple(ex.sweep_methods))
     _need(ex.vocab_size ** ex.response_length <= MAX_RESPONSES, "exact.response_length",
           f"V^L <= {MAX_RESPONSES} enumerable responses", ex.response_length)
 
 
-def exact_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
-  """The config of seed `seed`'s exact-mode world: the `exact` sizes, its own game."""
+def exact_config(config: ml_collections.ConfigDict, seed: int, eta=None
+                 ) -> ml_collections.ConfigDict:
+  """The config of seed `seed`'s exact-mode world: the `exact` sizes, its own game.
+
+  `eta` (the sweep) sets ONPO's η and OMD's step 1/η_I to the same η.
+  """
   c = config.copy_and_resolve_references()
+  if eta is not None:
+    c.onpo.eta, c.omd.eta_inpo = float(eta), 1.0 / float(eta)
   ex = config.exact
   c.seed = int(config.seed) + 1 + seed  # exact rounds draw nothing: seeds vary the game
   c.testbed.vocab_size = c.oracle.vocab_size = c.model.vocab_size = ex.vocab_size
   c.testbed.response_length = ex.response_length
   c.testbed.num_prompts = ex.num_prompts
-  c.selfplay.methods = tuple(ex.methods)
+  c.selfplay.methods = tuple(dict.fromkeys(tuple(ex.methods) + tuple(ex.sweep_methods)))
   return c
 
 
@@ -148,11 +166,13 @@ def _sft_start(config, world: Testbed) -> trajectories.Start:
 
 
 def _units(config) -> list[tuple[str, int, int]]:
-  """(part, seed, method index) of every trajectory, after unit 1 (the SFT)."""
+  """(part, seed or η index, method index) of every unit after unit 1 (the SFT)."""
   seeds = range(int(config.seeds))
   units = [("sampled", s, mi) for s in seeds for mi in range(len(config.selfplay.methods))]
-  if config.exact.enabled:
-    units += [("exact", s, mi) for s in seeds for mi in range(len(config.exact.methods))]
+  if config.exact.enabled:  # exact trajectories run every seed at once (vmapped)
+    units += [("exact", -1, mi) for mi in range(len(config.exact.methods))]
+    units += [("sweep", ei, mi) for ei in range(len(config.exact.eta_grid))
+              for mi in range(len(config.exact.sweep_methods))]
   return units
 
 
@@ -160,6 +180,27 @@ SAMPLED_KEYS = ("gap", "avg_gap", "win_rate_vs_sft", "oracle_queries")
 EXACT_KEYS = ("gap", "avg_gap", "win_rate_vs_sft", "shadow_gap", "shadow_avg_gap",
               "tracking_kl")
 EXACT_ROUND_KEYS = ("residual", "grad_norm", "steps")
+# The η sweep keeps, per (η, seed, method), the final gaps and the worst tracking KL.
+SWEEP_KEYS = ("gap", "avg_gap", "shadow_avg_gap", "tracking_kl")
+# Methods whose neural exact iterates must stay within exact.tracking_kl_bound of
+# their shadows (ONPO extrapolate's step is an approximation for a network).
+TRACKED = ("onpo_two_step", "omd", "inpo", "online_ipo")
+
+
+def _exact_unit_metrics(loop, part: str, name: str, outs: list[dict], unit: int) -> tuple:
+  """Per-round lines of every seed, the unit's final metrics, rounds and message."""
+  metrics = {}
+  for i, out in enumerate(outs):
+    prefix = f"{part}/{name}/seed{i}/"
+    # Per-round lines belong to this unit: a resume that redoes it drops them first.
+    for t, m in enumerate(out["rounds"][:-1]):
+      loop.writer.write(t + 1, {prefix + k: float(v) for k, v in m.items()} | {"unit": unit + 1})
+    metrics.update({prefix + k: float(v) for k, v in out["rounds"][-1].items()})
+  gaps = [out["avg_gap"][-1] for out in outs]
+  kl = max(float(np.max(np.abs(out["tracking_kl"]))) for out in outs)
+  message = (f"{part} {name}, {len(outs)} seeds: final average-iterate gap "
+             f"{np.mean(gaps):.4f} (mean), max |KL(neural ‖ shadow)| {kl:.1e}")
+  return metrics, len(outs[0]["rounds"]) * len(outs), message
 
 
 def _initial_state(config, world: Testbed) -> dict:
@@ -177,6 +218,9 @@ def _initial_state(config, world: Testbed) -> dict:
     me, te = len(config.exact.methods), int(config.exact.num_rounds)
     state["exact"] = {k: np.zeros((s, me, te + 1)) for k in EXACT_KEYS}
     state["exact"].update({k: np.zeros((s, me, te)) for k in EXACT_ROUND_KEYS})
+    ne, ms = len(config.exact.eta_grid), len(config.exact.sweep_methods)
+    if ne:  # orbax stores no zero-size arrays
+      state["sweep"] = {k: np.zeros((ne, s, ms)) for k in SWEEP_KEYS}
   return state
 
 
@@ -265,7 +309,23 @@ def _finalize(config, world: Testbed, state: dict, workdir: str, writer, total_u
          "max residual"]))
     print("\n".join(report.describe(summary["exact_comparisons"]["avg_gap"], "avg_gap",
                                     ex_methods[0])))
+    bound = float(config.exact.tracking_kl_bound)
+    print(f"\nTracking: max |KL(neural ‖ shadow)| over {te} rounds and {config.seeds} seeds "
+          f"(bound {bound:g} for {', '.join(TRACKED)}):")
+    for i, m in enumerate(ex_methods):
+      kl = float(np.max(np.abs(exact_arrays["tracking_kl"][:, i])))
+      e = per_exact[m]
+      e["tracking_kl_max"] = kl
+      e["tracking_bound"] = bound if m in TRACKED else None
+      verdict = ("within the bound" if kl <= bound else "ABOVE the bound") if m in TRACKED else (
+          "no bound: a parameter-space extrapolation, not the tabular step")
+      print(f"  {m}: {kl:.2e} ({verdict})")
     report.plot_exact(per_exact, workdir)
+    if len(config.exact.eta_grid):
+      summary["eta_sweep"] = report.sweep(state["sweep"], config.exact.eta_grid,
+                                          list(config.exact.sweep_methods))
+      report.print_sweep(summary["eta_sweep"], te)
+      report.plot_sweep(summary["eta_sweep"], workdir, te)
     _write_curves(writer, "exact", per_exact, total_units)
   return summary
 
@@ -294,11 +354,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, unit, _ = loop.restore(_initial_state(config, world))
   state["sft_params"] = jax.tree.map(jnp.asarray, state["sft_params"])
   state["sft_table"] = jnp.asarray(state["sft_table"])
-  starts = {}  # exact-mode SFT starts per seed, rebuilt deterministically on resume
-  exact_rounds = None
+  starts = {}  # exact-mode SFT starts per seed
+  exact_rounds = {}  # per η of the sweep (None: the config's η)
 
   def step(unit: int, state: dict):
-    nonlocal exact_rounds
     if unit == 0:
       start = _sft_start(config, world)
       m = jax.device_get(world.metrics_fn(start.sft_table, start.sft_table))
@@ -322,17 +381,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state["sampled"][k][s, mi] = out[k]
       state["final_tables"][s, mi] = out["final_table"]
     else:
-      name = config.exact.methods[mi]
-      if s not in starts:
-        ec = exact_config(config, s)
-        starts[s] = _sft_start(ec, Testbed(ec))
-      if exact_rounds is None:
-        exact_rounds = trajectories.ExactRounds(
-            exact_config(config, 0), starts[s].world.graphdef, tol=config.exact.tol,
-            max_steps=config.exact.max_steps)
-      out = exact_rounds.run(starts[s], name, int(config.exact.num_rounds))
-      for k in EXACT_KEYS + EXACT_ROUND_KEYS:
-        state["exact"][k][s, mi] = out[k]
+      if not starts:  # every seed's game and SFT, rebuilt deterministically on resume
+        for seed in range(int(config.seeds)):
+          ec = exact_config(config, seed)
+          starts[seed] = _sft_start(ec, Testbed(ec))
+      eta = float(config.exact.eta_grid[s]) if part == "sweep" else None
+      names = config.exact.sweep_methods if part == "sweep" else config.exact.methods
+      name = names[mi]
+      if eta == float(config.onpo.eta) and 1.0 / eta == float(config.omd.eta_inpo):
+        eta_key = None  # the config's own step sizes: the compiled main engine serves
+      else:
+        eta_key = eta
+      if eta_key not in exact_rounds:
+        ec = exact_config(config, 0, eta=eta_key)
+        exact_rounds[eta_key] = trajectories.ExactRounds(
+            ec, starts[0].world.graphdef, tol=config.exact.tol,
+            max_steps=config.exact.max_steps, residual_tol=config.exact.residual_tol)
+      outs = exact_rounds[eta_key].run([starts[i] for i in range(int(config.seeds))], name,
+                                   int(config.exact.num_rounds))
+      if part == "sweep":
+        for i, out in enumerate(outs):
+          for k in SWEEP_KEYS:
+            state["sweep"][k][s, i, mi] = out[k][-1] if k != "tracking_kl" else np.max(
+                np.abs(out[k]))
+        name = f"{name}/eta{eta:g}"
+      else:
+        for i, out in enumerate(outs):
+          for k in EXACT_KEYS + EXACT_ROUND_KEYS:
+            state["exact"][k][i, mi] = out[k]
+      return state, *_exact_unit_metrics(loop, part, name, outs, unit)
     prefix = f"{part}/{name}/seed{s}/"
     # Per-round lines belong to this unit: a resume that redoes it drops them first.
     for t, m in enumerate(out["rounds"][:-1]):

@@ -1,9 +1,15 @@
-"""Full-batch solver of exact-mode regressions: any optax transform to a gradient tolerance.
+"""Full-batch solver of exact-mode regressions: any optax transform to a stated tolerance.
 
 Each exact round (`testbed.exact`) regresses the policy on the exact expected
 loss; `solve_regression` runs the optimizer's steps in one jitted
 `lax.while_loop` until the gradient's global L2 norm (or an optional residual)
 falls below its tolerance, L-BFGS by default, `onpo_step(...)` included.
+
+`gauss_newton` is the solver of choice when the loss is a function of a small
+output (the policy's table, C·|Y| numbers): it takes the loss's exact second
+order model in output space and maps it through the network's Jacobian: on the
+testbed's first OMD round it reaches an excess loss of 1e-9 in about 25 steps,
+where L-BFGS needs about 300 steps for 1e-5.
 """
 
 from __future__ import annotations
@@ -50,6 +56,105 @@ def default_solver() -> optax.GradientTransformationExtraArgs:
   return optax.lbfgs()
 
 
+_STEP_SCALES = (1.0, 0.5, 0.25, 0.125)
+
+
+class GaussNewtonState(NamedTuple):
+  """State of `gauss_newton`: the current relative damping λ."""
+
+  damping: jax.Array
+
+
+def gauss_newton(damping: float = 1e-2, *, min_damping: float = 1e-6,
+                 max_damping: float = 1e9) -> optax.GradientTransformationExtraArgs:
+  """Levenberg–Marquardt steps of a loss of the network's output, in output space.
+
+  For a loss ℓ(f(θ)) with a small output f (n = C·|Y| log-probabilities), let
+  g = ∇ℓ and H = ∇²ℓ at the current output, J = ∂f/∂θ and K = J Jᵀ [n, n]
+  (the network's tangent kernel). The step δ minimises the second-order model
+  gᵀJδ + ½ δᵀJᵀHJδ in the row space of J, damped: δ = Jᵀa with
+  (H K + λ s I) a = −g, where s = tr(HK)/n makes λ relative. For
+  the exact-mode losses ℓ is quadratic in the table, so the model is exact in
+  output space and the only error is the network's curvature: steps converge
+  like Newton's near the solution. Each update tries δ, δ/2, δ/4 and δ/8 (one
+  batched forward pass) and takes the one with the lowest loss, or none if
+  none lowers it. λ adapts to the full step (Moré's rule): a real decrease
+  < ¼ of the predicted one raises λ ×4, > ¾ lowers it ÷3.
+
+  Memory: the Jacobian holds n × (number of parameters) floats; meant for the
+  enumerable testbed (n ≤ a few hundred), not for language models.
+
+  Args:
+    damping: initial relative damping λ > 0.
+    min_damping, max_damping: bounds of λ (below ~1e-6 a float32 solve of a
+      near-singular H K is noise).
+
+  Returns:
+    An optax transform whose update needs the extra args `value` (ℓ at
+    params), `output_fn` (params -> output array) and `output_loss`
+    (output -> scalar), and takes `output_jacobian` (params -> the tree of
+    ∂f/∂θ with a leading axis over the flattened output); without it the
+    Jacobian is n vector-Jacobian products. `solve_regression(...,
+    output_fn=..., output_jacobian=...)` passes them.
+  """
+  if not 0 < min_damping <= damping <= max_damping:
+    raise ValueError(f"gauss_newton: need 0 < min_damping <= damping <= max_damping, got "
+                     f"{min_damping}, {damping}, {max_damping}")
+
+  def init_fn(params):
+    dtype = jax.tree.leaves(params)[0].dtype
+    return GaussNewtonState(jnp.asarray(damping, dtype))
+
+  def update_fn(grads, state, params, *, value, output_fn, output_loss, output_jacobian=None,
+                **unused):
+    del grads, unused  # the gradient is recomputed in output space
+    if output_jacobian is None:
+      out, vjp = jax.vjp(output_fn, params)
+      jac = jax.vmap(lambda e: vjp(e.reshape(out.shape))[0])(jnp.eye(out.size, dtype=out.dtype))
+    else:
+      out, jac = output_fn(params), output_jacobian(params)
+    shape, n = out.shape, out.size
+    flat_loss = lambda o: output_loss(o.reshape(shape))
+    g = jax.grad(flat_loss)(out.ravel())
+    h = jax.hessian(flat_loss)(out.ravel())
+    rows = [j.reshape(n, -1) for j in jax.tree.leaves(jac)]
+    k = sum(r @ r.T for r in rows)
+    hk = h @ k
+    scale = jnp.maximum(jnp.trace(hk) / n, jnp.finfo(out.dtype).tiny)
+    a = jnp.linalg.solve(hk + state.damping * scale * jnp.eye(n, dtype=out.dtype), -g)
+    step = jax.tree.map(lambda j: jnp.tensordot(a, j, axes=1), jac)
+    du = k @ a  # the output's change to first order
+    predicted = g @ du + 0.5 * du @ (h @ du)  # < 0 unless at a stationary point
+    # The full step and three shorter ones, in one batched forward pass: where
+    # the network's curvature makes the full step overshoot, a shorter one
+    # still makes progress for the price of a forward pass, not a Jacobian.
+    scales = jnp.asarray(_STEP_SCALES, out.dtype)
+    values = jax.vmap(lambda c: output_loss(output_fn(
+        jax.tree.map(lambda p, d: p + (c * d).astype(p.dtype), params, step))))(scales)
+    values = jnp.where(jnp.isfinite(values), values, jnp.inf)
+    best = jnp.argmin(values)
+    # A near-singular system can give a finite loss from absurd parameters: a step
+    # must be finite everywhere to be taken.
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(d)) for d in jax.tree.leaves(step)]))
+    accept = finite & (values[best] <= value)
+    # Damping follows the full step's agreement with the model.
+    ratio = (values[0] - value) / jnp.minimum(predicted, -jnp.finfo(out.dtype).tiny)
+    lam = jnp.where(finite & (ratio > 0.75), state.damping / 3,
+                    jnp.where(finite & (ratio >= 0.25), state.damping, state.damping * 4))
+    lam = jnp.clip(lam, min_damping, max_damping).astype(state.damping.dtype)
+    scale = jnp.where(accept, scales[best], 0.0)
+    updates = jax.tree.map(lambda d: (scale * d).astype(d.dtype), step)
+    return updates, GaussNewtonState(lam)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+@functools.lru_cache(maxsize=None)
+def default_gauss_newton() -> optax.GradientTransformationExtraArgs:
+  """`gauss_newton()` with its defaults, one shared instance (executable cache, as above)."""
+  return gauss_newton()
+
+
 def _global_norm(tree) -> jax.Array:
   return optax.tree.norm(tree)
 
@@ -62,11 +167,20 @@ def _stores_value(state) -> bool:
     return False
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "residual_fn"))
-def _solve(loss_fn, optimizer, residual_fn, params, opt_state, args, tol, residual_tol,
-           max_steps):
+@functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "residual_fn",
+                                             "output_fn", "output_jacobian"))
+def _solve(loss_fn, optimizer, residual_fn, output_fn, output_jacobian, params, opt_state, args,
+           tol, residual_tol, max_steps):
   opt = optax.with_extra_args_support(optimizer)
-  value_fn = lambda p: loss_fn(p, *args)
+  extra = {}
+  if output_fn is None:
+    value_fn = lambda p: loss_fn(p, *args)
+  else:
+    extra = {"output_fn": lambda p: output_fn(p, *args),
+             "output_loss": lambda o: loss_fn(o, *args)}
+    value_fn = lambda p: loss_fn(output_fn(p, *args), *args)
+    if output_jacobian is not None:
+      extra["output_jacobian"] = lambda p: output_jacobian(p, *args)
   value_and_grad = jax.value_and_grad(value_fn)
   reuse = _stores_value(opt_state)
   if reuse:
@@ -74,35 +188,78 @@ def _solve(loss_fn, optimizer, residual_fn, params, opt_state, args, tol, residu
     from_state = optax.value_and_grad_from_state(value_fn)
   value, grad = value_and_grad(params)
   nan = jnp.full([], jnp.nan, jnp.result_type(value))
-  residual = (lambda p: jnp.asarray(residual_fn(p, *args), nan.dtype)) if residual_fn else (
-      lambda p: nan)
+  if residual_fn is None:
+    residual = lambda p: nan
+  elif output_fn is None:
+    residual = lambda p: jnp.asarray(residual_fn(p, *args), nan.dtype)
+  else:
+    residual = lambda p: jnp.asarray(residual_fn(output_fn(p, *args), *args), nan.dtype)
 
   def done(grad, res):
     # NaN compares False: a NaN residual never stops the loop, a NaN gradient does.
     return (_global_norm(grad) <= tol) | (res <= residual_tol) | jnp.isnan(_global_norm(grad))
 
   def cond(carry):
-    _, _, _, grad, res, step = carry
-    return (step < max_steps) & ~done(grad, res)
+    _, _, _, grad, res, step, broke = carry
+    return (step < max_steps) & ~done(grad, res) & ~broke
 
   def body(carry):
-    params, state, value, grad, _, step = carry
-    updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=value_fn)
-    params = optax.apply_updates(params, updates)
-    value, grad = from_state(params, state=state) if reuse else value_and_grad(params)
-    return params, state, value, grad, residual(params), step + 1
+    params, state, value, grad, res, step, _ = carry
+    updates, new_state = opt.update(grad, state, params, value=value, grad=grad,
+                                    value_fn=value_fn, **extra)
+    new_params = optax.apply_updates(params, updates)
+    if reuse:
+      new_value, new_grad = from_state(new_params, state=new_state)
+    else:
+      new_value, new_grad = value_and_grad(new_params)
+    # A step into non-finite values is undone and ends the solve: the result is
+    # the last finite iterate, reported as not converged.
+    ok = jnp.isfinite(new_value) & jnp.isfinite(_global_norm(new_grad))
+    keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(ok, x, y), new, old)
+    params, state = keep(new_params, params), keep(new_state, state)
+    value, grad = jnp.where(ok, new_value, value), keep(new_grad, grad)
+    return params, state, value, grad, residual(params), step + 1, ~ok
 
-  carry = (params, opt_state, value, grad, residual(params), jnp.zeros([], jnp.int32))
-  params, opt_state, value, grad, res, steps = jax.lax.while_loop(cond, body, carry)
+  carry = (params, opt_state, value, grad, residual(params), jnp.zeros([], jnp.int32),
+           jnp.zeros([], bool))
+  params, opt_state, value, grad, res, steps, broke = jax.lax.while_loop(cond, body, carry)
   norm = _global_norm(grad)
-  converged = (norm <= tol) | (res <= residual_tol)
+  converged = ((norm <= tol) | (res <= residual_tol)) & ~broke
   return SolveResult(params, opt_state, value, norm, res, steps, converged)
+
+
+def _check(loss_fn, tol, max_steps, *, residual_fn=None, residual_tol=None, output_fn=None,
+           output_jacobian=None) -> None:
+  """Named errors for `solve_regression`'s arguments."""
+  fn = "solve_regression"
+  if not (isinstance(tol, (int, float)) and tol > 0):
+    raise ValueError(f"{fn}: tol must be a number > 0, got {tol!r}")
+  if not (isinstance(max_steps, int) and max_steps >= 1):
+    raise ValueError(f"{fn}: max_steps must be an integer >= 1, got {max_steps!r}")
+  if not callable(loss_fn):
+    raise ValueError(f"{fn}: loss_fn must be callable, got {type(loss_fn).__name__}")
+  if output_fn is not None and not callable(output_fn):
+    raise ValueError(f"{fn}: output_fn must be callable or None, got {type(output_fn).__name__}")
+  if output_jacobian is not None and (output_fn is None or not callable(output_jacobian)):
+    raise ValueError(f"{fn}: output_jacobian must be a callable given with output_fn, got "
+                     f"output_jacobian={output_jacobian!r}, output_fn={output_fn!r}")
+  if residual_fn is not None and not callable(residual_fn):
+    raise ValueError(f"{fn}: residual_fn must be callable or None, got "
+                     f"{type(residual_fn).__name__}")
+  if (residual_fn is None) != (residual_tol is None):
+    raise ValueError(f"{fn}: residual_fn and residual_tol go together; got residual_fn="
+                     f"{residual_fn!r}, residual_tol={residual_tol!r}")
+  if residual_tol is not None and not (isinstance(residual_tol, (int, float))
+                                       and residual_tol > 0):
+    raise ValueError(f"{fn}: residual_tol must be a number > 0, got {residual_tol!r}")
 
 
 def solve_regression(loss_fn: Callable[..., jax.Array], params, *args, tol: float,
                      max_steps: int, optimizer: Optional[optax.GradientTransformation] = None,
                      opt_state=None, residual_fn: Optional[Callable[..., jax.Array]] = None,
-                     residual_tol: Optional[float] = None) -> SolveResult:
+                     residual_tol: Optional[float] = None,
+                     output_fn: Optional[Callable[..., jax.Array]] = None,
+                     output_jacobian: Optional[Callable[..., Any]] = None) -> SolveResult:
   """Minimises loss_fn(params, *args) full-batch to a stated tolerance, or max_steps.
 
   One jitted `lax.while_loop` of optimizer steps; each step calls
@@ -131,31 +288,82 @@ def solve_regression(loss_fn: Callable[..., jax.Array], params, *args, tol: floa
     residual_fn: optional scalar residual_fn(params, *args) ≥ 0, evaluated
       after every step (e.g. `regression_residual` of the policy's table).
     residual_tol: tolerance > 0 on it; required with residual_fn.
+    output_fn: optional output_fn(params, *args) -> array. When given, the
+      objective is loss_fn(output_fn(params, *args), *args) (loss_fn and
+      residual_fn then take the output in place of params) and the optimizer
+      also gets the extra args `output_fn` and `output_loss`: required by
+      `gauss_newton`, refused by L-BFGS's line search.
+    output_jacobian: optional output_jacobian(params, *args) -> ∂output/∂params
+      with a leading axis over the flattened output (only with output_fn;
+      passed on to the optimizer as the extra arg `output_jacobian`).
 
   Returns:
     `SolveResult` (params, opt_state, loss, grad_norm, residual, steps,
     converged).
   """
-  fn = "solve_regression"
-  if not (isinstance(tol, (int, float)) and tol > 0):
-    raise ValueError(f"{fn}: tol must be a number > 0, got {tol!r}")
-  if not (isinstance(max_steps, int) and max_steps >= 1):
-    raise ValueError(f"{fn}: max_steps must be an integer >= 1, got {max_steps!r}")
-  if not callable(loss_fn):
-    raise ValueError(f"{fn}: loss_fn must be callable, got {type(loss_fn).__name__}")
-  if residual_fn is not None and not callable(residual_fn):
-    raise ValueError(f"{fn}: residual_fn must be callable or None, got "
-                     f"{type(residual_fn).__name__}")
-  if (residual_fn is None) != (residual_tol is None):
-    raise ValueError(f"{fn}: residual_fn and residual_tol go together; got residual_fn="
-                     f"{residual_fn!r}, residual_tol={residual_tol!r}")
-  if residual_tol is not None and not (isinstance(residual_tol, (int, float))
-                                       and residual_tol > 0):
-    raise ValueError(f"{fn}: residual_tol must be a number > 0, got {residual_tol!r}")
+  _check(loss_fn, tol, max_steps, residual_fn=residual_fn, residual_tol=residual_tol,
+         output_fn=output_fn, output_jacobian=output_jacobian)
   optimizer = default_solver() if optimizer is None else optimizer
   if opt_state is None:
     opt_state = optimizer.init(params)
   # -inf: no residual rule, the comparison is then always False.
   r_tol = -float("inf") if residual_tol is None else float(residual_tol)
-  return _solve(loss_fn, optimizer, residual_fn, params, opt_state, tuple(args), tol, r_tol,
-                max_steps)
+  return _solve(loss_fn, optimizer, residual_fn, output_fn, output_jacobian, params, opt_state,
+                tuple(args), tol, r_tol, max_steps)
+
+
+def _batch_axes(opt_state):
+  """vmap axes of an optimizer state over a batch of problems: 0 for arrays, None for scalars."""
+  return jax.tree.map(lambda x: 0 if jnp.ndim(x) >= 1 else None, opt_state)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "residual_fn",
+                                             "output_fn", "output_jacobian"))
+def _solve_batch(loss_fn, optimizer, residual_fn, output_fn, output_jacobian, params, opt_state,
+                 args, tol, residual_tol, max_steps):
+  axes = _batch_axes(opt_state)
+  one = lambda p, s, a: _solve(loss_fn, optimizer, residual_fn, output_fn, output_jacobian, p,
+                               s, a, tol, residual_tol, max_steps)
+  res = jax.vmap(one, in_axes=(0, axes, 0))(params, opt_state, args)
+  leaves, treedef = jax.tree.flatten(res.opt_state)
+  flat_axes = jax.tree.flatten(axes, is_leaf=lambda x: x is None)[0]
+  # A scalar shared by every problem on the way in goes back as one scalar.
+  leaves = [x if ax == 0 else jnp.max(x, axis=0) for x, ax in zip(leaves, flat_axes)]
+  return res._replace(opt_state=jax.tree.unflatten(treedef, leaves))
+
+
+def solve_regression_batch(loss_fn: Callable[..., jax.Array], params, *args, tol: float,
+                           max_steps: int, optimizer: optax.GradientTransformation,
+                           opt_state, **kwargs) -> SolveResult:
+  """B independent regressions in one vmapped `solve_regression` (e.g. one per seed).
+
+  `params`, every leaf of `args` and every array leaf of `opt_state` carry a
+  leading batch axis B. Scalar leaves of `opt_state` (step counters, a
+  damping) are shared on the way in: each problem starts from them; on the
+  way out they hold their maximum over the batch (for `onpo_step`'s
+  counters all problems agree). Each problem stops by its own rule; the
+  loop runs until the last one has (finished ones are left unchanged), so
+  small problems batch well on a CPU where per-step overhead dominates.
+  Optimizers whose state has array leaves without the batch axis (L-BFGS's
+  memory is [m, ...]) are not supported: use `gauss_newton` or Adam.
+
+  Args:
+    loss_fn, params, *args, tol, max_steps, optimizer, opt_state: as for
+      `solve_regression`, batched as above.
+    **kwargs: residual_fn, residual_tol, output_fn, output_jacobian, as for
+      `solve_regression` (functions of one problem).
+
+  Returns:
+    `SolveResult` with a leading batch axis on params, loss, grad_norm,
+    residual, steps and converged.
+  """
+  _check(loss_fn, tol, max_steps, **kwargs)
+  batch = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves((params, args))}
+  if len(batch) != 1 or None in batch:
+    raise ValueError(f"solve_regression_batch: params and args must share one leading batch "
+                     f"axis; got leading sizes {sorted(map(str, batch))}")
+  residual_tol = kwargs.get("residual_tol")
+  r_tol = -float("inf") if residual_tol is None else float(residual_tol)
+  return _solve_batch(loss_fn, optimizer, kwargs.get("residual_fn"), kwargs.get("output_fn"),
+                      kwargs.get("output_jacobian"), params, opt_state, tuple(args), tol, r_tol,
+                      max_steps)

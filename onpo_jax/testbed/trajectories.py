@@ -1,11 +1,12 @@
-"""One method's T rounds on the testbed, for one seed: sampled or exact.
+"""One method's T rounds on the testbed: sampled (one seed) or exact (every seed at once).
 
-A trajectory is the unit of the testbed job (`onpo_jax.testbed.job`): it starts
-from the seed's SFT policy, runs T rounds of one method on the self-play engine
-and returns per-round exact metrics (the policy's duality gap, the gap of the
-average iterate, the win rate vs SFT), so that means and intervals over seeds
-can be taken. Exact trajectories also return the tabular shadow's metrics and
-the tracking KL between the neural iterate and its shadow.
+A trajectory starts from the seed's SFT policy, runs T rounds of one method on
+the self-play engine and returns per-round exact metrics (the policy's duality
+gap, the gap of the average iterate, the win rate vs SFT), so that the testbed
+job (`onpo_jax.testbed.job`) can take means and intervals over seeds. Exact
+rounds run the seeds' trajectories together (their regressions are one
+vmapped solve) and also return the tabular shadow's metrics and the tracking
+KL between each neural iterate and its shadow.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from onpo_jax.selfplay import loop as loop_lib
 from onpo_jax.selfplay.engine import Engine
 from onpo_jax.tabular import exact as tabular_exact
 from onpo_jax.testbed import exact
-from onpo_jax.testbed import solver
 from onpo_jax.testbed import shadow
+from onpo_jax.testbed import solver
 from onpo_jax.testbed.exact_backend import ExactBackend
 from onpo_jax.testbed.exact_backend import ExactRegression
 from onpo_jax.testbed.world import Testbed
@@ -79,8 +80,12 @@ def sampled(engine: Engine, start: Start, name: str, method_index: int, run_key:
   return out
 
 
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
+
+
 class ExactRounds:
-  """The engine in exact mode, shared by every seed's world (compiled once).
+  """The engine in exact mode over a batch of seeds (compiled once, vmapped over seeds).
 
   Args:
     config: the run config with `selfplay.methods` = the exact methods and the
@@ -88,44 +93,72 @@ class ExactRounds:
     graphdef: the policy architecture (the same in every seed's world).
     tol: gradient-norm tolerance of each regression.
     max_steps: step budget of each regression.
+    residual_tol: residual tolerance of each regression (None: gradient only).
   """
 
-  def __init__(self, config, graphdef, *, tol: float, max_steps: int):
+  def __init__(self, config, graphdef, *, tol: float, max_steps: int, residual_tol=None):
     self.config = config
-    self.regression = ExactRegression(config, graphdef, tol=tol, max_steps=max_steps)
+    self.regression = ExactRegression(config, graphdef, tol=tol, max_steps=max_steps,
+                                      residual_tol=residual_tol)
     self.backend = ExactBackend(self.regression.table)
-    self.engine = Engine(self.backend, config, inner_optimizer=solver.default_solver(),
+    self.engine = Engine(self.backend, config, inner_optimizer=solver.default_gauss_newton(),
                          regression=self.regression)
+    self._data = {}
 
-  def run(self, start: Start, name: str, num_rounds: int, *, with_shadow: bool = True) -> dict:
-    """T exact rounds of `name` from the seed's SFT; per-round arrays [T+1] (round 0 = SFT)."""
-    w = start.world
-    self.regression.inputs = w.inputs
-    state = self.engine.init_state(name, start.sft_params)
-    tables = [start.sft_table]
-    per_round = {k: np.zeros(num_rounds) for k in ("residual", "grad_norm", "steps")}
+  def data_fn(self, name: str):
+    """Stacked tables [S, C, |Y|] and games -> the seeds' stacked `exact.ExactData`."""
+    if name not in self._data:
+      cfg = self.config
+      self._data[name] = jax.jit(jax.vmap(lambda lp, pref: exact.exact_data(name, cfg, lp, pref)))
+    return self._data[name]
+
+  def run(self, starts: list[Start], name: str, num_rounds: int, *,
+          with_shadow: bool = True) -> list[dict]:
+    """T exact rounds of `name` from each seed's SFT, all seeds at once.
+
+    Returns:
+      One dict per seed of per-round arrays: [T+1] for 'gap', 'avg_gap',
+      'win_rate_vs_sft' (round 0 = SFT) and the shadow's curves, [T] for the
+      regressions' worst 'residual', 'grad_norm' and total 'steps' per round,
+      and 'rounds' (per-round metrics).
+    """
+    sft_params = _stack([s.sft_params for s in starts])
+    sft_table = jnp.stack([s.sft_table for s in starts])
+    pref = jnp.stack([s.world.pref for s in starts])
+    self.regression.inputs = _stack([s.world.inputs for s in starts])
+    self.regression.reset()
+    state = self.engine.init_state(name, sft_params)
+    tables = [sft_table]
+    per_round = {k: np.zeros((len(starts), num_rounds)) for k in ("residual", "grad_norm",
+                                                                  "steps")}
     rounds = []
     for t in range(num_rounds):
-      data = exact.exact_data(name, self.config, tables[-1], w.pref)
-      state, metrics = self.engine.train(name, state, start.sft_params, data,
-                                         jax.random.key(0), t + 1)
-      tables.append(w.table_fn(state["params"]))
-      # The worst of the round's regressions (ONPO two_step has two).
-      per_round["residual"][t] = max(v for k, v in metrics.items() if k.endswith("/residual"))
-      per_round["grad_norm"][t] = max(v for k, v in metrics.items() if k.endswith("/grad_norm"))
-      per_round["steps"][t] = sum(v for k, v in metrics.items() if k.endswith("/steps"))
+      data = self.data_fn(name)(tables[-1], pref)
+      state, metrics = self.engine.train(name, state, sft_params, data, jax.random.key(0), t + 1)
+      tables.append(self.regression.table(state["params"]))
+      # The worst of the round's regressions (ONPO two_step has two), per seed.
+      pick = lambda suffix: [v for k, v in metrics.items() if k.endswith(suffix)]
+      per_round["residual"][:, t] = np.max(pick("/residual"), axis=0)
+      per_round["grad_norm"][:, t] = np.max(pick("/grad_norm"), axis=0)
+      per_round["steps"][:, t] = np.sum(pick("/steps"), axis=0)
       rounds.append(metrics)
-    logp = jnp.stack(tables)
-    neural = shadow.shadow_metrics(w.pref, logp, start.sft_table)
-    out = {"gap": np.asarray(neural["gap"]), "avg_gap": np.asarray(neural["avg_gap"]),
-           "win_rate_vs_sft": np.asarray(neural["win_rate_vs_sft"]), **per_round}
-    if with_shadow:
-      tab = shadow.shadow_iterates(name, self.config, w.pref, start.sft_table, num_rounds)
-      ref = shadow.shadow_metrics(w.pref, tab, start.sft_table)
-      out["shadow_gap"] = np.asarray(ref["gap"])
-      out["shadow_avg_gap"] = np.asarray(ref["avg_gap"])
-      out["tracking_kl"] = np.asarray(shadow.tracking_kl(logp, tab))
-    out["rounds"] = [{**m, **{k: float(out[k][t + 1]) for k in out if k in (
-        "gap", "avg_gap", "win_rate_vs_sft", "shadow_gap", "shadow_avg_gap", "tracking_kl")}}
-                     for t, m in enumerate(rounds)]
-    return out
+    logp = jnp.stack(tables, axis=1)  # [S, T+1, C, |Y|]
+    outs = []
+    for i, start in enumerate(starts):
+      neural = shadow.shadow_metrics(pref[i], logp[i], sft_table[i])
+      out = {"gap": np.asarray(neural["gap"]), "avg_gap": np.asarray(neural["avg_gap"]),
+             "win_rate_vs_sft": np.asarray(neural["win_rate_vs_sft"]),
+             **{k: v[i] for k, v in per_round.items()}}
+      if with_shadow:
+        tab = shadow.shadow_iterates(name, self.config, pref[i], sft_table[i], num_rounds)
+        ref = shadow.shadow_metrics(pref[i], tab, sft_table[i])
+        out["shadow_gap"] = np.asarray(ref["gap"])
+        out["shadow_avg_gap"] = np.asarray(ref["avg_gap"])
+        out["tracking_kl"] = np.asarray(shadow.tracking_kl(logp[i], tab))
+      curves = ("gap", "avg_gap", "win_rate_vs_sft", "shadow_gap", "shadow_avg_gap",
+                "tracking_kl")
+      out["rounds"] = [{**{k: float(np.ravel(v)[i] if np.ndim(v) else v) for k, v in m.items()},
+                        **{k: float(out[k][t + 1]) for k in curves if k in out}}
+                       for t, m in enumerate(rounds)]
+      outs.append(out)
+    return outs
