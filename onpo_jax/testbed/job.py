@@ -187,15 +187,21 @@ SWEEP_KEYS = ("gap", "avg_gap", "shadow_avg_gap", "tracking_kl")
 TRACKED = ("onpo_two_step", "omd", "inpo", "online_ipo")
 
 
+def _write_rounds(loop, prefix: str, rounds: list[dict], unit: int) -> dict:
+  """Writes a trajectory's per-round lines but the last; returns the last round's metrics.
+
+  The lines carry the unit: a resume that redoes it drops them first.
+  """
+  for t, m in enumerate(rounds[:-1]):
+    loop.writer.write(t + 1, {prefix + k: float(v) for k, v in m.items()} | {"unit": unit + 1})
+  return {prefix + k: float(v) for k, v in rounds[-1].items()}
+
+
 def _exact_unit_metrics(loop, part: str, name: str, outs: list[dict], unit: int) -> tuple:
   """Per-round lines of every seed, the unit's final metrics, rounds and message."""
   metrics = {}
   for i, out in enumerate(outs):
-    prefix = f"{part}/{name}/seed{i}/"
-    # Per-round lines belong to this unit: a resume that redoes it drops them first.
-    for t, m in enumerate(out["rounds"][:-1]):
-      loop.writer.write(t + 1, {prefix + k: float(v) for k, v in m.items()} | {"unit": unit + 1})
-    metrics.update({prefix + k: float(v) for k, v in out["rounds"][-1].items()})
+    metrics.update(_write_rounds(loop, f"{part}/{name}/seed{i}/", out["rounds"], unit))
   gaps = [out["avg_gap"][-1] for out in outs]
   kl = max(float(np.max(np.abs(out["tracking_kl"]))) for out in outs)
   message = (f"{part} {name}, {len(outs)} seeds: final average-iterate gap "
@@ -410,11 +416,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           for k in EXACT_KEYS + EXACT_ROUND_KEYS:
             state["exact"][k][i, mi] = out[k]
       return state, *_exact_unit_metrics(loop, part, name, outs, unit)
-    prefix = f"{part}/{name}/seed{s}/"
-    # Per-round lines belong to this unit: a resume that redoes it drops them first.
-    for t, m in enumerate(out["rounds"][:-1]):
-      loop.writer.write(t + 1, {prefix + k: float(v) for k, v in m.items()} | {"unit": unit + 1})
-    metrics = {prefix + k: float(v) for k, v in out["rounds"][-1].items()}
+    metrics = _write_rounds(loop, f"{part}/{name}/seed{s}/", out["rounds"], unit)
     return state, metrics, len(out["rounds"]), (f"{part} {name} seed {s}: final gap "
                                                 f"{out['gap'][-1]:.4f}")
 
