@@ -336,6 +336,58 @@ def test_solver_stops_at_tol_or_budget_and_compiles_once():
   np.testing.assert_allclose(res.residual, 14.0 * 0.64 ** 12, rtol=1e-5)
 
 
+def test_stall_rule_ends_a_solve_at_the_precision_floor():
+  # SGD with rate 0.1 on c·|x − a|²: c = 1 converges; c = 10 jumps to the mirror
+  # point x ↦ 2a − x, so the loss never falls. With stall_steps=3 that solve
+  # ends after 3 steps, not converged; the converging one is not cut short.
+  a = jnp.asarray([1.0, -2.0, 3.0])
+  scaled = lambda x, a, c: c * _QUAD(x, a)
+  sgd = optax.sgd(0.1)
+  res = solver.solve_regression(scaled, jnp.zeros(3), a, 10.0, tol=1e-4, max_steps=50,
+                                optimizer=sgd, stall_steps=3)
+  assert int(res.steps) == 3 and not bool(res.converged)
+  res = solver.solve_regression(scaled, jnp.zeros(3), a, 1.0, tol=1e-4, max_steps=200,
+                                optimizer=sgd, stall_steps=3)
+  assert bool(res.converged) and int(res.steps) > 3
+  # Batched: each problem stalls on its own; the loop runs until the last one stops.
+  batch = solver.solve_regression_batch(
+      scaled, jnp.zeros((2, 3)), jnp.stack([a, a]), jnp.asarray([10.0, 1.0]), tol=1e-4,
+      max_steps=200, optimizer=sgd, opt_state=sgd.init(jnp.zeros((2, 3))), stall_steps=3)
+  assert np.asarray(batch.converged).tolist() == [False, True]
+  assert int(batch.steps[0]) == 3 and int(batch.steps[1]) > 3
+  with pytest.raises(ValueError, match="stall_steps"):
+    solver.solve_regression(_QUAD, jnp.zeros(3), a, tol=1e-3, max_steps=5, stall_steps=0)
+
+
+def test_default_gauss_newton_per_dtype():
+  assert solver.default_gauss_newton() is solver.default_gauss_newton("float32")
+  assert solver.default_gauss_newton("float64") is not solver.default_gauss_newton("float32")
+  with pytest.raises(ValueError, match="dtype must be"):
+    solver.default_gauss_newton("bfloat16")
+
+
+def test_a_float64_policy_computes_in_float64():
+  # Exact rounds in float64 need every matmul of the decoder in float64 (scores
+  # and unembedding included), not a float32 product of float64 inputs.
+  cfg32 = env.model_config(2, 16, 32, 1, 2, 1, 8, 8)
+  graphdef32, params32 = env.init_policy(cfg32, 0)
+  responses = env.enumerate_responses(2, 3)
+  prompts, mask = env.make_prompts(jax.random.key(0), 2, 3, 2)
+  with pytest.raises(ValueError, match="x64"):
+    env.model_config(2, 16, 32, 1, 2, 1, 8, 8, dtype="float64")
+  with jax.enable_x64(True):
+    cfg64 = env.model_config(2, 16, 32, 1, 2, 1, 8, 8, dtype="float64")
+    graphdef64, params64 = env.init_policy(cfg64, 0)
+    assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(params64))
+    t64 = evaluation.policy_table(graphdef64, params64, prompts, mask, responses)
+    assert t64.dtype == jnp.float64
+    # Each table is normalised to its own precision: float32 only to ~1e-7.
+    np.testing.assert_allclose(jax.scipy.special.logsumexp(t64, axis=-1), 0.0, atol=1e-13)
+  t32 = evaluation.policy_table(graphdef32, params32, prompts, mask, responses)
+  # Same initial weights (drawn in float32, then cast): the tables agree to float32's rounding.
+  np.testing.assert_allclose(t64, t32, atol=1e-5, rtol=0)
+
+
 def test_bad_inputs_raise_named_errors():
   p, t = _game()
   p, prev = jnp.asarray(p, jnp.float32), jnp.asarray(t["prev"], jnp.float32)

@@ -21,7 +21,6 @@ from configs import default as default_config
 from onpo_jax.infra import stats
 from onpo_jax.testbed import job
 from onpo_jax.testbed import shadow
-from onpo_jax.testbed import trajectories
 from onpo_jax.testbed.world import Testbed
 
 TRACKED = ("onpo_two_step", "omd", "inpo")
@@ -32,14 +31,10 @@ SEEDS = 2
 @pytest.fixture(scope="module")
 def exact_world():
   cfg = default_config.get_config()
-  starts = []
-  for s in range(SEEDS):
-    ec = job.exact_config(cfg, s)
-    starts.append(job._sft_start(ec, Testbed(ec)))
-  ex = cfg.exact
-  rounds = trajectories.ExactRounds(job.exact_config(cfg, 0), starts[0].world.graphdef,
-                                    tol=ex.tol, max_steps=ex.max_steps,
-                                    residual_tol=ex.residual_tol)
+  cfg.seeds = SEEDS
+  with job.exact_precision(cfg):  # the job's exact rounds: its dtype, solver and budgets
+    starts = job.exact_starts(cfg)
+    rounds = job.exact_rounds(cfg, starts[0].world.graphdef)
   return cfg, starts, rounds
 
 
@@ -47,7 +42,9 @@ def exact_world():
 def test_neural_exact_rounds_track_their_tabular_shadows(exact_world, name):
   cfg, starts, rounds = exact_world
   bound = cfg.exact.tracking_kl_bound
-  for s, out in enumerate(rounds.run(starts, name, ROUNDS)):
+  with job.exact_precision(cfg):
+    outs = rounds.run(starts, name, ROUNDS)
+  for s, out in enumerate(outs):
     kl = np.abs(out["tracking_kl"])
     print(f"{name} seed {s}: max |KL| {kl.max():.2e} (bound {bound:g}), max residual "
           f"{out['residual'].max():.2e}, steps per round {out['steps'].mean():.1f}")
@@ -62,12 +59,13 @@ def test_a_constant_prompt_breaks_tracking(exact_world):
   # are tied and the round's step is not representable.
   cfg, starts, rounds = exact_world
   ec = job.exact_config(cfg, 0)
-  world = Testbed(ec)
-  world.prompt_tokens = np.zeros_like(world.prompt_tokens)
-  world.prompt_tokens[1, -1] = 1
-  world.inputs = (world.prompt_tokens, world.prompt_mask, world.inputs[2])
-  start = job._sft_start(ec, world)
-  out = rounds.run([start], "omd", 2)[0]
+  with job.exact_precision(cfg):
+    world = Testbed(ec)
+    world.prompt_tokens = np.zeros_like(world.prompt_tokens)
+    world.prompt_tokens[1, -1] = 1
+    world.inputs = (world.prompt_tokens, world.prompt_mask, world.inputs[2])
+    start = job._sft_start(ec, world)
+    out = rounds.run([start], "omd", 2)[0]
   print(f"constant prompt: max |KL| {np.abs(out['tracking_kl']).max():.2e}")
   assert np.abs(out["tracking_kl"]).max() > 10 * cfg.exact.tracking_kl_bound
 
@@ -76,12 +74,12 @@ def test_default_games_show_the_rates_the_readme_states():
   cfg = default_config.get_config()
   t = cfg.exact.num_rounds
   avg = {m: [] for m in ("onpo_two_step", "inpo")}
-  for s in range(cfg.seeds):
-    ec = job.exact_config(cfg, s)
-    start = job._sft_start(ec, Testbed(ec))
-    for m in avg:
-      it = shadow.shadow_iterates(m, ec, start.world.pref, start.sft_table, t)
-      avg[m].append(np.asarray(shadow.iterate_gaps(start.world.pref, it)["avg_gap"]))
+  with job.exact_precision(cfg):
+    for s, start in enumerate(job.exact_starts(cfg)):
+      ec = job.exact_config(cfg, s)
+      for m in avg:
+        it = shadow.shadow_iterates(m, ec, start.world.pref, start.sft_table, t)
+        avg[m].append(np.asarray(shadow.iterate_gaps(start.world.pref, it)["avg_gap"]))
   onpo = np.stack(avg["onpo_two_step"])
   slope = stats.slope_ci(np.arange(1, t + 2), onpo, 0.95)
   print(f"ONPO average-iterate slope over {t} rounds: {slope.slope:.3f} ± {slope.half_width:.3f}")

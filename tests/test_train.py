@@ -168,6 +168,28 @@ def test_same_seed_same_numbers_different_seed_different(smoke, tmp_path, cache_
   assert other["gap"]["onpo_two_step"] != summary["gap"]["onpo_two_step"][:2]
 
 
+def test_vary_game_gives_each_seed_its_own_game(smoke, tmp_path, cache_dir):
+  _, shared = smoke
+  cfg = tiny(cache_dir, **{"selfplay.vary_game": True, "exact.enabled": False,
+                           "selfplay.methods": ("onpo_two_step", "dpo"),
+                           "selfplay.num_rounds": 1})
+  summary = train.run(cfg, str(tmp_path))
+  assert summary["vary_game"] and not shared["vary_game"]
+  # One game: every seed starts from the same SFT policy, so round 0 has no spread.
+  assert shared["sampled"]["dpo"]["gap_ci95"][0] == 0
+  assert summary["sampled"]["dpo"]["gap_ci95"][0] > 0
+  # Seed s plays game_config(cfg, s): its SFT start's exact gap, averaged over seeds.
+  gaps = []
+  for s in range(cfg.seeds):
+    gc = train.game_config(cfg, s)
+    start = train._sft_start(gc, train.Testbed(gc))
+    gaps.append(float(start.world.metrics_fn(start.sft_table, start.sft_table)["gap"]))
+  np.testing.assert_allclose(summary["sft_gap"], np.mean(gaps), rtol=1e-6)
+  assert summary["sft_gap"] != shared["sft_gap"]
+  wr = np.asarray(summary["win_rate_matrix"]["matrix"])
+  np.testing.assert_allclose(wr + wr.T, 1.0, atol=1e-5)
+
+
 def test_non_finite_loss_stops_the_run(tmp_path, cache_dir):
   # Target 1/(2η_I) overflows float32 to inf, so the loss is inf at the first step.
   cfg = tiny(cache_dir, **{"selfplay.methods": ("omd",), "selfplay.num_rounds": 1,
@@ -195,11 +217,14 @@ def test_non_finite_loss_stops_the_run(tmp_path, cache_dir):
     ("exact.tol", 0.0, r"config\.exact\.tol"),
     ("exact.response_length", 20, r"config\.exact\.response_length"),
     ("exact.residual_tol", 0.0, r"config\.exact\.residual_tol"),
+    ("exact.stall_steps", 0, r"config\.exact\.stall_steps"),
+    ("exact.dtype", "bfloat16", r"config\.exact\.dtype"),
     ("exact.tracking_kl_bound", 2.0, r"config\.exact\.tracking_kl_bound"),
     ("exact.eta_grid", (1.0, 1.0), r"config\.exact\.eta_grid"),
     ("exact.eta_grid", (-0.5,), r"config\.exact\.eta_grid"),
     ("exact.sweep_methods", ("inpo",), r"config\.exact\.sweep_methods"),
     ("selfplay.tournament_mode", "coin", r"config\.selfplay\.tournament_mode"),
+    ("model.dtype", "bfloat16", r"config\.model\.dtype"),
 ])
 def test_bad_config_names_the_field(tmp_path, field, value, match):
   cfg = tiny("", **{field: value})
@@ -207,6 +232,16 @@ def test_bad_config_names_the_field(tmp_path, field, value, match):
     train.run(cfg, str(tmp_path))
   # Validation comes before any work: nothing was written.
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_per_seed_configs_work_on_a_locked_config():
+  # experiments.run locks the config (no new fields): the per-seed and exact
+  # configs only set fields that exist.
+  cfg = default_config.get_config("tiny")
+  cfg.lock()
+  assert train.game_config(cfg, 1).seed == cfg.seed + 2
+  ec = train.exact_config(cfg, 0, eta=2.0)
+  assert ec.model.dtype == cfg.exact.dtype and ec.onpo.eta == 2.0
 
 
 def test_config_tiny_and_unknown_arg():

@@ -12,10 +12,11 @@ import json
 import os
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float64")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -69,9 +70,12 @@ class DecoderConfig:
     attention_bias: q/k/v projections have biases (Qwen2).
     sliding_window: attend only to the last `sliding_window` cache slots
       (Mistral); None for full causal attention.
-    param_dtype: storage dtype of parameters ('float32' | 'bfloat16').
-    dtype: compute dtype of activations ('float32' | 'bfloat16'); logits and
-      log-probs are always float32.
+    param_dtype: storage dtype of parameters ('float32' | 'bfloat16' |
+      'float64').
+    dtype: compute dtype of activations ('float32' | 'bfloat16' |
+      'float64'); logits and log-probs are float32, or float64 for a float64
+      model. float64 needs JAX's x64 mode (`with jax.enable_x64(True):`);
+      it is for reference computations such as the testbed's exact rounds.
     remat: rematerialise each block in the backward pass (nnx.remat).
     bos_token_id: beginning-of-sequence id, or None.
     eos_token_ids: tuple of end-of-sequence ids (several for chat models).
@@ -108,6 +112,10 @@ class DecoderConfig:
       if getattr(self, name) not in DTYPES:
         raise ValueError(
             f"{name}: expected one of {DTYPES}, got {getattr(self, name)!r}")
+      if getattr(self, name) == "float64" and not jax.config.jax_enable_x64:
+        # Without x64 JAX would silently make every float64 array float32.
+        raise ValueError(f"{name}: 'float64' needs JAX's x64 mode; build and run the "
+                         "model inside `with jax.enable_x64(True):`")
     for name in ("vocab_size", "hidden_size", "intermediate_size",
                  "num_layers", "num_heads", "num_kv_heads", "head_dim"):
       value = getattr(self, name)

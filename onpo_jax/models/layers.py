@@ -149,8 +149,9 @@ class Attention(nnx.Module):
     groups = c.num_heads // c.num_kv_heads
     # Query head h uses kv head h // groups (HF repeat_kv order).
     q = q.reshape(b, l, c.num_kv_heads, groups, c.head_dim)
+    # Scores in float32 at least (float64 stays float64: exact-mode worlds).
     scores = jnp.einsum("blkgd,bskd->bkgls", q, keys.astype(dt),
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=jnp.promote_types(dt, jnp.float32))
     scores = scores * (c.head_dim ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)

@@ -21,6 +21,7 @@ NaN/inf in a loss stops the run (`FloatingPointError` naming method, round, step
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 
@@ -107,6 +108,22 @@ class Engine:
       if spec.variant:
         self._begin[name] = jax.jit(lambda p, s, opt=opt: onpo_begin_phase(opt, p, s))
         self._end[name] = jax.jit(lambda p, s, opt=opt: onpo_end_phase(opt, p, s))
+
+  def with_backend(self, backend) -> "Engine":
+    """This engine, its compiled steps shared, over another backend of the same policy.
+
+    The compiled steps see the backend only through the policy's
+    log-probabilities, which depend on the architecture (`graphdef`) and the
+    token reduction alone; what else differs between the backends (the oracle
+    that judges, for another game) is reached outside them.
+    """
+    for attr in ("graphdef", "reduction"):
+      if getattr(backend, attr, None) != getattr(self.backend, attr, None):
+        raise ValueError(f"Engine.with_backend: the backends' {attr} differ; the compiled "
+                         "steps would score the policy with the old one")
+    other = copy.copy(self)
+    other.backend = backend
+    return other
 
   # -- pure pieces ---------------------------------------------------------------
 

@@ -7,6 +7,7 @@ are built inside `jax.jit` with the synthetic oracle.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import jax
@@ -47,9 +48,23 @@ class TestbedBackend:
         graphdef, graphdef, sampling, policy_model_config=model_config,
         ref_model_config=model_config)
     self._seq_logps = jax.jit(self.sequence_logprobs)
-    self._build = jax.jit(functools.partial(examples_lib.build_examples, oracle=oracle,
-                                            pad_id=self.pad_id, tournament_mode=tournament_mode),
-                          static_argnums=(0, 1))
+    self.tournament_mode = tournament_mode
+    self._build = self._build_fn(oracle)
+
+  def _build_fn(self, oracle):
+    return jax.jit(functools.partial(examples_lib.build_examples, oracle=oracle,
+                                     pad_id=self.pad_id, tournament_mode=self.tournament_mode),
+                   static_argnums=(0, 1))
+
+  def with_oracle(self, oracle) -> "TestbedBackend":
+    """This backend judging with `oracle` (another game of the same sizes).
+
+    The samplers and log-prob functions are shared (they depend only on the
+    policy's architecture), so only example building compiles again.
+    """
+    other = copy.copy(self)
+    other.oracle, other._build = oracle, self._build_fn(oracle)
+    return other
 
   def sample(self, params, prompt_tokens, prompt_mask, key) -> Samples:
     out = self.sampler(params, prompt_tokens, prompt_mask, key)

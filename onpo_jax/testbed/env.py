@@ -99,16 +99,17 @@ def start_logprobs(key: jax.Array, num_prompts: int, responses: np.ndarray, voca
 
 def model_config(vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int,
                  num_heads: int, num_kv_heads: int, head_dim: int,
-                 max_position_embeddings: int) -> DecoderConfig:
+                 max_position_embeddings: int, dtype: str = "float32") -> DecoderConfig:
   """The policy's `DecoderConfig`: vocabulary = response vocabulary, no special tokens.
 
   No EOS id: responses have a fixed length L, so nothing can end them early.
+  `dtype` is both the parameter and the compute dtype.
   """
   return DecoderConfig.tiny(
       vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
       num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
       max_position_embeddings=max_position_embeddings, eos_token_ids=(), bos_token_id=None,
-      pad_token_id=0)
+      pad_token_id=0, param_dtype=dtype, dtype=dtype)
 
 
 def init_policy(config: DecoderConfig, seed: int):

@@ -90,11 +90,15 @@ class ExactRegression:
     tol: tolerance on the global L2 norm of the loss gradient.
     max_steps: step budget of one regression.
     residual_tol: tolerance on the residual (None: gradient norm only).
+    stall_steps: steps in a row without progress that end a regression
+      (None: only the tolerances and max_steps do; `solver.solve_regression`).
   """
 
-  def __init__(self, config, graphdef, *, tol: float, max_steps: int, residual_tol=None):
+  def __init__(self, config, graphdef, *, tol: float, max_steps: int, residual_tol=None,
+               stall_steps=None):
     self.config, self.graphdef = config, graphdef
     self.tol, self.max_steps = float(tol), int(max_steps)
+    self.stall_steps = None if stall_steps is None else int(stall_steps)
     self.residual_tol = None if residual_tol is None else float(residual_tol)
     self.inputs = None  # stacked (prompt_tokens, prompt_mask, responses) of the seeds' worlds
     self._fns = {}
@@ -165,7 +169,7 @@ class ExactRegression:
         loss, params, anchors, data, self.inputs, tol=self.tol, max_steps=self.max_steps,
         optimizer=optimizer, opt_state=opt_state, residual_fn=residual,
         residual_tol=self.residual_tol if residual is not None else None,
-        output_fn=self._table, output_jacobian=self._jacobian)
+        output_fn=self._table, output_jacobian=self._jacobian, stall_steps=self.stall_steps)
     self._solutions[(name, phase)] = self._solutions.get((name, phase), [])[-1:] + [res.params]
     metrics = {"loss": res.loss, "grad_norm": res.grad_norm, "steps": res.steps,
                "converged": res.converged}

@@ -30,6 +30,7 @@ finished trajectory and ends with the same summary. All randomness derives from
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -78,6 +79,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _need(isinstance(val, int) and val >= 1, field, "an integer >= 1", val)
   methods_lib.validate_selfplay(sp, _need,
                            num_samples_expected="K >= 2 responses per prompt (pairs need two)")
+  _need(mc.dtype == "float32", "model.dtype",
+        "'float32' (the exact rounds have their own precision, exact.dtype)", mc.dtype)
+  _need(isinstance(sp.vary_game, bool), "selfplay.vary_game", "True or False", sp.vary_game)
   _need(sp.logp_reduction in ("sum", "mean"), "selfplay.logp_reduction", "'sum' or 'mean'",
         sp.logp_reduction)
   _need(sp.init_from in ("anchor", "policy"), "selfplay.init_from", "'anchor' or 'policy'",
@@ -122,6 +126,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for field in ("num_rounds", "max_steps", "vocab_size", "response_length", "num_prompts"):
       _need(isinstance(ex[field], int) and ex[field] >= 1, f"exact.{field}", "an integer >= 1",
             ex[field])
+    _need(isinstance(ex.stall_steps, int) and ex.stall_steps >= 1, "exact.stall_steps",
+          "an integer >= 1", ex.stall_steps)
+    _need(ex.dtype in ("float32", "float64"), "exact.dtype", "'float32' or 'float64'", ex.dtype)
     _need(ex.tol > 0, "exact.tol", "a gradient-norm tolerance > 0", ex.tol)
     _need(ex.residual_tol > 0, "exact.residual_tol", "a residual tolerance > 0",
           ex.residual_tol)
@@ -139,22 +146,39 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"V^L <= {MAX_RESPONSES} enumerable responses", ex.response_length)
 
 
+def game_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+  """The config of seed `seed`'s own game: oracle, prompts and SFT start from its own key."""
+  c = config.copy_and_resolve_references()
+  c.seed = int(config.seed) + 1 + seed
+  return c
+
+
 def exact_config(config: ml_collections.ConfigDict, seed: int, eta=None
                  ) -> ml_collections.ConfigDict:
   """The config of seed `seed`'s exact-mode world: the `exact` sizes, its own game.
 
-  `eta` (the sweep) sets ONPO's η and OMD's step 1/η_I to the same η.
+  Exact rounds draw nothing, so their seeds always vary the game. `eta` (the
+  sweep) sets ONPO's η and OMD's step 1/η_I to the same η.
   """
-  c = config.copy_and_resolve_references()
+  c = game_config(config, seed)
   if eta is not None:
     c.onpo.eta, c.omd.eta_inpo = float(eta), 1.0 / float(eta)
   ex = config.exact
-  c.seed = int(config.seed) + 1 + seed  # exact rounds draw nothing: seeds vary the game
   c.testbed.vocab_size = c.oracle.vocab_size = c.model.vocab_size = ex.vocab_size
   c.testbed.response_length = ex.response_length
   c.testbed.num_prompts = ex.num_prompts
+  c.model.dtype = ex.dtype
   c.selfplay.methods = tuple(dict.fromkeys(tuple(ex.methods) + tuple(ex.sweep_methods)))
   return c
+
+
+def exact_precision(config):
+  """The exact rounds' numerical context: JAX's x64 mode when `exact.dtype` is float64.
+
+  Build and run everything of the exact rounds (`exact_starts`, `exact_rounds`)
+  inside it.
+  """
+  return jax.enable_x64(True) if config.exact.dtype == "float64" else contextlib.nullcontext()
 
 
 def _sft_start(config, world: Testbed) -> trajectories.Start:
@@ -163,6 +187,33 @@ def _sft_start(config, world: Testbed) -> trajectories.Start:
                       num_steps=config.sft.num_steps, batch_size=config.sft.batch_size,
                       learning_rate=config.sft.learning_rate)
   return trajectories.Start(world, params, world.table_fn(params))
+
+
+def exact_starts(config) -> list[trajectories.Start]:
+  """Every seed's exact-mode game and SFT start (deterministic: rebuilt on resume).
+
+  The SFT fit runs in float32, as in sampled mode, and its parameters are then
+  cast to `exact.dtype`: a fit in float64 lands elsewhere, and on the default
+  games some of its later regressions are far harder to solve.
+  """
+  starts = []
+  for seed in range(int(config.seeds)):
+    ec = exact_config(config, seed)
+    fit = ec.copy_and_resolve_references()
+    fit.model.dtype = "float32"
+    params = _sft_start(fit, Testbed(fit)).sft_params
+    world = Testbed(ec)
+    params = jax.tree.map(lambda x: jnp.asarray(x, world.model_config.jnp_param_dtype), params)
+    starts.append(trajectories.Start(world, params, world.table_fn(params)))
+  return starts
+
+
+def exact_rounds(config, graphdef, eta=None) -> trajectories.ExactRounds:
+  """The exact rounds of the config's methods (at step size `eta` for the sweep)."""
+  ex = config.exact
+  return trajectories.ExactRounds(exact_config(config, 0, eta=eta), graphdef, tol=ex.tol,
+                                  max_steps=ex.max_steps, residual_tol=ex.residual_tol,
+                                  stall_steps=ex.stall_steps)
 
 
 def _units(config) -> list[tuple[str, int, int]]:
@@ -242,9 +293,11 @@ def _write_curves(writer, part: str, per_method: dict, after_unit: int) -> None:
                  | {"unit": after_unit + 1})
 
 
-def _finalize(config, world: Testbed, state: dict, workdir: str, writer, total_units: int
-              ) -> dict:
-  """summary.json content, printed tables, PNGs and the curves in TensorBoard."""
+def _finalize(config, games, state: dict, workdir: str, writer, total_units: int) -> dict:
+  """summary.json content, printed tables, PNGs and the curves in TensorBoard.
+
+  `games(s)` is seed s's sampled-mode start (its world and SFT table).
+  """
   methods = list(config.selfplay.methods)
   t_rounds = int(config.selfplay.num_rounds)
   sampled = state["sampled"]
@@ -253,17 +306,18 @@ def _finalize(config, world: Testbed, state: dict, workdir: str, writer, total_u
     e["oracle_queries"] = e.pop("oracle_queries_mean")
     del e["oracle_queries_ci95"]
   names = ["sft"] + methods
-  wr = np.mean([np.asarray(evaluation.win_rate_matrix(world.pref, jnp.concatenate(
-      [state["sft_table"][None], jnp.asarray(state["final_tables"][s])])))
+  wr = np.mean([np.asarray(evaluation.win_rate_matrix(games(s).world.pref, jnp.concatenate(
+      [games(s).sft_table[None], jnp.asarray(state["final_tables"][s])])))
                 for s in range(int(config.seeds))], axis=0)
   summary = {
       "seeds": int(config.seeds),
+      "vary_game": bool(config.selfplay.vary_game),
       "methods": methods,
       "gap": {m: e["gap_mean"] for m, e in per_method.items()},
       "win_rate_vs_sft": {m: e["win_rate_mean"] for m, e in per_method.items()},
       "oracle_queries": {m: e["oracle_queries"][-1] for m, e in per_method.items()},
       "win_rate_matrix": {"labels": names, "matrix": wr.tolist()},
-      "sft_gap": float(sampled["gap"][0, 0, 0]),
+      "sft_gap": float(np.mean(sampled["gap"][:, 0, 0])),  # mean over the seeds' games
       "nash_gap": float(state["nash_gap"]),
       "sampled": per_method,
       "sampled_comparisons": {
@@ -360,67 +414,81 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, unit, _ = loop.restore(_initial_state(config, world))
   state["sft_params"] = jax.tree.map(jnp.asarray, state["sft_params"])
   state["sft_table"] = jnp.asarray(state["sft_table"])
-  starts = {}  # exact-mode SFT starts per seed
-  exact_rounds = {}  # per η of the sweep (None: the config's η)
+  starts = []  # exact-mode SFT starts per seed
+  rounds_by_eta = {}  # exact rounds per η of the sweep (None: the config's η)
+  vary = bool(config.selfplay.vary_game)
+  games = {}  # vary_game: seed -> (its SFT start, the engine judging with its oracle)
+
+  def sampled_game(s: int, state: dict):
+    """Seed s's sampled-mode start and engine: the shared game, or its own."""
+    if not vary:
+      return trajectories.Start(world, state["sft_params"], state["sft_table"]), engine
+    if s not in games:  # rebuilt deterministically on resume, as the exact starts are
+      gc = game_config(config, s)
+      start = _sft_start(gc, Testbed(gc))
+      games[s] = (start, engine.with_backend(backend.with_oracle(start.world.oracle)))
+    return games[s]
+
+  def exact_unit(unit: int, part: str, s: int, mi: int, state: dict):
+    """An exact-mode trajectory (part 'exact') or η-sweep point ('sweep') of every seed."""
+    if not starts:
+      starts.extend(exact_starts(config))
+    eta = float(config.exact.eta_grid[s]) if part == "sweep" else None
+    names = config.exact.sweep_methods if part == "sweep" else config.exact.methods
+    name = names[mi]
+    if eta == float(config.onpo.eta) and 1.0 / eta == float(config.omd.eta_inpo):
+      eta_key = None  # the config's own step sizes: the compiled main engine serves
+    else:
+      eta_key = eta
+    if eta_key not in rounds_by_eta:
+      rounds_by_eta[eta_key] = exact_rounds(config, starts[0].world.graphdef, eta=eta_key)
+    outs = rounds_by_eta[eta_key].run(starts, name, int(config.exact.num_rounds))
+    if part == "sweep":
+      for i, out in enumerate(outs):
+        for k in SWEEP_KEYS:
+          state["sweep"][k][s, i, mi] = out[k][-1] if k != "tracking_kl" else np.max(
+              np.abs(out[k]))
+      name = f"{name}/eta{eta:g}"
+    else:
+      for i, out in enumerate(outs):
+        for k in EXACT_KEYS + EXACT_ROUND_KEYS:
+          state["exact"][k][i, mi] = out[k]
+    return state, *_exact_unit_metrics(loop, part, name, outs, unit)
 
   def step(unit: int, state: dict):
     if unit == 0:
       start = _sft_start(config, world)
       m = jax.device_get(world.metrics_fn(start.sft_table, start.sft_table))
-      nash_gap = evaluation.nash_reference(world.pref)["gap"] if config.eval.nash_reference \
-          else 0.0
+      nash_worlds = ([Testbed(game_config(config, s)) for s in range(int(config.seeds))]
+                     if vary else [world])
+      nash_gap = max(evaluation.nash_reference(w.pref)["gap"] for w in nash_worlds) \
+          if config.eval.nash_reference else 0.0
       state["sft_params"], state["sft_table"] = start.sft_params, start.sft_table
       state["nash_gap"] = np.asarray(nash_gap, np.float32)
       print(f"selfplay: |Y| = {world.responses.shape[0]} responses x "
             f"{world.prompt_tokens.shape[0]} prompts; SFT gap {float(m['gap']):.4f}; exact Nash "
-            f"gap {nash_gap:.2e}; {config.seeds} seeds", flush=True)
+            f"gap {nash_gap:.2e}; {config.seeds} seeds"
+            + (", each its own game" if vary else ""), flush=True)
       return state, {"sft/gap": float(m["gap"]), "nash/gap": nash_gap}, 0, "sft"
     part, s, mi = units[unit - 1]
-    if part == "sampled":
-      name = methods[mi]
-      start = trajectories.Start(world, state["sft_params"], state["sft_table"])
-      run_key = jax.random.fold_in(world.k_run, s)
-      out = trajectories.sampled(engine, start, name, mi, run_key,
-                                 int(config.selfplay.num_rounds),
-                                 int(config.selfplay.prompts_per_round))
-      for k in SAMPLED_KEYS:
-        state["sampled"][k][s, mi] = out[k]
-      state["final_tables"][s, mi] = out["final_table"]
-    else:
-      if not starts:  # every seed's game and SFT, rebuilt deterministically on resume
-        for seed in range(int(config.seeds)):
-          ec = exact_config(config, seed)
-          starts[seed] = _sft_start(ec, Testbed(ec))
-      eta = float(config.exact.eta_grid[s]) if part == "sweep" else None
-      names = config.exact.sweep_methods if part == "sweep" else config.exact.methods
-      name = names[mi]
-      if eta == float(config.onpo.eta) and 1.0 / eta == float(config.omd.eta_inpo):
-        eta_key = None  # the config's own step sizes: the compiled main engine serves
-      else:
-        eta_key = eta
-      if eta_key not in exact_rounds:
-        ec = exact_config(config, 0, eta=eta_key)
-        exact_rounds[eta_key] = trajectories.ExactRounds(
-            ec, starts[0].world.graphdef, tol=config.exact.tol,
-            max_steps=config.exact.max_steps, residual_tol=config.exact.residual_tol)
-      outs = exact_rounds[eta_key].run([starts[i] for i in range(int(config.seeds))], name,
-                                   int(config.exact.num_rounds))
-      if part == "sweep":
-        for i, out in enumerate(outs):
-          for k in SWEEP_KEYS:
-            state["sweep"][k][s, i, mi] = out[k][-1] if k != "tracking_kl" else np.max(
-                np.abs(out[k]))
-        name = f"{name}/eta{eta:g}"
-      else:
-        for i, out in enumerate(outs):
-          for k in EXACT_KEYS + EXACT_ROUND_KEYS:
-            state["exact"][k][i, mi] = out[k]
-      return state, *_exact_unit_metrics(loop, part, name, outs, unit)
+    if part != "sampled":
+      with exact_precision(config):
+        return exact_unit(unit, part, s, mi, state)
+    name = methods[mi]
+    start, seed_engine = sampled_game(s, state)
+    run_key = jax.random.fold_in(world.k_run, s)
+    out = trajectories.sampled(seed_engine, start, name, mi, run_key,
+                               int(config.selfplay.num_rounds),
+                               int(config.selfplay.prompts_per_round))
+    for k in SAMPLED_KEYS:
+      state["sampled"][k][s, mi] = out[k]
+    state["final_tables"][s, mi] = out["final_table"]
     metrics = _write_rounds(loop, f"{part}/{name}/seed{s}/", out["rounds"], unit)
     return state, metrics, len(out["rounds"]), (f"{part} {name} seed {s}: final gap "
                                                 f"{out['gap'][-1]:.4f}")
 
   state = loop.run(state, unit, step, methods=list(methods))
-  summary = _finalize(config, world, state, loop.workdir, loop.writer, loop.total_units)
+  summary = _finalize(config, lambda s: sampled_game(s, state)[0], state, loop.workdir,
+                      loop.writer, loop.total_units)
   loop.finish(state, summary, methods=list(methods))
   return summary

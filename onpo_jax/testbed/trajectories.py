@@ -94,14 +94,18 @@ class ExactRounds:
     tol: gradient-norm tolerance of each regression.
     max_steps: step budget of each regression.
     residual_tol: residual tolerance of each regression (None: gradient only).
+    stall_steps: steps in a row without progress that end a regression (None:
+      never).
   """
 
-  def __init__(self, config, graphdef, *, tol: float, max_steps: int, residual_tol=None):
+  def __init__(self, config, graphdef, *, tol: float, max_steps: int, residual_tol=None,
+               stall_steps=None):
     self.config = config
     self.regression = ExactRegression(config, graphdef, tol=tol, max_steps=max_steps,
-                                      residual_tol=residual_tol)
+                                      residual_tol=residual_tol, stall_steps=stall_steps)
     self.backend = ExactBackend(self.regression.table)
-    self.engine = Engine(self.backend, config, inner_optimizer=solver.default_gauss_newton(),
+    dtype = config.model.get("dtype", "float32")
+    self.engine = Engine(self.backend, config, inner_optimizer=solver.default_gauss_newton(dtype),
                          regression=self.regression)
     self._data = {}
 

@@ -98,7 +98,10 @@ class Testbed:
     mc = config.model
     self.model_config = env.model_config(
         mc.vocab_size, mc.hidden_size, mc.intermediate_size, mc.num_layers, mc.num_heads,
-        mc.num_kv_heads, mc.head_dim, mc.max_position_embeddings)
+        mc.num_kv_heads, mc.head_dim, mc.max_position_embeddings, mc.get("dtype", "float32"))
+    # A float64 policy (exact rounds) gets its game in float64 too.
+    dt = jnp.promote_types(self.pref.dtype, self.model_config.jnp_param_dtype)
+    self.pref, self.logp_start = self.pref.astype(dt), self.logp_start.astype(dt)
     self.graphdef, self.init_params = env.init_policy(self.model_config, config.seed)
     self.inputs = (self.prompt_tokens, self.prompt_mask, ys)  # what a policy table reads
 
