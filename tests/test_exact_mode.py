@@ -359,11 +359,27 @@ def test_stall_rule_ends_a_solve_at_the_precision_floor():
     solver.solve_regression(_QUAD, jnp.zeros(3), a, tol=1e-3, max_steps=5, stall_steps=0)
 
 
-def test_default_gauss_newton_per_dtype():
-  assert solver.default_gauss_newton() is solver.default_gauss_newton("float32")
-  assert solver.default_gauss_newton("float64") is not solver.default_gauss_newton("float32")
-  with pytest.raises(ValueError, match="dtype must be"):
-    solver.default_gauss_newton("bfloat16")
+def test_gauss_newton_damping_floor_follows_the_parameters_dtype():
+  # Steps that do better than the model predicts lower λ ÷3 each, down to the
+  # floor of the parameters' precision (1e-12 float64, 1e-6 float32).
+  assert solver.default_gauss_newton() is solver.default_gauss_newton()
+  opt = solver.gauss_newton(damping=1e-2)
+  for dtype, floor in (("float64", 1e-12), ("float32", 1e-6)):
+    with jax.enable_x64(dtype == "float64"):
+      fn = lambda x: x
+      # Σ exp(−o): a Newton step decreases it by 1 − e⁻¹ of its value, the
+      # model predicts ½: the ratio is 1.26 at every step, and it never reaches 0.
+      out_loss = lambda o: jnp.sum(jnp.exp(-o))
+      x = jnp.zeros(3, dtype)
+      state = opt.init(x)
+      for _ in range(40):
+        up, state = opt.update(None, state, x, value=out_loss(x), output_fn=fn,
+                               output_loss=out_loss)
+        x = x + up
+      assert state.damping.dtype == jnp.dtype(dtype)
+      np.testing.assert_allclose(float(state.damping), floor, rtol=1e-6)
+  with pytest.raises(ValueError, match="min_damping"):
+    solver.gauss_newton(damping=1e-8)  # below float32's floor
 
 
 def test_a_float64_policy_computes_in_float64():
@@ -450,6 +466,38 @@ def test_gauss_newton_solves_a_nonlinear_least_squares_monotonically(with_jacobi
     res = solver.solve_regression(_NLS_LOSS, jnp.zeros(6), w, target, tol=1e-300, max_steps=30,
                                   residual_fn=_NLS_LOSS, residual_tol=1e-6, **kw)
     assert bool(res.converged) and float(res.residual) <= 1e-6 < losses[0]
+
+
+def _nls_grad_numpy(p, w, target):
+  """∇ Σ (tanh(Wp) − t)² in numpy: Wᵀ[2 (tanh(Wp) − t) (1 − tanh²(Wp))]."""
+  u = np.tanh(np.asarray(w) @ np.asarray(p))
+  return np.asarray(w).T @ (2 * (u - np.asarray(target)) * (1 - u ** 2))
+
+
+def test_gauss_newton_reports_the_loss_and_the_gradient_norm_it_started_from():
+  # The solver takes no gradient with gauss_newton: the loss it returns is the
+  # one the optimizer evaluated at the accepted point, the gradient norm √(gᵀKg)
+  # at the point the last step started from (the result of one step fewer).
+  with jax.enable_x64(True):
+    w = jnp.asarray(_NLS_W)
+    target = jnp.tanh(w @ jnp.asarray([0.8, -0.5, 0.3, 0.9, -0.7, 0.2]))
+    kw = {"output_fn": _NLS_OUT, "output_jacobian": _NLS_JAC,
+          "optimizer": solver.gauss_newton(), "tol": 1e-300}
+    start = jnp.zeros(6)
+    runs = [solver.solve_regression(_NLS_LOSS, start, w, target, max_steps=k, **kw)
+            for k in (1, 2, 3)]
+    before = [start] + [r.params for r in runs[:-1]]
+    for r, p0 in zip(runs, before):
+      np.testing.assert_allclose(float(r.grad_norm),
+                                 np.linalg.norm(_nls_grad_numpy(p0, w, target)), rtol=1e-12)
+      u = np.tanh(np.asarray(w) @ np.asarray(r.params))
+      np.testing.assert_allclose(float(r.loss), np.sum((u - np.asarray(target)) ** 2),
+                                 rtol=1e-13)
+    # Started at the solution, it still takes one step, for its report.
+    at = solver.solve_regression(_NLS_LOSS, jnp.asarray([0.8, -0.5, 0.3, 0.9, -0.7, 0.2]), w,
+                                 target, max_steps=5, residual_fn=_NLS_LOSS, residual_tol=1e-6,
+                                 **kw)
+    assert int(at.steps) == 1 and bool(at.converged) and float(at.grad_norm) < 1e-12
 
 
 def test_table_jacobian_is_the_jacobian_of_the_policy_table():

@@ -5,7 +5,8 @@ the same losses from the same responses; gradient accumulation must weigh every
 example of an update alike however the tournament's dropped pairs (weight 0)
 fall into minibatches; online IPO trains on λ_p pairs whatever the configured
 pairing; Nash-MD takes one update per fresh sample set; the `:tiny` LLM configs
-start at zero DPO / INPO margin.
+start at zero DPO / INPO margin; an engine moves to another game's oracle only
+with the same policy and log-prob reduction.
 """
 
 import jax
@@ -110,6 +111,27 @@ def test_online_ipo_trains_on_lambda_p_pairs_whatever_the_configured_pairing(wor
   assert engine.pairing("dpo") == "tournament"
   assert engine.pairing("onpo_two_step") == cfg.selfplay.pairing
   assert engine.num_queries_per_prompt("online_ipo") == 1
+
+
+def test_with_backend_judges_with_another_oracle_and_refuses_another_policy(world):
+  cfg, w = world
+  backend = _testbed_backend(cfg, w)
+  engine = Engine(backend, cfg)
+  gc = cfg.copy_and_resolve_references()
+  gc.seed = cfg.seed + 1
+  judged = engine.with_backend(backend.with_oracle(Testbed(gc).oracle))
+  assert judged.backend.oracle is not w.oracle and engine.backend.oracle is w.oracle
+  assert judged._train_step is engine._train_step  # compiled once for both games
+  mean = TestbedBackend(w.graphdef, w.model_config, w.oracle,
+                        response_length=cfg.testbed.response_length,
+                        prompt_length=cfg.testbed.prompt_length, temperature=1.0,
+                        reduction="mean" if cfg.selfplay.logp_reduction == "sum" else "sum")
+  with pytest.raises(ValueError, match="reduction"):
+    engine.with_backend(mean)
+  wider = cfg.copy_and_resolve_references()
+  wider.model.num_layers += 1
+  with pytest.raises(ValueError, match="graphdef"):
+    engine.with_backend(_testbed_backend(wider, Testbed(wider)))
 
 
 def _sgd_engine(cfg, w, accumulation):

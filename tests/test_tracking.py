@@ -19,8 +19,9 @@ import pytest
 
 from configs import default as default_config
 from onpo_jax.infra import stats
-from onpo_jax.testbed import job
+from onpo_jax.testbed import exact_part
 from onpo_jax.testbed import shadow
+from onpo_jax.testbed import world as world_lib
 from onpo_jax.testbed.world import Testbed
 
 TRACKED = ("onpo_two_step", "omd", "inpo")
@@ -32,9 +33,9 @@ SEEDS = 2
 def exact_world():
   cfg = default_config.get_config()
   cfg.seeds = SEEDS
-  with job.exact_precision(cfg):  # the job's exact rounds: its dtype, solver and budgets
-    starts = job.exact_starts(cfg)
-    rounds = job.exact_rounds(cfg, starts[0].world.graphdef)
+  with exact_part.exact_precision(cfg):  # the job's exact rounds: its dtype, solver and budgets
+    starts = exact_part.exact_starts(cfg)
+    rounds = exact_part.exact_rounds(cfg, starts[0].world.graphdef)
   return cfg, starts, rounds
 
 
@@ -42,7 +43,7 @@ def exact_world():
 def test_neural_exact_rounds_track_their_tabular_shadows(exact_world, name):
   cfg, starts, rounds = exact_world
   bound = cfg.exact.tracking_kl_bound
-  with job.exact_precision(cfg):
+  with exact_part.exact_precision(cfg):
     outs = rounds.run(starts, name, ROUNDS)
   for s, out in enumerate(outs):
     kl = np.abs(out["tracking_kl"])
@@ -58,13 +59,13 @@ def test_a_constant_prompt_breaks_tracking(exact_world):
   # response 0…0" has the same hidden state, so the conditionals of 0, 00, 000
   # are tied and the round's step is not representable.
   cfg, starts, rounds = exact_world
-  ec = job.exact_config(cfg, 0)
-  with job.exact_precision(cfg):
+  ec = exact_part.exact_config(cfg, 0)
+  with exact_part.exact_precision(cfg):
     world = Testbed(ec)
     world.prompt_tokens = np.zeros_like(world.prompt_tokens)
     world.prompt_tokens[1, -1] = 1
     world.inputs = (world.prompt_tokens, world.prompt_mask, world.inputs[2])
-    start = job._sft_start(ec, world)
+    start = world_lib.sft_start(ec, world)
     out = rounds.run([start], "omd", 2)[0]
   print(f"constant prompt: max |KL| {np.abs(out['tracking_kl']).max():.2e}")
   assert np.abs(out["tracking_kl"]).max() > 10 * cfg.exact.tracking_kl_bound
@@ -74,9 +75,9 @@ def test_default_games_show_the_rates_the_readme_states():
   cfg = default_config.get_config()
   t = cfg.exact.num_rounds
   avg = {m: [] for m in ("onpo_two_step", "inpo")}
-  with job.exact_precision(cfg):
-    for s, start in enumerate(job.exact_starts(cfg)):
-      ec = job.exact_config(cfg, s)
+  with exact_part.exact_precision(cfg):
+    for s, start in enumerate(exact_part.exact_starts(cfg)):
+      ec = exact_part.exact_config(cfg, s)
       for m in avg:
         it = shadow.shadow_iterates(m, ec, start.world.pref, start.sft_table, t)
         avg[m].append(np.asarray(shadow.iterate_gaps(start.world.pref, it)["avg_gap"]))

@@ -15,7 +15,9 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from configs import default as default_config
+from onpo_jax.testbed import exact_part
 from onpo_jax.testbed import job as train
+from onpo_jax.testbed import world as world_lib
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +137,8 @@ def test_summary_gives_means_intervals_tests_and_exact_shadows(smoke):
     assert all(k >= -1e-6 for k in e["tracking_kl_mean"])
     for key in ("slope_avg", "slope_last", "shadow_slope_avg"):
       assert math.isfinite(e[key]["mean"]) and e[key]["ci95"] >= 0
-    assert e["tracking_bound"] == (cfg.exact.tracking_kl_bound if m in train.TRACKED else None)
+    tracked = m in exact_part.TRACKED
+    assert e["tracking_bound"] == (cfg.exact.tracking_kl_bound if tracked else None)
     assert e["tracking_kl_max"] >= 0
   assert set(summary["eta_sweep"]) == set(cfg.exact.sweep_methods)
   for m, e in summary["eta_sweep"].items():
@@ -181,8 +184,8 @@ def test_vary_game_gives_each_seed_its_own_game(smoke, tmp_path, cache_dir):
   # Seed s plays game_config(cfg, s): its SFT start's exact gap, averaged over seeds.
   gaps = []
   for s in range(cfg.seeds):
-    gc = train.game_config(cfg, s)
-    start = train._sft_start(gc, train.Testbed(gc))
+    gc = world_lib.game_config(cfg, s)
+    start = world_lib.sft_start(gc, world_lib.Testbed(gc))
     gaps.append(float(start.world.metrics_fn(start.sft_table, start.sft_table)["gap"]))
   np.testing.assert_allclose(summary["sft_gap"], np.mean(gaps), rtol=1e-6)
   assert summary["sft_gap"] != shared["sft_gap"]
@@ -239,8 +242,8 @@ def test_per_seed_configs_work_on_a_locked_config():
   # configs only set fields that exist.
   cfg = default_config.get_config("tiny")
   cfg.lock()
-  assert train.game_config(cfg, 1).seed == cfg.seed + 2
-  ec = train.exact_config(cfg, 0, eta=2.0)
+  assert world_lib.game_config(cfg, 1).seed == cfg.seed + 2
+  ec = exact_part.exact_config(cfg, 0, eta=2.0)
   assert ec.model.dtype == cfg.exact.dtype and ec.onpo.eta == 2.0
 
 

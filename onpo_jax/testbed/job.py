@@ -30,7 +30,6 @@ finished trajectory and ends with the same summary. All randomness derives from
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any
 
@@ -46,11 +45,12 @@ from onpo_jax.selfplay import loop as loop_lib
 from onpo_jax.selfplay import methods as methods_lib
 from onpo_jax.selfplay.engine import Engine
 from onpo_jax.testbed import evaluation
+from onpo_jax.testbed import exact_part
 from onpo_jax.testbed import report
-from onpo_jax.testbed import shadow
 from onpo_jax.testbed import trajectories
+from onpo_jax.testbed import world as world_lib
 from onpo_jax.testbed.backend import TestbedBackend
-from onpo_jax.testbed.world import sft_fit
+from onpo_jax.testbed.world import Start
 from onpo_jax.testbed.world import Testbed
 
 MAX_RESPONSES = 4096  # |Y| = V^L above this makes exact evaluation too slow on CPU
@@ -119,145 +119,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         tb.response_length)
   _need(isinstance(config.seeds, int) and config.seeds >= 2, "seeds",
         "an integer >= 2 (a mean over seeds with a 95% interval needs two)", config.seeds)
-  ex = config.exact
-  if ex.enabled:
-    _need(len(ex.methods) >= 1 and all(m in shadow.SHADOW_METHODS for m in ex.methods),
-          "exact.methods", f"a non-empty tuple of {shadow.SHADOW_METHODS}", tuple(ex.methods))
-    for field in ("num_rounds", "max_steps", "vocab_size", "response_length", "num_prompts"):
-      _need(isinstance(ex[field], int) and ex[field] >= 1, f"exact.{field}", "an integer >= 1",
-            ex[field])
-    _need(isinstance(ex.stall_steps, int) and ex.stall_steps >= 1, "exact.stall_steps",
-          "an integer >= 1", ex.stall_steps)
-    _need(ex.dtype in ("float32", "float64"), "exact.dtype", "'float32' or 'float64'", ex.dtype)
-    _need(ex.tol > 0, "exact.tol", "a gradient-norm tolerance > 0", ex.tol)
-    _need(ex.residual_tol > 0, "exact.residual_tol", "a residual tolerance > 0",
-          ex.residual_tol)
-    _need(0 < ex.tracking_kl_bound < 1, "exact.tracking_kl_bound",
-          "a KL bound in (0, 1) nats (KL of 1 nat is no tracking at all)", ex.tracking_kl_bound)
-    grid = tuple(ex.eta_grid)
-    _need(all(isinstance(e, (int, float)) and 0 < e <= 100 for e in grid)
-          and len(set(grid)) == len(grid), "exact.eta_grid",
-          "distinct step sizes η in (0, 100] (an empty tuple: no sweep)", grid)
-    _need(len(ex.sweep_methods) >= 1 and all(m in ("onpo_two_step", "onpo_extrapolate", "omd")
-                                             for m in ex.sweep_methods),
-          "exact.sweep_methods", "a non-empty tuple of 'onpo_two_step', 'onpo_extrapolate', "
-          "'omd' (the methods whose step is η)", tuple(ex.sweep_methods))
-    _need(ex.vocab_size ** ex.response_length <= MAX_RESPONSES, "exact.response_length",
-          f"V^L <= {MAX_RESPONSES} enumerable responses", ex.response_length)
-
-
-def game_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
-  """The config of seed `seed`'s own game: oracle, prompts and SFT start from its own key."""
-  c = config.copy_and_resolve_references()
-  c.seed = int(config.seed) + 1 + seed
-  return c
-
-
-def exact_config(config: ml_collections.ConfigDict, seed: int, eta=None
-                 ) -> ml_collections.ConfigDict:
-  """The config of seed `seed`'s exact-mode world: the `exact` sizes, its own game.
-
-  Exact rounds draw nothing, so their seeds always vary the game. `eta` (the
-  sweep) sets ONPO's η and OMD's step 1/η_I to the same η.
-  """
-  c = game_config(config, seed)
-  if eta is not None:
-    c.onpo.eta, c.omd.eta_inpo = float(eta), 1.0 / float(eta)
-  ex = config.exact
-  c.testbed.vocab_size = c.oracle.vocab_size = c.model.vocab_size = ex.vocab_size
-  c.testbed.response_length = ex.response_length
-  c.testbed.num_prompts = ex.num_prompts
-  c.model.dtype = ex.dtype
-  c.selfplay.methods = tuple(dict.fromkeys(tuple(ex.methods) + tuple(ex.sweep_methods)))
-  return c
-
-
-def exact_precision(config):
-  """The exact rounds' numerical context: JAX's x64 mode when `exact.dtype` is float64.
-
-  Build and run everything of the exact rounds (`exact_starts`, `exact_rounds`)
-  inside it.
-  """
-  return jax.enable_x64(True) if config.exact.dtype == "float64" else contextlib.nullcontext()
-
-
-def _sft_start(config, world: Testbed) -> trajectories.Start:
-  params, _ = sft_fit(world.graphdef, world.init_params, world.prompt_tokens, world.prompt_mask,
-                      world.responses, world.logp_start, world.k_sft,
-                      num_steps=config.sft.num_steps, batch_size=config.sft.batch_size,
-                      learning_rate=config.sft.learning_rate)
-  return trajectories.Start(world, params, world.table_fn(params))
-
-
-def exact_starts(config) -> list[trajectories.Start]:
-  """Every seed's exact-mode game and SFT start (deterministic: rebuilt on resume).
-
-  The SFT fit runs in float32, as in sampled mode, and its parameters are then
-  cast to `exact.dtype`: a fit in float64 lands elsewhere, and on the default
-  games some of its later regressions are far harder to solve.
-  """
-  starts = []
-  for seed in range(int(config.seeds)):
-    ec = exact_config(config, seed)
-    fit = ec.copy_and_resolve_references()
-    fit.model.dtype = "float32"
-    params = _sft_start(fit, Testbed(fit)).sft_params
-    world = Testbed(ec)
-    params = jax.tree.map(lambda x: jnp.asarray(x, world.model_config.jnp_param_dtype), params)
-    starts.append(trajectories.Start(world, params, world.table_fn(params)))
-  return starts
-
-
-def exact_rounds(config, graphdef, eta=None) -> trajectories.ExactRounds:
-  """The exact rounds of the config's methods (at step size `eta` for the sweep)."""
-  ex = config.exact
-  return trajectories.ExactRounds(exact_config(config, 0, eta=eta), graphdef, tol=ex.tol,
-                                  max_steps=ex.max_steps, residual_tol=ex.residual_tol,
-                                  stall_steps=ex.stall_steps)
+  exact_part.validate(config, _need, MAX_RESPONSES)
 
 
 def _units(config) -> list[tuple[str, int, int]]:
   """(part, seed or η index, method index) of every unit after unit 1 (the SFT)."""
-  seeds = range(int(config.seeds))
-  units = [("sampled", s, mi) for s in seeds for mi in range(len(config.selfplay.methods))]
-  if config.exact.enabled:  # exact trajectories run every seed at once (vmapped)
-    units += [("exact", -1, mi) for mi in range(len(config.exact.methods))]
-    units += [("sweep", ei, mi) for ei in range(len(config.exact.eta_grid))
-              for mi in range(len(config.exact.sweep_methods))]
-  return units
+  units = [("sampled", s, mi) for s in range(int(config.seeds))
+           for mi in range(len(config.selfplay.methods))]
+  return units + exact_part.units(config)
 
 
 SAMPLED_KEYS = ("gap", "avg_gap", "win_rate_vs_sft", "oracle_queries")
-EXACT_KEYS = ("gap", "avg_gap", "win_rate_vs_sft", "shadow_gap", "shadow_avg_gap",
-              "tracking_kl")
-EXACT_ROUND_KEYS = ("residual", "grad_norm", "steps")
-# The η sweep keeps, per (η, seed, method), the final gaps and the worst tracking KL.
-SWEEP_KEYS = ("gap", "avg_gap", "shadow_avg_gap", "tracking_kl")
-# Methods whose neural exact iterates must stay within exact.tracking_kl_bound of
-# their shadows (ONPO extrapolate's step is an approximation for a network).
-TRACKED = ("onpo_two_step", "omd", "inpo", "online_ipo")
-
-
-def _write_rounds(loop, prefix: str, rounds: list[dict], unit: int) -> dict:
-  """Writes a trajectory's per-round lines but the last; returns the last round's metrics.
-
-  The lines carry the unit: a resume that redoes it drops them first.
-  """
-  for t, m in enumerate(rounds[:-1]):
-    loop.writer.write(t + 1, {prefix + k: float(v) for k, v in m.items()} | {"unit": unit + 1})
-  return {prefix + k: float(v) for k, v in rounds[-1].items()}
-
-
-def _exact_unit_metrics(loop, part: str, name: str, outs: list[dict], unit: int) -> tuple:
-  """Per-round lines of every seed, the unit's final metrics, rounds and message."""
-  metrics = {}
-  for i, out in enumerate(outs):
-    metrics.update(_write_rounds(loop, f"{part}/{name}/seed{i}/", out["rounds"], unit))
-  gaps = [out["avg_gap"][-1] for out in outs]
-  kl = max(float(np.max(np.abs(out["tracking_kl"]))) for out in outs)
-  message = (f"{part} {name}, {len(outs)} seeds: final average-iterate gap "
-             f"{np.mean(gaps):.4f} (mean), max |KL(neural ‖ shadow)| {kl:.1e}")
-  return metrics, len(outs[0]["rounds"]) * len(outs), message
 
 
 def _initial_state(config, world: Testbed) -> dict:
@@ -271,26 +143,7 @@ def _initial_state(config, world: Testbed) -> dict:
       "final_tables": np.zeros((s, m, c, n_y), np.float32),
       "nash_gap": np.zeros((), np.float32),
   }
-  if config.exact.enabled:
-    me, te = len(config.exact.methods), int(config.exact.num_rounds)
-    state["exact"] = {k: np.zeros((s, me, te + 1)) for k in EXACT_KEYS}
-    state["exact"].update({k: np.zeros((s, me, te)) for k in EXACT_ROUND_KEYS})
-    ne, ms = len(config.exact.eta_grid), len(config.exact.sweep_methods)
-    if ne:  # orbax stores no zero-size arrays
-      state["sweep"] = {k: np.zeros((ne, s, ms)) for k in SWEEP_KEYS}
-  return state
-
-
-def _write_curves(writer, part: str, per_method: dict, after_unit: int) -> None:
-  """The mean and interval curves as metrics (TensorBoard), one step per round.
-
-  Tagged with a unit past the last trajectory, so a resume drops and redoes them.
-  """
-  num = len(next(iter(per_method.values()))["gap_mean"])
-  for t in range(num):
-    writer.write(t, {f"{part}/{m}/{k}": float(v[t]) for m, e in per_method.items()
-                     for k, v in e.items() if isinstance(v, list) and len(v) == num}
-                 | {"unit": after_unit + 1})
+  return state | exact_part.initial_state(config)
 
 
 def _finalize(config, games, state: dict, workdir: str, writer, total_units: int) -> dict:
@@ -334,59 +187,11 @@ def _finalize(config, games, state: dict, workdir: str, writer, total_units: int
   print(metrics_lib.format_table([[names[i]] + list(wr[i]) for i in range(len(names))],
                                  ["policy"] + names))
   report.plot_sampled(per_method, workdir)
-  _write_curves(writer, "sampled", per_method, total_units)
+  report.write_curves(writer, "sampled", per_method, total_units)
   plots.heatmap(wr, names, os.path.join(workdir, "win_rate_matrix.png"),
                 "win rate J(row, column), mean over seeds")
   if config.exact.enabled:
-    ex_methods = list(config.exact.methods)
-    exact_arrays = state["exact"]
-    per_exact = report.curves(exact_arrays, ex_methods, EXACT_KEYS)
-    avg_slopes = report.slopes(exact_arrays, ex_methods, "avg_gap")
-    last_slopes = report.slopes(exact_arrays, ex_methods, "gap")
-    shadow_slopes = report.slopes(exact_arrays, ex_methods, "shadow_avg_gap")
-    for i, m in enumerate(ex_methods):
-      e = per_exact[m]
-      e["slope_avg"], e["slope_last"] = avg_slopes[m], last_slopes[m]
-      e["shadow_slope_avg"] = shadow_slopes[m]
-      for k in EXACT_ROUND_KEYS:
-        e[f"{k}_max"] = float(np.max(exact_arrays[k][:, i]))
-    summary["exact"] = per_exact
-    summary["exact_comparisons"] = {
-        "avg_gap": report.comparisons(exact_arrays, ex_methods, "avg_gap", ex_methods[0])}
-    te = int(config.exact.num_rounds)
-    report.print_table(f"Exact rounds (|Y| = {config.exact.vocab_size ** config.exact.response_length}"
-                       f", {config.exact.num_prompts} prompts, a game per seed), average-iterate "
-                       "gap:", per_exact, "avg_gap", sorted({1, te // 2, te}))
-    report.print_table("Exact rounds, KL(neural ‖ tabular shadow):", per_exact, "tracking_kl",
-                       sorted({1, te // 2, te}))
-    print("\nExact rounds, fitted log-log slopes over rounds 1..T (mean ± 95% CI):")
-    print(metrics_lib.format_table(
-        [[m, f"{e['slope_avg']['mean']:.3f} ± {e['slope_avg']['ci95']:.3f}",
-          f"{e['shadow_slope_avg']['mean']:.3f} ± {e['shadow_slope_avg']['ci95']:.3f}",
-          f"{e['slope_last']['mean']:.3f} ± {e['slope_last']['ci95']:.3f}",
-          f"{e['residual_max']:.2e}"] for m, e in per_exact.items()],
-        ["method", "slope avg (neural)", "slope avg (tabular)", "slope last (neural)",
-         "max residual"]))
-    print("\n".join(report.describe(summary["exact_comparisons"]["avg_gap"], "avg_gap",
-                                    ex_methods[0])))
-    bound = float(config.exact.tracking_kl_bound)
-    print(f"\nTracking: max |KL(neural ‖ shadow)| over {te} rounds and {config.seeds} seeds "
-          f"(bound {bound:g} for {', '.join(TRACKED)}):")
-    for i, m in enumerate(ex_methods):
-      kl = float(np.max(np.abs(exact_arrays["tracking_kl"][:, i])))
-      e = per_exact[m]
-      e["tracking_kl_max"] = kl
-      e["tracking_bound"] = bound if m in TRACKED else None
-      verdict = ("within the bound" if kl <= bound else "ABOVE the bound") if m in TRACKED else (
-          "no bound: a parameter-space extrapolation, not the tabular step")
-      print(f"  {m}: {kl:.2e} ({verdict})")
-    report.plot_exact(per_exact, workdir)
-    if len(config.exact.eta_grid):
-      summary["eta_sweep"] = report.sweep(state["sweep"], config.exact.eta_grid,
-                                          list(config.exact.sweep_methods))
-      report.print_sweep(summary["eta_sweep"], te)
-      report.plot_sweep(summary["eta_sweep"], workdir, te)
-    _write_curves(writer, "exact", per_exact, total_units)
+    summary |= exact_part.summarize(config, state, workdir, writer, total_units)
   return summary
 
 
@@ -414,66 +219,44 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, unit, _ = loop.restore(_initial_state(config, world))
   state["sft_params"] = jax.tree.map(jnp.asarray, state["sft_params"])
   state["sft_table"] = jnp.asarray(state["sft_table"])
-  starts = []  # exact-mode SFT starts per seed
-  rounds_by_eta = {}  # exact rounds per η of the sweep (None: the config's η)
+  exact_units = exact_part.ExactPart(config)
   vary = bool(config.selfplay.vary_game)
   games = {}  # vary_game: seed -> (its SFT start, the engine judging with its oracle)
 
   def sampled_game(s: int, state: dict):
     """Seed s's sampled-mode start and engine: the shared game, or its own."""
     if not vary:
-      return trajectories.Start(world, state["sft_params"], state["sft_table"]), engine
+      return Start(world, state["sft_params"], state["sft_table"]), engine
     if s not in games:  # rebuilt deterministically on resume, as the exact starts are
-      gc = game_config(config, s)
-      start = _sft_start(gc, Testbed(gc))
+      gc = world_lib.game_config(config, s)
+      start = world_lib.sft_start(gc, Testbed(gc))
       games[s] = (start, engine.with_backend(backend.with_oracle(start.world.oracle)))
     return games[s]
 
-  def exact_unit(unit: int, part: str, s: int, mi: int, state: dict):
-    """An exact-mode trajectory (part 'exact') or η-sweep point ('sweep') of every seed."""
-    if not starts:
-      starts.extend(exact_starts(config))
-    eta = float(config.exact.eta_grid[s]) if part == "sweep" else None
-    names = config.exact.sweep_methods if part == "sweep" else config.exact.methods
-    name = names[mi]
-    if eta == float(config.onpo.eta) and 1.0 / eta == float(config.omd.eta_inpo):
-      eta_key = None  # the config's own step sizes: the compiled main engine serves
+  def sft_unit(state: dict):
+    """Unit 1: the SFT start (of every seed's game with vary_game) and the exact Nash gap."""
+    if vary:  # the state keeps seed 0's start; the others are rebuilt when needed
+      starts = [sampled_game(s, state)[0] for s in range(int(config.seeds))]
     else:
-      eta_key = eta
-    if eta_key not in rounds_by_eta:
-      rounds_by_eta[eta_key] = exact_rounds(config, starts[0].world.graphdef, eta=eta_key)
-    outs = rounds_by_eta[eta_key].run(starts, name, int(config.exact.num_rounds))
-    if part == "sweep":
-      for i, out in enumerate(outs):
-        for k in SWEEP_KEYS:
-          state["sweep"][k][s, i, mi] = out[k][-1] if k != "tracking_kl" else np.max(
-              np.abs(out[k]))
-      name = f"{name}/eta{eta:g}"
-    else:
-      for i, out in enumerate(outs):
-        for k in EXACT_KEYS + EXACT_ROUND_KEYS:
-          state["exact"][k][i, mi] = out[k]
-    return state, *_exact_unit_metrics(loop, part, name, outs, unit)
+      starts = [world_lib.sft_start(config, world)]
+    gaps = [float(jax.device_get(st.world.metrics_fn(st.sft_table, st.sft_table))["gap"])
+            for st in starts]
+    nash_gap = max(evaluation.nash_reference(st.world.pref)["gap"] for st in starts) \
+        if config.eval.nash_reference else 0.0
+    state["sft_params"], state["sft_table"] = starts[0].sft_params, starts[0].sft_table
+    state["nash_gap"] = np.asarray(nash_gap, np.float32)
+    print(f"selfplay: |Y| = {world.responses.shape[0]} responses x "
+          f"{world.prompt_tokens.shape[0]} prompts; SFT gap {np.mean(gaps):.4f}"
+          + (" (mean over the games)" if vary else "") + f"; exact Nash gap {nash_gap:.2e}; "
+          f"{config.seeds} seeds" + (", each its own game" if vary else ""), flush=True)
+    return state, {"sft/gap": float(np.mean(gaps)), "nash/gap": nash_gap}, 0, "sft"
 
   def step(unit: int, state: dict):
     if unit == 0:
-      start = _sft_start(config, world)
-      m = jax.device_get(world.metrics_fn(start.sft_table, start.sft_table))
-      nash_worlds = ([Testbed(game_config(config, s)) for s in range(int(config.seeds))]
-                     if vary else [world])
-      nash_gap = max(evaluation.nash_reference(w.pref)["gap"] for w in nash_worlds) \
-          if config.eval.nash_reference else 0.0
-      state["sft_params"], state["sft_table"] = start.sft_params, start.sft_table
-      state["nash_gap"] = np.asarray(nash_gap, np.float32)
-      print(f"selfplay: |Y| = {world.responses.shape[0]} responses x "
-            f"{world.prompt_tokens.shape[0]} prompts; SFT gap {float(m['gap']):.4f}; exact Nash "
-            f"gap {nash_gap:.2e}; {config.seeds} seeds"
-            + (", each its own game" if vary else ""), flush=True)
-      return state, {"sft/gap": float(m["gap"]), "nash/gap": nash_gap}, 0, "sft"
+      return sft_unit(state)
     part, s, mi = units[unit - 1]
     if part != "sampled":
-      with exact_precision(config):
-        return exact_unit(unit, part, s, mi, state)
+      return exact_units(loop.writer, unit, part, s, mi, state)
     name = methods[mi]
     start, seed_engine = sampled_game(s, state)
     run_key = jax.random.fold_in(world.k_run, s)
@@ -483,7 +266,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for k in SAMPLED_KEYS:
       state["sampled"][k][s, mi] = out[k]
     state["final_tables"][s, mi] = out["final_table"]
-    metrics = _write_rounds(loop, f"{part}/{name}/seed{s}/", out["rounds"], unit)
+    metrics = report.write_rounds(loop.writer, f"{part}/{name}/seed{s}/", out["rounds"], unit)
     return state, metrics, len(out["rounds"]), (f"{part} {name} seed {s}: final gap "
                                                 f"{out['gap'][-1]:.4f}")
 

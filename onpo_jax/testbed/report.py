@@ -155,3 +155,25 @@ def plot_sweep(per_method: dict, workdir: str, num_rounds: int) -> None:
   plots.band_plot(bands, os.path.join(workdir, "exact_eta_sweep.png"),
                   f"exact rounds: duality gap at T = {num_rounds} vs η (mean, 95% CI)", "η",
                   "duality gap", logx=True, logy=True)
+
+
+def write_rounds(writer, prefix: str, rounds: list[dict], unit: int) -> dict:
+  """Writes a trajectory's per-round lines but the last; returns the last round's metrics.
+
+  The lines carry the unit: a resume that redoes it drops them first.
+  """
+  for t, m in enumerate(rounds[:-1]):
+    writer.write(t + 1, {prefix + k: float(v) for k, v in m.items()} | {"unit": unit + 1})
+  return {prefix + k: float(v) for k, v in rounds[-1].items()}
+
+
+def write_curves(writer, part: str, per_method: dict, after_unit: int) -> None:
+  """The mean and interval curves as metrics (TensorBoard), one step per round.
+
+  Tagged with a unit past the last trajectory, so a resume drops and redoes them.
+  """
+  num = len(next(iter(per_method.values()))["gap_mean"])
+  for t in range(num):
+    writer.write(t, {f"{part}/{m}/{k}": float(v[t]) for m, e in per_method.items()
+                     for k, v in e.items() if isinstance(v, list) and len(v) == num}
+                 | {"unit": after_unit + 1})

@@ -30,7 +30,9 @@ class SolveResult(NamedTuple):
     opt_state: the optimizer state after the last step (pass it on to
       `onpo_end_phase` when the optimizer is `onpo_step(...)`).
     loss: loss_fn at `params`.
-    grad_norm: global L2 norm of the gradient at `params`.
+    grad_norm: global L2 norm of the gradient at `params`; for an optimizer
+      that reports it in its state (`gauss_newton`), at the point its last
+      step started from (the same point when that step was not taken).
     residual: residual_fn at `params` (NaN when no residual_fn was given).
     steps: optimizer steps taken (int32).
     converged: grad_norm <= tol, or residual <= residual_tol (False also when
@@ -60,12 +62,31 @@ _STEP_SCALES = (1.0, 0.5, 0.25, 0.125)
 
 
 class GaussNewtonState(NamedTuple):
-  """State of `gauss_newton`: the current relative damping λ."""
+  """State of `gauss_newton`.
+
+  Attributes:
+    damping: the current relative damping λ.
+    value: the loss at the parameters after the last update (the point it
+      accepted; the loss it was given when it took no step).
+    grad_norm: the global L2 norm of the loss gradient at the parameters the
+      last update started from.
+  """
 
   damping: jax.Array
+  value: jax.Array
+  grad_norm: jax.Array
 
 
-def gauss_newton(damping: float = 1e-2, *, min_damping: float = 1e-6,
+# The damping's floor per parameter precision (`gauss_newton(min_damping=None)`).
+# float64 lowers it to 1e-12: the curvature of a response with small probability
+# under π_t is small, a floor of 1e-6 swamps it, and those directions then
+# converge linearly and slowly (on the default exact games, 3.3x fewer ONPO
+# two_step steps in float64 with the lower floor). Below ~1e-6 a float32 solve
+# of a near-singular H K is noise.
+MIN_DAMPING = {"float64": 1e-12, "float32": 1e-6}
+
+
+def gauss_newton(damping: float = 1e-2, *, min_damping: Optional[float] = None,
                  max_damping: float = 1e9) -> optax.GradientTransformationExtraArgs:
   """Levenberg–Marquardt steps of a loss of the network's output, in output space.
 
@@ -81,13 +102,18 @@ def gauss_newton(damping: float = 1e-2, *, min_damping: float = 1e-6,
   none lowers it. λ adapts to the full step (Moré's rule): a real decrease
   < ¼ of the predicted one raises λ ×4, > ¾ lowers it ÷3.
 
+  The state reports the loss at the accepted point and the gradient norm
+  (‖Jᵀg‖ = √(gᵀKg)), so `solve_regression` takes no gradient of its own
+  between steps: a step costs the Jacobian and one batched forward pass.
+
   Memory: the Jacobian holds n × (number of parameters) floats; meant for the
   enumerable testbed (n ≤ a few hundred), not for language models.
 
   Args:
     damping: initial relative damping λ > 0.
-    min_damping, max_damping: bounds of λ (below ~1e-6 a float32 solve of a
-      near-singular H K is noise).
+    min_damping: lower bound of λ; None: `MIN_DAMPING` of the parameters'
+      dtype (1e-6 for dtypes it does not name).
+    max_damping: upper bound of λ.
 
   Returns:
     An optax transform whose update needs the extra args `value` (ℓ at
@@ -97,13 +123,16 @@ def gauss_newton(damping: float = 1e-2, *, min_damping: float = 1e-6,
     Jacobian is n vector-Jacobian products. `solve_regression(...,
     output_fn=..., output_jacobian=...)` passes them.
   """
-  if not 0 < min_damping <= damping <= max_damping:
+  floor = lambda dtype: (MIN_DAMPING.get(jnp.dtype(dtype).name, MIN_DAMPING["float32"])
+                        if min_damping is None else min_damping)
+  if not all(0 < floor(d) <= damping <= max_damping for d in MIN_DAMPING):
     raise ValueError(f"gauss_newton: need 0 < min_damping <= damping <= max_damping, got "
                      f"{min_damping}, {damping}, {max_damping}")
 
   def init_fn(params):
     dtype = jax.tree.leaves(params)[0].dtype
-    return GaussNewtonState(jnp.asarray(damping, dtype))
+    nan = jnp.full([], jnp.nan, dtype)  # nothing evaluated yet
+    return GaussNewtonState(jnp.asarray(damping, dtype), nan, nan)
 
   def update_fn(grads, state, params, *, value, output_fn, output_loss, output_jacobian=None,
                 **unused):
@@ -120,6 +149,8 @@ def gauss_newton(damping: float = 1e-2, *, min_damping: float = 1e-6,
     rows = [j.reshape(n, -1) for j in jax.tree.leaves(jac)]
     k = sum(r @ r.T for r in rows)
     hk = h @ k
+    # ∇θ ℓ = Jᵀg, so its squared norm is gᵀKg: no backward pass needed.
+    grad_norm = jnp.sqrt(jnp.maximum(g @ (k @ g), 0.0))
     scale = jnp.maximum(jnp.trace(hk) / n, jnp.finfo(out.dtype).tiny)
     a = jnp.linalg.solve(hk + state.damping * scale * jnp.eye(n, dtype=out.dtype), -g)
     step = jax.tree.map(lambda j: jnp.tensordot(a, j, axes=1), jac)
@@ -141,30 +172,19 @@ def gauss_newton(damping: float = 1e-2, *, min_damping: float = 1e-6,
     ratio = (values[0] - value) / jnp.minimum(predicted, -jnp.finfo(out.dtype).tiny)
     lam = jnp.where(finite & (ratio > 0.75), state.damping / 3,
                     jnp.where(finite & (ratio >= 0.25), state.damping, state.damping * 4))
-    lam = jnp.clip(lam, min_damping, max_damping).astype(state.damping.dtype)
+    lam = jnp.clip(lam, floor(state.damping.dtype), max_damping).astype(state.damping.dtype)
     scale = jnp.where(accept, scales[best], 0.0)
     updates = jax.tree.map(lambda d: (scale * d).astype(d.dtype), step)
-    return updates, GaussNewtonState(lam)
+    new_value = jnp.where(accept, values[best], value).astype(state.value.dtype)
+    return updates, GaussNewtonState(lam, new_value, grad_norm.astype(state.grad_norm.dtype))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def default_gauss_newton(dtype: str = "float32") -> optax.GradientTransformationExtraArgs:
-  """`gauss_newton()` for parameters of `dtype`, one shared instance per dtype (executable cache).
-
-  float64 lowers the damping's floor to 1e-12: the curvature of a response
-  with small probability under π_t is small, and a floor of 1e-6 swamps it, so
-  those directions converge linearly and slowly (on the default exact games,
-  3.3x fewer ONPO two_step steps in float64 with the lower floor).
-  """
-  if dtype not in ("float32", "float64"):
-    raise ValueError(f"default_gauss_newton: dtype must be 'float32' or 'float64', got {dtype!r}")
-  return _gauss_newton_for(dtype)
-
-
 @functools.lru_cache(maxsize=None)
-def _gauss_newton_for(dtype: str) -> optax.GradientTransformationExtraArgs:
-  return gauss_newton(min_damping=1e-12 if dtype == "float64" else 1e-6)
+def default_gauss_newton() -> optax.GradientTransformationExtraArgs:
+  """`gauss_newton()`, one shared instance (`solve_regression`'s executable cache keys on it)."""
+  return gauss_newton()
 
 
 def _global_norm(tree) -> jax.Array:
@@ -177,6 +197,12 @@ def _stores_value(state) -> bool:
     return optax.tree.get(state, "value") is not None and optax.tree.get(state, "grad") is not None
   except (KeyError, ValueError):  # several "value" fields: ambiguous, recompute instead
     return False
+
+
+def _reports_value(state) -> bool:
+  """Whether the state holds a `GaussNewtonState`, which reports the loss and gradient norm."""
+  is_gn = lambda node: isinstance(node, GaussNewtonState)
+  return any(is_gn(node) for node in jax.tree.leaves(state, is_leaf=is_gn))
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "residual_fn",
@@ -194,11 +220,19 @@ def _solve(loss_fn, optimizer, residual_fn, output_fn, output_jacobian, params, 
     if output_jacobian is not None:
       extra["output_jacobian"] = lambda p: output_jacobian(p, *args)
   value_and_grad = jax.value_and_grad(value_fn)
-  reuse = _stores_value(opt_state)
+  reports = _reports_value(opt_state)
+  reuse = not reports and _stores_value(opt_state)
   if reuse:
     # The line search already evaluated the accepted point: reuse it.
     from_state = optax.value_and_grad_from_state(value_fn)
-  value, grad = value_and_grad(params)
+  if reports:  # the optimizer reports the gradient norm: only the loss is needed here,
+    # and no backward pass is compiled outside the optimizer's own.
+    value = value_fn(params)
+    grad = jax.tree.map(jnp.zeros_like, params)  # never read by such an optimizer
+    norm = jnp.full([], jnp.inf, jnp.result_type(value))  # not known before the first step
+  else:
+    value, grad = value_and_grad(params)
+    norm = _global_norm(grad)
   nan = jnp.full([], jnp.nan, jnp.result_type(value))
   if residual_fn is None:
     residual = lambda p: nan
@@ -207,26 +241,37 @@ def _solve(loss_fn, optimizer, residual_fn, output_fn, output_jacobian, params, 
   else:
     residual = lambda p: jnp.asarray(residual_fn(output_fn(p, *args), *args), nan.dtype)
 
-  def done(grad, res):
+  def done(norm, res):
     # NaN compares False: a NaN residual never stops the loop, a NaN gradient does.
-    return (_global_norm(grad) <= tol) | (res <= residual_tol) | jnp.isnan(_global_norm(grad))
+    return (norm <= tol) | (res <= residual_tol) | jnp.isnan(norm)
 
   def cond(carry):
-    _, _, _, grad, res, step, broke, stalled = carry
-    return (step < max_steps) & ~done(grad, res) & ~broke & (stalled < stall_steps)
+    _, _, _, _, norm, res, step, broke, stalled = carry
+    # A reporting optimizer takes at least one step: its report is the gradient norm.
+    go = ~done(norm, res) | (step == 0) if reports else ~done(norm, res)
+    return (step < max_steps) & go & ~broke & (stalled < stall_steps)
 
   def body(carry):
-    params, state, value, grad, res, step, _, stalled = carry
+    params, state, value, grad, norm, res, step, _, stalled = carry
     updates, new_state = opt.update(grad, state, params, value=value, grad=grad,
                                     value_fn=value_fn, **extra)
     new_params = optax.apply_updates(params, updates)
-    if reuse:
-      new_value, new_grad = from_state(new_params, state=new_state)
+    if reports:
+      # The optimizer evaluated the accepted point and, on its way, the gradient
+      # norm where it started: the stopping rule sees that norm one step late,
+      # which costs at most one step and saves a backward pass on every one.
+      new_value = optax.tree.get(new_state, "value").astype(value.dtype)
+      new_grad = grad
+      new_norm = optax.tree.get(new_state, "grad_norm").astype(value.dtype)
     else:
-      new_value, new_grad = value_and_grad(new_params)
+      if reuse:
+        new_value, new_grad = from_state(new_params, state=new_state)
+      else:
+        new_value, new_grad = value_and_grad(new_params)
+      new_norm = _global_norm(new_grad)
     # A step into non-finite values is undone and ends the solve: the result is
     # the last finite iterate, reported as not converged.
-    ok = jnp.isfinite(new_value) & jnp.isfinite(_global_norm(new_grad))
+    ok = jnp.isfinite(new_value) & jnp.isfinite(new_norm)
     keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(ok, x, y), new, old)
     params, state = keep(new_params, params), keep(new_state, state)
     # A step that lowers the loss by less than a few float ulps of it makes no
@@ -234,13 +279,14 @@ def _solve(loss_fn, optimizer, residual_fn, output_fn, output_jacobian, params, 
     gain = value - jnp.where(ok, new_value, value)
     floor = 4 * jnp.finfo(jnp.result_type(value)).eps * jnp.abs(value)
     stalled = jnp.where(gain > floor, 0, stalled + 1)
-    value, grad = jnp.where(ok, new_value, value), keep(new_grad, grad)
-    return params, state, value, grad, residual(params), step + 1, ~ok, stalled
+    value, grad, norm = keep(new_value, value), keep(new_grad, grad), keep(new_norm, norm)
+    return params, state, value, grad, norm, residual(params), step + 1, ~ok, stalled
 
   zero = jnp.zeros([], jnp.int32)
-  carry = (params, opt_state, value, grad, residual(params), zero, jnp.zeros([], bool), zero)
-  params, opt_state, value, grad, res, steps, broke, _ = jax.lax.while_loop(cond, body, carry)
-  norm = _global_norm(grad)
+  carry = (params, opt_state, value, grad, norm, residual(params), zero, jnp.zeros([], bool),
+           zero)
+  params, opt_state, value, grad, norm, res, steps, broke, _ = jax.lax.while_loop(
+      cond, body, carry)
   converged = ((norm <= tol) | (res <= residual_tol)) & ~broke
   return SolveResult(params, opt_state, value, norm, res, steps, converged)
 

@@ -23,14 +23,7 @@ from onpo_jax.testbed import shadow
 from onpo_jax.testbed import solver
 from onpo_jax.testbed.exact_backend import ExactBackend
 from onpo_jax.testbed.exact_backend import ExactRegression
-from onpo_jax.testbed.world import Testbed
-
-
-class Start:
-  """A seed's starting point: world, SFT parameters and SFT table."""
-
-  def __init__(self, world: Testbed, sft_params, sft_table):
-    self.world, self.sft_params, self.sft_table = world, sft_params, sft_table
+from onpo_jax.testbed.world import Start
 
 
 def _average_gap(pref, prob_sum, count: int) -> float:
@@ -104,8 +97,7 @@ class ExactRounds:
     self.regression = ExactRegression(config, graphdef, tol=tol, max_steps=max_steps,
                                       residual_tol=residual_tol, stall_steps=stall_steps)
     self.backend = ExactBackend(self.regression.table)
-    dtype = config.model.get("dtype", "float32")
-    self.engine = Engine(self.backend, config, inner_optimizer=solver.default_gauss_newton(dtype),
+    self.engine = Engine(self.backend, config, inner_optimizer=solver.default_gauss_newton(),
                          regression=self.regression)
     self._data = {}
 

@@ -2,7 +2,8 @@
 
 `Testbed(config)` derives every random piece from `config.seed` (oracle,
 prompts, the SFT start distribution μ, the initial policy), so a resumed run
-rebuilds exactly the same world.
+rebuilds exactly the same world; `game_config(config, s)` is seed s's own game
+and `sft_start` its SFT start.
 """
 
 from __future__ import annotations
@@ -124,3 +125,26 @@ class Testbed:
     rng = np.random.default_rng([int(x) for x in seed])
     ids = np.concatenate([rng.permutation(c) for _ in range(-(-n // c))])[:n]
     return self.prompt_tokens[ids], self.prompt_mask[ids]
+
+
+class Start:
+  """A seed's starting point: world, SFT parameters and SFT table."""
+
+  def __init__(self, world: Testbed, sft_params, sft_table):
+    self.world, self.sft_params, self.sft_table = world, sft_params, sft_table
+
+
+def game_config(config, seed: int):
+  """The config of seed `seed`'s own game: oracle, prompts and SFT start from its own key."""
+  c = config.copy_and_resolve_references()
+  c.seed = int(config.seed) + 1 + seed
+  return c
+
+
+def sft_start(config, world: Testbed) -> Start:
+  """The SFT fit of `config.sft` on `world` (deterministic: rebuilt on resume)."""
+  params, _ = sft_fit(world.graphdef, world.init_params, world.prompt_tokens, world.prompt_mask,
+                      world.responses, world.logp_start, world.k_sft,
+                      num_steps=config.sft.num_steps, batch_size=config.sft.batch_size,
+                      learning_rate=config.sft.learning_rate)
+  return Start(world, params, world.table_fn(params))
