@@ -12,11 +12,13 @@ import os
 import jax
 import numpy as np
 import pytest
+import scipy.stats
 from jax.experimental.compilation_cache import compilation_cache
 
 from configs import default as default_config
 from onpo_jax.testbed import exact_part
 from onpo_jax.testbed import job as train
+from onpo_jax.testbed import report
 from onpo_jax.testbed import world as world_lib
 
 
@@ -127,6 +129,10 @@ def test_summary_gives_means_intervals_tests_and_exact_shadows(smoke):
   for d in comp.values():
     assert d["low"] <= d["diff"] <= d["high"] and 0 <= d["p_value"] <= 1
     assert d["supported"] == (d["low"] > 0 or d["high"] < 0)
+    assert d["test"] == "Welch"
+  exact_comp = summary["exact_comparisons"]["avg_gap"]
+  assert set(exact_comp) == set(cfg.exact.methods) - {cfg.exact.methods[0]}
+  assert all(d["test"] == "paired t" for d in exact_comp.values())
   assert set(summary["exact"]) == set(cfg.exact.methods)
   for m, e in summary["exact"].items():
     for key in ("gap", "avg_gap", "tracking_kl", "shadow_gap", "shadow_avg_gap"):
@@ -146,10 +152,43 @@ def test_summary_gives_means_intervals_tests_and_exact_shadows(smoke):
     for key in ("gap", "avg_gap", "shadow_avg_gap"):
       assert len(e[f"{key}_mean"]) == len(e[f"{key}_ci95"]) == len(cfg.exact.eta_grid)
     assert all(k >= 0 for k in e["tracking_kl_max"])
+    first = cfg.exact.sweep_methods[0]
+    vs = e.get(f"vs_{first}", [])
+    assert len(vs) == (0 if m == first else len(cfg.exact.eta_grid))
+    assert all(d["test"] == "paired t" and d["low"] <= d["diff"] <= d["high"] for d in vs)
   for name in ("gap_vs_round.png", "gap_vs_queries.png", "win_rate_vs_queries.png",
                "exact_avg_gap_loglog.png", "exact_gap_loglog.png", "exact_eta_sweep.png"):
     with open(os.path.join(workdir, name), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_exact_comparisons_pair_the_games():
+  # Five games whose gaps spread far more than the methods differ: method 0 is
+  # below method 1 by 0.01 ± 0.002 in every game. Welch's test cannot see it;
+  # the paired test (each game's difference) must, with scipy's numbers.
+  rng = np.random.default_rng(0)
+  games = rng.uniform(0.05, 0.3, size=5)
+  first = games - 0.01 + 0.002 * rng.standard_normal(5)
+  avg_gap = np.zeros((5, 2, 3))
+  avg_gap[:, 0, -1], avg_gap[:, 1, -1] = first, games
+  arrays = {"avg_gap": avg_gap}
+  welch = report.comparisons(arrays, ["a", "b"], "avg_gap", "a")["b"]
+  paired = report.comparisons(arrays, ["a", "b"], "avg_gap", "a", paired=True)["b"]
+  ref = scipy.stats.ttest_rel(first, games)
+  ci = ref.confidence_interval(0.95)
+  np.testing.assert_allclose([paired["diff"], paired["p_value"], paired["low"], paired["high"]],
+                             [np.mean(first - games), ref.pvalue, ci.low, ci.high], rtol=1e-10)
+  assert paired["supported"] and paired["test"] == "paired t"
+  assert not welch["supported"] and welch["test"] == "Welch"
+  np.testing.assert_allclose(welch["p_value"],
+                             scipy.stats.ttest_ind(first, games, equal_var=False).pvalue,
+                             rtol=1e-10)
+  # The η sweep compares its first method with each other one at every η, paired.
+  sweep_arrays = {k: np.stack([avg_gap[:, :, -1]] * 2) for k in
+                  ("gap", "avg_gap", "shadow_avg_gap", "tracking_kl")}
+  swept = report.sweep(sweep_arrays, (1.0, 2.0), ["a", "b"])
+  assert "vs_a" not in swept["a"] and len(swept["b"]["vs_a"]) == 2
+  assert all(d == paired for d in swept["b"]["vs_a"])
 
 
 def test_finished_run_does_nothing(smoke, capsys, cache_dir):

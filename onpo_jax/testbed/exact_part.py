@@ -209,8 +209,9 @@ def summarize(config, state: dict, workdir: str, writer, after_unit: int) -> dic
     e["tracking_kl_max"] = float(np.max(np.abs(arrays["tracking_kl"][:, i])))
     e["tracking_bound"] = bound if m in TRACKED else None
   summary = {"exact": per_method,
+             # Seed s of every method plays game s from its SFT table: paired.
              "exact_comparisons": {"avg_gap": report.comparisons(arrays, methods, "avg_gap",
-                                                                 methods[0])}}
+                                                                 methods[0], paired=True)}}
   te = int(config.exact.num_rounds)
   shown = sorted({1, te // 2, te})
   report.print_table(f"Exact rounds (|Y| = {config.exact.vocab_size ** config.exact.response_length}"
@@ -225,6 +226,8 @@ def summarize(config, state: dict, workdir: str, writer, after_unit: int) -> dic
         f"{e['residual_max']:.2e}"] for m, e in per_method.items()],
       ["method", "slope avg (neural)", "slope avg (tabular)", "slope last (neural)",
        "max residual"]))
+  print(f"\nFinal average-iterate gap, {methods[0]} vs each method (paired t-test over the "
+        f"{config.seeds} games, 95%):")
   print("\n".join(report.describe(summary["exact_comparisons"]["avg_gap"], "avg_gap",
                                   methods[0])))
   print(f"\nTracking: max |KL(neural ‖ shadow)| over {te} rounds and {config.seeds} seeds "

@@ -17,7 +17,8 @@
      responses, solved full batch, next to the tabular shadow of the same game
      (`trajectories.ExactRounds`);
   4. at the end: means and 95% intervals over seeds, fitted log-log slopes,
-     Welch tests of ONPO against each method (`report`), `summary.json`,
+     t-tests of ONPO against each method (Welch; paired over the games in
+     exact mode; `report`), `summary.json`,
      PNGs (gap vs round and vs oracle queries with interval bands, exact
      log-log curves with their shadows, the win-rate matrix) and TensorBoard.
 

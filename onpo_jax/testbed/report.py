@@ -2,8 +2,11 @@
 
 Every number is a mean over the seeds with the half-width of its 95% Student-t
 interval (`onpo_jax.infra.stats.mean_ci`); a difference between two methods is
-called supported when Welch's t-test rejects equality at the 5% level
-(`stats.differs`), which is the same as its 95% interval excluding 0.
+called supported when its t-test rejects equality at the 5% level
+(`stats.differs`), which is the same as its 95% interval excluding 0. Sampled
+runs use Welch's test. Exact runs use the paired test: seed s of every method
+plays the same game from the same SFT table, so the game-to-game spread, which
+is much larger than any method's effect, cancels in the per-game differences.
 """
 
 from __future__ import annotations
@@ -47,19 +50,30 @@ def slopes(arrays: dict, methods, key: str) -> dict:
   return out
 
 
-def comparisons(arrays: dict, methods, key: str, reference: str) -> dict:
-  """`reference` against every other method on the final value of `key` (Welch's t-test)."""
+def _difference(a, b, paired: bool) -> dict:
+  d = stats.differs(np.asarray(a, np.float64), np.asarray(b, np.float64), LEVEL, paired=paired)
+  return {"diff": float(d.diff), "low": float(d.low), "high": float(d.high),
+          "p_value": float(d.p_value), "supported": bool(d.significant),
+          "test": "paired t" if paired else "Welch"}
+
+
+def comparisons(arrays: dict, methods, key: str, reference: str, *, paired: bool = False
+                ) -> dict:
+  """`reference` against every other method on the final value of `key`.
+
+  Args:
+    arrays: key -> [S, M, T + 1] per seed, method and round.
+    methods: the M methods.
+    key: the compared quantity.
+    reference: the method compared with every other one.
+    paired: the paired t-test over seeds (seed s of every method shares its
+      game and start); else Welch's t-test.
+  """
   if reference not in methods:
     return {}
-  ref = np.asarray(arrays[key][:, list(methods).index(reference), -1], np.float64)
-  out = {}
-  for i, m in enumerate(methods):
-    if m == reference:
-      continue
-    d = stats.differs(ref, np.asarray(arrays[key][:, i, -1], np.float64), LEVEL)
-    out[m] = {"diff": float(d.diff), "low": float(d.low), "high": float(d.high),
-              "p_value": float(d.p_value), "supported": bool(d.significant)}
-  return out
+  ref = arrays[key][:, list(methods).index(reference), -1]
+  return {m: _difference(ref, arrays[key][:, i, -1], paired)
+          for i, m in enumerate(methods) if m != reference}
 
 
 def describe(comp: dict, key: str, reference: str) -> list[str]:
@@ -71,7 +85,8 @@ def describe(comp: dict, key: str, reference: str) -> list[str]:
     else:
       verdict = f"supported: {reference} is {'lower' if d['diff'] < 0 else 'higher'}"
     lines.append(f"  {reference} - {m}: final {key} difference {d['diff']:+.4f} "
-                 f"[{d['low']:+.4f}, {d['high']:+.4f}], p = {d['p_value']:.3g}: {verdict}")
+                 f"[{d['low']:+.4f}, {d['high']:+.4f}], {d['test']} p = {d['p_value']:.3g}: "
+                 f"{verdict}")
   return lines
 
 
@@ -133,6 +148,10 @@ def sweep(arrays: dict, etas, methods) -> dict:
       entry[f"{key}_ci95"] = [p[1][0] for p in pairs]
     entry["tracking_kl_max"] = [float(np.max(arrays["tracking_kl"][j, :, i]))
                                 for j in range(len(etas))]
+    if i > 0:  # the first method against this one at every η, paired over the games
+      entry[f"vs_{methods[0]}"] = [
+          _difference(arrays["avg_gap"][j, :, 0], arrays["avg_gap"][j, :, i], True)
+          for j in range(len(etas))]
     out[m] = entry
   return out
 
@@ -145,6 +164,10 @@ def print_sweep(per_method: dict, num_rounds: int) -> None:
   print(f"\nExact rounds, η sweep at T = {num_rounds} (ONPO's η = OMD's step 1/η_I):")
   print(metrics_lib.format_table(rows, ["method", "η", "avg gap", "avg gap (tabular)",
                                         "last gap", "max |KL|"]))
+  reference = next(iter(per_method))
+  for m, e in per_method.items():
+    for eta, d in zip(e["eta"], e.get(f"vs_{reference}", [])):
+      print("\n".join(describe({m: d}, f"avg_gap at η = {eta:g}", reference)))
 
 
 def plot_sweep(per_method: dict, workdir: str, num_rounds: int) -> None:
