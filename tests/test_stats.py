@@ -105,6 +105,19 @@ def test_differs_paired_and_degenerate():
                              rtol=1e-10)
 
 
+def test_holm_by_hand():
+  # p = (0.04, 0.01, 0.03, 0.5), m = 4. Sorted: 0.01·4 = 0.04, 0.03·3 = 0.09,
+  # 0.04·2 = 0.08 -> max(0.09, 0.08) = 0.09 (step-down is monotone), 0.5·1 = 0.5.
+  np.testing.assert_allclose(stats.holm([0.04, 0.01, 0.03, 0.5]), [0.09, 0.04, 0.09, 0.5],
+                             rtol=1e-15)
+  # Capped at 1; ties keep their order; a family of one is unchanged; empty is empty.
+  np.testing.assert_allclose(stats.holm([0.6, 0.6, 0.2]), [1.0, 1.0, 0.6], rtol=1e-15)
+  assert stats.holm([0.037]).tolist() == [0.037]
+  assert stats.holm([]).shape == (0,)
+  with pytest.raises(ValueError, match="holm: p_values must lie in"):
+    stats.holm([0.1, 1.5])
+
+
 def test_bad_inputs_raise_named_errors():
   for level in (0.0, 1.0, 1.5, "0.9"):
     with pytest.raises(ValueError, match="level must be a number in \\(0, 1\\)"):

@@ -128,7 +128,8 @@ def test_summary_gives_means_intervals_tests_and_exact_shadows(smoke):
   assert set(comp) == set(cfg.selfplay.methods) - {ref}
   for d in comp.values():
     assert d["low"] <= d["diff"] <= d["high"] and 0 <= d["p_value"] <= 1
-    assert d["supported"] == (d["low"] > 0 or d["high"] < 0)
+    assert d["supported"] == (d["p_holm"] < 0.05) and d["p_holm"] >= d["p_value"]
+    assert not d["supported"] or d["low"] > 0 or d["high"] < 0
     assert d["test"] == "Welch"
   exact_comp = summary["exact_comparisons"]["avg_gap"]
   assert set(exact_comp) == set(cfg.exact.methods) - {cfg.exact.methods[0]}
@@ -179,6 +180,7 @@ def test_exact_comparisons_pair_the_games():
   np.testing.assert_allclose([paired["diff"], paired["p_value"], paired["low"], paired["high"]],
                              [np.mean(first - games), ref.pvalue, ci.low, ci.high], rtol=1e-10)
   assert paired["supported"] and paired["test"] == "paired t"
+  assert paired["p_holm"] == paired["p_value"]  # a family of one
   assert not welch["supported"] and welch["test"] == "Welch"
   np.testing.assert_allclose(welch["p_value"],
                              scipy.stats.ttest_ind(first, games, equal_var=False).pvalue,
@@ -188,7 +190,11 @@ def test_exact_comparisons_pair_the_games():
                   ("gap", "avg_gap", "shadow_avg_gap", "tracking_kl")}
   swept = report.sweep(sweep_arrays, (1.0, 2.0), ["a", "b"])
   assert "vs_a" not in swept["a"] and len(swept["b"]["vs_a"]) == 2
-  assert all(d == paired for d in swept["b"]["vs_a"])
+  # Two identical tests form the family: Holm doubles both p-values.
+  for d in swept["b"]["vs_a"]:
+    assert {k: v for k, v in d.items() if k != "p_holm"} == {
+        k: v for k, v in paired.items() if k != "p_holm"}
+    np.testing.assert_allclose(d["p_holm"], 2 * paired["p_value"], rtol=1e-12)
 
 
 def test_finished_run_does_nothing(smoke, capsys, cache_dir):

@@ -2,8 +2,9 @@
 
 Every number is a mean over the seeds with the half-width of its 95% Student-t
 interval (`onpo_jax.infra.stats.mean_ci`); a difference between two methods is
-called supported when its t-test rejects equality at the 5% level
-(`stats.differs`), which is the same as its 95% interval excluding 0. Sampled
+called supported when its t-test (`stats.differs`) rejects equality at the 5%
+level after Holm's adjustment over the family of comparisons it belongs to
+(`stats.holm`: one method against all the others). Sampled
 runs use Welch's test. Exact runs use the paired test: seed s of every method
 plays the same game from the same SFT table, so the game-to-game spread, which
 is much larger than any method's effect, cancels in the per-game differences.
@@ -72,8 +73,22 @@ def comparisons(arrays: dict, methods, key: str, reference: str, *, paired: bool
   if reference not in methods:
     return {}
   ref = arrays[key][:, list(methods).index(reference), -1]
-  return {m: _difference(ref, arrays[key][:, i, -1], paired)
-          for i, m in enumerate(methods) if m != reference}
+  return _holm_family({m: _difference(ref, arrays[key][:, i, -1], paired)
+                       for i, m in enumerate(methods) if m != reference})
+
+
+def _holm_family(family: dict) -> dict:
+  """Marks a family of differences supported by Holm-adjusted p-values.
+
+  One reference against M − 1 methods is M − 1 tests: unadjusted, a 5% level
+  per test would call some difference supported far more often than 5% of the
+  time when none exists. The intervals stay the per-test 95% intervals.
+  """
+  adjusted = stats.holm([d["p_value"] for d in family.values()])
+  for d, p in zip(family.values(), adjusted):
+    d["p_holm"] = float(p)
+    d["supported"] = bool(p < 1.0 - LEVEL)
+  return family
 
 
 def describe(comp: dict, key: str, reference: str) -> list[str]:
@@ -81,12 +96,12 @@ def describe(comp: dict, key: str, reference: str) -> list[str]:
   lines = []
   for m, d in comp.items():
     if not d["supported"]:
-      verdict = "not supported (the 95% interval of the difference contains 0)"
+      verdict = "not supported"
     else:
       verdict = f"supported: {reference} is {'lower' if d['diff'] < 0 else 'higher'}"
     lines.append(f"  {reference} - {m}: final {key} difference {d['diff']:+.4f} "
-                 f"[{d['low']:+.4f}, {d['high']:+.4f}], {d['test']} p = {d['p_value']:.3g}: "
-                 f"{verdict}")
+                 f"[{d['low']:+.4f}, {d['high']:+.4f}], {d['test']} p = {d['p_value']:.3g} "
+                 f"(Holm {d['p_holm']:.3g}): {verdict}")
   return lines
 
 
@@ -148,10 +163,11 @@ def sweep(arrays: dict, etas, methods) -> dict:
       entry[f"{key}_ci95"] = [p[1][0] for p in pairs]
     entry["tracking_kl_max"] = [float(np.max(arrays["tracking_kl"][j, :, i]))
                                 for j in range(len(etas))]
-    if i > 0:  # the first method against this one at every η, paired over the games
-      entry[f"vs_{methods[0]}"] = [
-          _difference(arrays["avg_gap"][j, :, 0], arrays["avg_gap"][j, :, i], True)
-          for j in range(len(etas))]
+    if i > 0:  # the first method against this one at every η (one family), paired
+      family = _holm_family({j: _difference(arrays["avg_gap"][j, :, 0],
+                                            arrays["avg_gap"][j, :, i], True)
+                             for j in range(len(etas))})
+      entry[f"vs_{methods[0]}"] = list(family.values())
     out[m] = entry
   return out
 
