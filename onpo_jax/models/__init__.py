@@ -1,4 +1,4 @@
-"""Decoder models: config, NNX decoder with KV cache, sharding, HF import/export."""
+"""Decoder models: config, NNX decoder with KV cache, sharding, HF / GGUF import, HF export."""
 
 from onpo_jax.models.config import DecoderConfig
 from onpo_jax.models.decoder import Decoder
@@ -16,6 +16,9 @@ from onpo_jax.models.sharding import param_bytes_per_device
 from onpo_jax.models.sharding import state_shardings
 from onpo_jax.models.hf_io import load_hf_checkpoint
 from onpo_jax.models.hf_io import save_hf_checkpoint
+from onpo_jax.models.gguf import GGUFError
+from onpo_jax.models.gguf import load_gguf_checkpoint
+from onpo_jax.models.gguf import smollm2_gguf_path
 from onpo_jax.models.tokenizer import chat_prompt_ids
 from onpo_jax.models.tokenizer import eos_token_ids
 from onpo_jax.models.tokenizer import load_tokenizer

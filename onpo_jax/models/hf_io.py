@@ -163,6 +163,53 @@ def load_hf_checkpoint(path, *, mesh: jax.sharding.Mesh | None = None,
     raise ValueError(
         f"{path}: tensors not used by a {config.model_type} decoder with this "
         f"config.json: {sorted(unexpected)[:10]}")
+  with contextlib.ExitStack() as stack:
+    handles = {}
+
+    def read(name: str, want: tuple[int, ...]) -> np.ndarray:
+      if name not in files:
+        raise KeyError(
+            f"{path}: tensor {name!r} not found in "
+            f"{sorted(set(os.path.basename(f) for f in files.values()))}")
+      fname = files[name]
+      if fname not in handles:
+        handles[fname] = stack.enter_context(
+            safe_open(fname, framework="numpy"))
+      arr = handles[fname].get_tensor(name)
+      if tuple(arr.shape) != want:
+        raise ValueError(
+            f"{path}: tensor {name!r} in {os.path.basename(fname)} has shape "
+            f"{tuple(arr.shape)}, expected {want} for config.json")
+      return arr
+
+    return build_decoder(config, read, mesh=mesh, rules=rules)
+
+
+def build_decoder(config: DecoderConfig,
+                  read: Callable[[str, tuple[int, ...]], np.ndarray], *,
+                  mesh: jax.sharding.Mesh | None = None,
+                  rules=DEFAULT_RULES) -> Decoder:
+  """Builds a Decoder from HF-layout tensors, placing each as it is read.
+
+  The model is traced abstractly (no parameter is initialised); then each
+  parameter is read, converted to our layout and dtype, and put straight onto
+  its devices with its target sharding, so the host holds one tensor at a
+  time. Shared by every importer (safetensors, GGUF): they differ only in
+  `read`.
+
+  Args:
+    config: the architecture.
+    read: read(hf_name, hf_shape) -> that tensor as a numpy array in HF layout
+      (e.g. [out, in] for a projection), of shape hf_shape; it raises its own
+      named error for a missing or mis-shaped tensor.
+    mesh: when given, each parameter is placed with its NamedSharding on this
+      mesh (from its logical names and `rules`); else on the default device.
+    rules: (logical, mesh_axis) pairs.
+
+  Returns:
+    The Decoder, parameters cast to config.param_dtype.
+  """
+  specs = tensor_specs(config)
   abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(params=0)))
   graphdef, abstract_state = nnx.split(abstract)
   shardings = (state_shardings(abstract_state, mesh, rules)
@@ -173,39 +220,23 @@ def load_hf_checkpoint(path, *, mesh: jax.sharding.Mesh | None = None,
         lambda p, v: sharding_of.__setitem__(_key_path(p), v.get_value()),
         shardings, is_leaf=_is_var)
 
-  with contextlib.ExitStack() as stack:
-    handles = {}
+  def load(p, var):
+    key = _key_path(p)
+    spec = specs[key]
+    target = var.get_value()
+    want = spec.hf_shape(target.shape)
+    arr = read(spec.hf_name, want)
+    if tuple(arr.shape) != want:  # a reader that forgot its own check
+      raise ValueError(f"tensor {spec.hf_name!r}: shape {tuple(arr.shape)}, "
+                       f"expected {want}")
+    arr = np.ascontiguousarray(
+        spec.to_ours(arr, target.shape).astype(target.dtype))
+    placed = (jax.device_put(arr, sharding_of[key])
+              if shardings is not None else jax.device_put(arr))
+    return var.replace(placed)
 
-    def read(name: str) -> np.ndarray:
-      if name not in files:
-        raise KeyError(
-            f"{path}: tensor {name!r} not found in "
-            f"{sorted(set(os.path.basename(f) for f in files.values()))}")
-      fname = files[name]
-      if fname not in handles:
-        handles[fname] = stack.enter_context(
-            safe_open(fname, framework="numpy"))
-      return handles[fname].get_tensor(name)
-
-    def load(p, var):
-      key = _key_path(p)
-      spec = specs[key]
-      target = var.get_value()
-      arr = read(spec.hf_name)
-      want = spec.hf_shape(target.shape)
-      if tuple(arr.shape) != want:
-        raise ValueError(
-            f"{path}: tensor {spec.hf_name!r} in "
-            f"{os.path.basename(files[spec.hf_name])} has shape "
-            f"{tuple(arr.shape)}, expected {want} for config.json")
-      arr = np.ascontiguousarray(
-          spec.to_ours(arr, target.shape).astype(target.dtype))
-      placed = (jax.device_put(arr, sharding_of[key])
-                if shardings is not None else jax.device_put(arr))
-      return var.replace(placed)
-
-    state = jax.tree_util.tree_map_with_path(load, abstract_state,
-                                             is_leaf=_is_var)
+  state = jax.tree_util.tree_map_with_path(load, abstract_state,
+                                           is_leaf=_is_var)
   return nnx.merge(graphdef, state)
 
 
