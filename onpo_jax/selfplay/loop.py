@@ -93,7 +93,8 @@ class UnitLoop:
       unit = int(meta["unit"])
       self.log(f"{self.label}: resuming from checkpoint unit {unit}/{self.total_units} in "
                f"{self.workdir}")
-    truncate_jsonl(os.path.join(self.workdir, "metrics.jsonl"), unit)
+    if self.is_main:  # another process's rewrite would orphan the main process's open file
+      truncate_jsonl(os.path.join(self.workdir, "metrics.jsonl"), unit)
     self.writer = metrics_lib.MetricWriter(self.workdir, enabled=self.is_main)
     self._start_unit, self._start_time, self._last_log = unit, time.perf_counter(), -1e9
     return state, unit, meta
