@@ -11,6 +11,8 @@ setuptools.setup(
     ),
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["onpo_jax", "onpo_jax.*", "experiments", "configs"]),
+    # The bundled prompt sets and their licence.
+    package_data={"onpo_jax.data.instructions": ["*.jsonl", "LICENSE"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.11",

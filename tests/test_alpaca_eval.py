@@ -83,8 +83,12 @@ def test_read_instructions_json_and_jsonl(tmp_path):
   jl = tmp_path / "eval.jsonl"
   jl.write_text('{"instruction": "a"}\n\n{"instruction": "b"}\n')
   assert alpaca_eval.read_instructions(str(jl)) == (["a", "b"], [None, None])
+  # A prompt file's "prompt" stands for the instruction (the bundled prompt sets).
+  pl = tmp_path / "prompts.jsonl"
+  pl.write_text('{"prompt": "a", "constraints": []}\n{"instruction": "b", "prompt": "x"}\n')
+  assert alpaca_eval.read_instructions(str(pl)) == (["a", "b"], [None, None])
   bad = tmp_path / "bad.jsonl"
-  bad.write_text('{"instruction": "a"}\n{"prompt": "b"}\n')
+  bad.write_text('{"instruction": "a"}\n{"text": "b"}\n')
   with pytest.raises(ValueError, match="record 1 needs a non-empty string 'instruction'"):
     alpaca_eval.read_instructions(str(bad))
 

@@ -31,6 +31,7 @@ from onpo_jax.models import gguf_quants
 from onpo_jax.models import hf_io
 from onpo_jax.models import sharding
 from onpo_jax.models import tokenizer as tok_lib
+from onpo_jax.oracles import judge as judge_lib
 from onpo_jax.testing import tiny_hf
 
 QTYPES = gguf.GGMLQuantizationType
@@ -476,3 +477,31 @@ def test_smollm2_export_loads_in_transformers(smollm2, tmp_path):
   # exported checkpoint runs the very same computation in transformers.
   np.testing.assert_array_equal(_torch_logits(exported, tokens, mask, pos),
                                 _torch_logits(hf, tokens, mask, pos))
+
+
+def test_smollm2_self_judge_matches_transformers(smollm2):
+  """SmolLM2 as its own pairwise judge (preset 'self_judge'): our label logits are
+  transformers' on the same inputs, and the two orders make P(a≻b) + P(b≻a) = 1."""
+  _, ours, hf, tok = smollm2
+  oracle = judge_lib.PairwiseJudgeOracle(ours, tok, tok, preset="self_judge", max_length=512,
+                                         micro_batch_size=4)
+  context = ["What is the capital of France? Answer in one sentence."] * 2
+  first = ["The capital of France is Paris.", "Paris is the capital of France."]
+  second = ["I like turtles.", "The capital of France is Berlin, a city in Spain."]
+  fs, sf, truncated = oracle.inputs.fit(context, first, second)
+  assert not truncated.any()
+  text = tok.decode(fs[0])
+  assert text.startswith("<|im_start|>system\n") and "Response A: The capital of France is Paris." in text
+  assert text.endswith("Answer with one letter, A or B.<|im_end|>\n<|im_start|>assistant\n")
+  inputs = fs + sf
+  ours_logits = oracle.choice_logits(inputs)
+  with torch.no_grad():
+    ref = np.stack([hf(input_ids=torch.tensor([ids])).logits[0, -1].numpy() for ids in inputs])
+  # The two label logits carry the rounding of the whole logit row: scale by its max.
+  tolerances.assert_close_rel(ours_logits, ref[:, list(oracle.choice_ids)],
+                              rtol=tolerances.REAL_MODEL_LOGIT_RTOL, scale=np.abs(ref).max(),
+                              what="SmolLM2 self-judge label logits vs transformers")
+  p = np.asarray(oracle.preference_prob_text(context, first, second))
+  q = np.asarray(oracle.preference_prob_text(context, second, first))
+  np.testing.assert_array_equal(p + q, np.ones_like(p))
+  print(f"[smollm2] self-judge P(correct ≻ wrong) = {p}")

@@ -115,7 +115,8 @@ def read_instructions(path: str) -> tuple[list[str], list[str | None]]:
   """(instructions, datasets) from an evaluation prompt file.
 
   Accepts AlpacaEval's evaluation set layout: a JSON list, or JSONL, of objects
-  with an "instruction" (other fields, e.g. a reference "output", are ignored).
+  with an "instruction" (other fields, e.g. a reference "output", are ignored);
+  a prompt file's "prompt" stands for the instruction when there is none.
   """
   with open(path, encoding="utf-8") as f:
     text = f.read()
@@ -135,10 +136,11 @@ def read_instructions(path: str) -> tuple[list[str], list[str | None]]:
     raise ValueError(f"{path}: expected a non-empty JSON list (or JSONL) of objects")
   instructions, datasets = [], []
   for i, r in enumerate(rows):
-    if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) \
-        or not r["instruction"].strip():
-      raise ValueError(f"{path}: record {i} needs a non-empty string 'instruction'")
-    instructions.append(r["instruction"])
+    text = r.get("instruction", r.get("prompt")) if isinstance(r, dict) else None
+    if not isinstance(text, str) or not text.strip():
+      raise ValueError(f"{path}: record {i} needs a non-empty string 'instruction' (or "
+                       "'prompt')")
+    instructions.append(text)
     datasets.append(r.get("dataset") if isinstance(r.get("dataset"), str) else None)
   return instructions, datasets
 

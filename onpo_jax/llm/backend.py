@@ -71,21 +71,25 @@ class ScopedOracle:
   """
 
   def __init__(self, oracle, mesh, rules, offload: bool = False):
-    self.oracle, self.mesh, self.rules, self.offload = oracle, mesh, rules, offload
+    self.oracle, self.mesh, self.rules = oracle, mesh, rules
+    # A program oracle (no `state`: e.g. the verifiable judge) has nothing to offload.
+    self.offload = bool(offload) and hasattr(oracle, "state")
     self.vocab_size = oracle.vocab_size
-    if offload:
+    if self.offload:
       oracle.state = roles.to_memory(oracle.state, "pinned_host")
 
   def preference_prob(self, *args):
     from onpo_jax.models import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-    host = self.oracle.state
     # Host copies: arrays made under the global mesh cannot enter the judge's mesh.
     args = [host_gather(a) for a in args]
-    with sharding_lib.activation_sharding(self.mesh, self.rules):
-      if self.offload:
-        self.oracle.state = roles.to_memory(host, "device")
-      try:
+    if not self.offload:
+      with sharding_lib.activation_sharding(self.mesh, self.rules):
         # numpy, so the caller's arrays on the policy's mesh can mix with it.
+        return host_gather(self.oracle.preference_prob(*args))
+    host = self.oracle.state
+    with sharding_lib.activation_sharding(self.mesh, self.rules):
+      self.oracle.state = roles.to_memory(host, "device")
+      try:
         return host_gather(self.oracle.preference_prob(*args))
       finally:
         self.oracle.state = host

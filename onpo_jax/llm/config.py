@@ -58,12 +58,15 @@ def validate_config(config) -> None:
     ValueError: the message starts with `config.<section>.<field>`.
   """
   sp = config.selfplay
-  for field in ("policy.path", "judge.path", "data.paths"):
+  kinds = ("pairwise", "reward", "verifiable")
+  _need(config.judge.kind in kinds, "judge.kind", f"one of {kinds}", config.judge.kind)
+  # The verifiable judge is a program: it reads the prompts' constraints, no model.
+  paths = ("policy.path", "data.paths") + (() if config.judge.kind == "verifiable"
+                                           else ("judge.path",))
+  for field in paths:
     section, key = field.split(".")
     _need(bool(config[section][key]), field, "a local path", config[section][key])
-  _need(config.judge.kind in ("pairwise", "reward"), "judge.kind", "'pairwise' or 'reward'",
-        config.judge.kind)
-  presets = ("rlhflow_pair_pm", "plain")  # onpo_jax.oracles.judge.JUDGE_PRESETS
+  presets = ("rlhflow_pair_pm", "plain", "self_judge")  # onpo_jax.oracles.judge.JUDGE_PRESETS
   _need(config.judge.get("preset", "rlhflow_pair_pm") in presets, "judge.preset",
         f"one of {presets}", config.judge.get("preset"))
   methods_lib.validate_selfplay(sp, _need)

@@ -16,6 +16,24 @@ import numpy as np
 from onpo_jax import sampler as sampler_lib
 from onpo_jax.llm import alpaca_eval
 from onpo_jax.llm.backend import MicroBatchedSampler
+from onpo_jax.oracles import verifiable
+
+
+def prompt_constraints(path: str, instructions) -> list | None:
+  """Each instruction's constraints when the prompt file carries them, else None.
+
+  Raises:
+    ValueError: naming the file when only some of its records have constraints.
+  """
+  rows = verifiable.read_rows(path)[:len(instructions)]
+  have = ["constraints" in r for r in rows if isinstance(r, dict)]
+  if not any(have):
+    return None
+  if not all(have):
+    raise ValueError(f"{path}: {have.count(False)} of {len(have)} records have no "
+                     "'constraints'; give every record constraints or none")
+  table = verifiable.constraints_from_records(rows, path)
+  return [table[s.strip()] for s in instructions]
 
 
 class Evaluator:
@@ -42,6 +60,7 @@ class Evaluator:
     if ec.max_prompts:
       instructions, datasets = instructions[:ec.max_prompts], datasets[:ec.max_prompts]
     self.instructions, self.datasets = instructions, datasets
+    self.constraints = prompt_constraints(ec.prompt_file, instructions)
     records = [data_lib.PromptRecord(id=str(i), messages=(("user", s),), is_chat=False,
                                      source=f"{ec.prompt_file}:{i}")
                for i, s in enumerate(instructions)]
@@ -85,6 +104,18 @@ class Evaluator:
       return None
     self.reference = self.generate(sft_params, key)
     return alpaca_eval.make_records(self.instructions, self.reference[2], "sft", self.datasets)
+
+  def constraint_metrics(self, texts) -> dict[str, float]:
+    """Constraint satisfaction of answers to a constrained prompt file ({} otherwise)."""
+    if self.constraints is None:
+      return {}
+    return verifiable.satisfaction(self.constraints, texts)
+
+  def reference_metrics(self) -> dict[str, float]:
+    """Mean length and constraint satisfaction of the reference answers."""
+    tokens, mask, texts = self.reference
+    return dict(mean_response_tokens=float(np.mean(np.asarray(mask).sum(axis=1))),
+                **self.constraint_metrics(texts))
 
   def evaluate(self, params, key, generator: str):
     """(AlpacaEval records, WinRate vs the reference, mean response tokens)."""

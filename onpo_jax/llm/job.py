@@ -64,6 +64,13 @@ def build_oracle(config, policy_tokenizer, mesh, rules):
   from onpo_jax.oracles import judge as judge_lib  # pylint: disable=g-import-not-at-top
   from onpo_jax.oracles import reward_model as reward_lib  # pylint: disable=g-import-not-at-top
   jc = config.judge
+  if jc.kind == "verifiable":
+    from onpo_jax.oracles import verifiable  # pylint: disable=g-import-not-at-top
+    paths = [config.data.paths] if isinstance(config.data.paths, str) else list(config.data.paths)
+    if config.eval.prompt_file:
+      paths.append(config.eval.prompt_file)
+    return backend_lib.ScopedOracle(verifiable.VerifiableOracle(
+        policy_tokenizer, verifiable.constraints_from_files(paths)), mesh, rules)
   overrides = {"dtype": jc.dtype, "param_dtype": jc.dtype}
   tok_path = jc.tokenizer_path or jc.path
   if jc.kind == "pairwise":
@@ -96,7 +103,7 @@ def _mesh(config):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Aligns `config.policy.path` for `selfplay.num_rounds` rounds; returns the summary."""
   from onpo_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from onpo_jax.models import hf_io  # pylint: disable=g-import-not-at-top
+  from onpo_jax.models import loading  # pylint: disable=g-import-not-at-top
   from onpo_jax.models import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from onpo_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   config_lib.validate_config(config)
@@ -115,22 +122,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Models are loaded outside the activation context (nnx.eval_shape inside
   # jax.set_mesh would resolve logical names as mesh axes).
   tokenizer = tok_lib.load_tokenizer(config.policy.tokenizer_path or config.policy.path)
-  policy = hf_io.load_hf_checkpoint(config.policy.path, mesh=mesh, rules=rules,
-                                    param_dtype=config.policy.param_dtype,
-                                    dtype=config.policy.dtype, remat=bool(config.policy.remat))
-  model_config = policy.config
-  graphdef, sft_params = nnx.split(policy)
-  eos_ids = tok_lib.eos_token_ids(tokenizer, model_config)
-  pad_id = int(tokenizer.pad_token_id)
   judge_mesh = mesh
   if jax.process_count() > 1:
     judge_mesh = sharding_lib.make_mesh((1, jax.local_device_count(), 1),
                                         devices=jax.local_devices())
+  # The judge first: a bad judge path or prompt file fails before the policy loads.
+  oracle = build_oracle(config, tokenizer, judge_mesh, rules)
+  policy = loading.load_checkpoint(config.policy.path, mesh=mesh, rules=rules,
+                                  param_dtype=config.policy.param_dtype,
+                                  dtype=config.policy.dtype, remat=bool(config.policy.remat))
+  model_config = policy.config
+  graphdef, sft_params = nnx.split(policy)
+  eos_ids = tok_lib.eos_token_ids(tokenizer, model_config)
+  pad_id = int(tokenizer.pad_token_id)
   placements = roles.role_placements(config, mesh, judge_mesh)
   ref_params = roles.park(
       jax.tree.map(lambda x: x.astype(jnp.dtype(config.ref.dtype)), sft_params),
       placements[roles.Role.REF])
-  oracle = build_oracle(config, tokenizer, judge_mesh, rules)
   records = data_lib.load_prompt_records(
       config.data.source, config.data.paths, split=config.data.split,
       data_dir=config.data.tfds_data_dir or None)
@@ -194,10 +202,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if loop.is_main:
         alpaca_eval.write_outputs(
             os.path.join(workdir, "alpaca_eval", f"{name}_round{t + 1}.json"), recs)
-      out.update(wr.as_dict(f"{name}/eval/"))
-      out[f"{name}/eval/mean_response_tokens"] = mean_len
+      entry = dict(wr.as_dict(), mean_response_tokens=mean_len,
+                   **evaluator.constraint_metrics([r["output"] for r in recs]))
+      out.update({f"{name}/eval/{k}": v for k, v in entry.items()})
       out.update(truncations(f"{name}/eval/judge/"))
-      history[name].append(wr.as_dict())
+      history[name].append(entry)
     loss = out.get(f"{name}/policy/loss", out.get(f"{name}/aux/loss", float("nan")))
     progress = (f"{name} round {t + 1}/{sp.num_rounds}: loss {loss:.4g}, win rate vs ref "
                 f"{out.get(f'{name}/eval/win_rate', float('nan')):.3f}")
@@ -212,5 +221,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tokenizer=tokenizer)
   summary = {"methods": list(methods), "export": exports, "memory": plan.as_dict(),
              "eval": history, "mesh": list(dims), "process_count": jax.process_count()}
+  if evaluator is not None:
+    summary["eval_reference"] = evaluator.reference_metrics()
   loop.finish(state, summary, methods=list(methods), history=history)
   return summary

@@ -42,6 +42,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from onpo_jax.llm import optim
+from onpo_jax.models import loading
 from onpo_jax.models import sharding as sharding_lib
 from onpo_jax.models.config import DecoderConfig
 from onpo_jax.models.decoder import Decoder
@@ -256,26 +257,35 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
 # ------------------------------------------------------------ llm config plans
 
 
-def decoder_configs(config) -> tuple[DecoderConfig, DecoderConfig]:
-  """(policy, judge) DecoderConfigs of an llm config, from config.json when the path exists.
+def decoder_configs(config) -> tuple[DecoderConfig, DecoderConfig | None]:
+  """(policy, judge) DecoderConfigs of an llm config, from the checkpoints when they exist.
+
+  A checkpoint is an HF directory (its config.json) or a GGUF file (its
+  metadata); without one the plan uses `hf_config`. The verifiable judge
+  (`judge.kind = 'verifiable'`) has no model: its config is None.
 
   Args:
     config: the llm config (`policy` and `judge` sections).
 
   Raises:
-    ValueError: a role has neither a directory with config.json nor `hf_config`.
+    ValueError: a role has neither a checkpoint nor `hf_config`.
   """
 
   def one(section, **overrides):
-    src = section.path if section.path and os.path.isdir(section.path) else section.hf_config
+    path = section.path
+    if path and (os.path.isdir(path) or (loading.is_gguf(path) and os.path.isfile(path))):
+      return loading.checkpoint_config(path, **overrides)
+    src = section.hf_config
     if src is None:
-      raise ValueError(f"no config.json at {section.path!r} and no hf_config to plan from")
+      raise ValueError(f"no checkpoint at {path!r} and no hf_config to plan from")
     if isinstance(src, ml_collections.ConfigDict):
       src = src.to_dict()
     return DecoderConfig.from_hf(src, **overrides)
 
   policy = one(config.policy, param_dtype=config.policy.param_dtype, dtype=config.policy.dtype,
                remat=bool(config.policy.remat))
+  if config.judge.kind == "verifiable":
+    return policy, None
   judge = one(config.judge, param_dtype=config.judge.dtype, dtype=config.judge.dtype)
   return policy, judge
 

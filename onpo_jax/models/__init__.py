@@ -19,6 +19,8 @@ from onpo_jax.models.hf_io import save_hf_checkpoint
 from onpo_jax.models.gguf import GGUFError
 from onpo_jax.models.gguf import load_gguf_checkpoint
 from onpo_jax.models.gguf import smollm2_gguf_path
+from onpo_jax.models.loading import checkpoint_config
+from onpo_jax.models.loading import load_checkpoint
 from onpo_jax.models.tokenizer import chat_prompt_ids
 from onpo_jax.models.tokenizer import eos_token_ids
 from onpo_jax.models.tokenizer import load_tokenizer

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from onpo_jax import oracles as oracle_lib
-from onpo_jax.models import hf_io
+from onpo_jax.models import loading
+from onpo_jax.models import tokenizer as tok_lib
 from onpo_jax.models.decoder import Decoder
 from onpo_jax.models.decoder import positions_from_mask
 from onpo_jax.oracles import text as text_lib
@@ -36,6 +37,12 @@ from onpo_jax.oracles import text as text_lib
 # label of the better response.
 PAIR_PM_TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \n"
 _JUDGE_FIELDS = ("context", "response_a", "response_b")
+# An instruct model asked to compare two answers to a request (self_judge: the
+# policy's own SFT model as the judge).
+SELF_JUDGE_TEMPLATE = (
+    "Which response follows the request better? Check every instruction the request "
+    "gives.\n\nRequest: {context}\n\nResponse A: {response_a}\n\nResponse B: "
+    "{response_b}\n\nAnswer with one letter, A or B.")
 
 
 # ------------------------------------------------------------------ formats
@@ -117,6 +124,11 @@ JUDGE_PRESETS = {
     # published format.
     "plain": JudgeFormat(render_context=render_plain_context, add_generation_prompt=True,
                          strip_bos_text=False),
+    # An instruct model judging with a question in its own chat template, its
+    # answer read at the start of the assistant turn (e.g. SmolLM2-Instruct
+    # judging its own samples).
+    "self_judge": JudgeFormat(template=SELF_JUDGE_TEMPLATE, render_context=render_plain_context,
+                              add_generation_prompt=True, strip_bos_text=False),
 }
 
 
@@ -457,10 +469,10 @@ def load_pairwise_judge(path: str, policy_tokenizer, *, tokenizer_path: str | No
                         mesh: jax.sharding.Mesh | None = None, config_overrides=None,
                         preset: str | JudgeFormat = "rlhflow_pair_pm",
                         **judge_kwargs) -> PairwiseJudgeOracle:
-  """A `PairwiseJudgeOracle` from a local HF causal-LM directory (weights + tokenizer).
+  """A `PairwiseJudgeOracle` from a local checkpoint (weights + tokenizer).
 
   Args:
-    path: checkpoint directory (`hf_io.load_hf_checkpoint`).
+    path: HF checkpoint directory or GGUF file (`models.load_checkpoint`).
     policy_tokenizer: decodes the policy's tokens.
     tokenizer_path: judge tokenizer directory; defaults to `path`.
     mesh: optional mesh for the judge's parameters.
@@ -469,6 +481,8 @@ def load_pairwise_judge(path: str, policy_tokenizer, *, tokenizer_path: str | No
     **judge_kwargs: other `PairwiseJudgeOracle` options (template, labels, ...).
   """
   import transformers  # pylint: disable=g-import-not-at-top
-  model = hf_io.load_hf_checkpoint(path, mesh=mesh, **(config_overrides or {}))
-  tok = transformers.AutoTokenizer.from_pretrained(tokenizer_path or path)
+  model = loading.load_checkpoint(path, mesh=mesh, **(config_overrides or {}))
+  tok_path = tokenizer_path or path
+  tok = (tok_lib.load_tokenizer(tok_path) if loading.is_gguf(tok_path)
+         else transformers.AutoTokenizer.from_pretrained(tok_path))
   return PairwiseJudgeOracle(model, tok, policy_tokenizer, preset=preset, **judge_kwargs)
