@@ -289,3 +289,21 @@ def test_bundled_prompt_sets_parse_and_read_through_the_pipeline():
   assert not set(tables["train"]) & set(tables["eval"])  # held out
   types = [c.type for t in tables.values() for cons in t.values() for c in cons]
   assert set(types) == set(vf.CONSTRAINT_FIELDS)
+
+
+def test_game_statistics_on_a_condorcet_prompt_and_a_transitive_one():
+  from onpo_jax.llm import verifiable_game  # pylint: disable=g-import-not-at-top
+  cycle = vf.parse_constraints([{"type": "max_words", "n": 1},
+                                {"type": "keyword_count", "word": "yes", "n": 3},
+                                {"type": "no_commas"}], "test")
+  chain = vf.parse_constraints([{"type": "max_words", "n": 1}, {"type": "no_commas"},
+                                {"type": "lowercase"}], "test")
+  out = verifiable_game.game_statistics(
+      [cycle, chain], [["no,", "yes yes,,", "yes no no", "no,"], ["a", "a b", "A, b c"]])
+  assert out["responses"] == 7 and out["distinct_responses"] == 6
+  assert (out["triples"], out["decisive_triples"], out["cyclic_triples"],
+          out["weak_cyclic_triples"]) == (2, 2, 1, 1)
+  assert out["prompts_with_a_cycle"] == 0.5 and out["cyclic_fraction_per_prompt_mean"] == 0.5
+  # "a" meets all three of its constraints; nothing else meets all of its own.
+  assert out["all_satisfied"] == 1 / 7
+  assert out["satisfied_by_type"]["lowercase"] == 2 / 3

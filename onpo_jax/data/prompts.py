@@ -132,6 +132,29 @@ def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
         raise ValueError(f"{path}:{n} (line {n}): invalid JSON: {e.msg} at column {e.colno}") from e
 
 
+def read_json_rows(path: str) -> list:
+  """The records of a JSON file (a list, or one object) or of a JSONL file, in order.
+
+  Raises:
+    ValueError: naming the file and line of invalid JSONL.
+  """
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  try:
+    rows = json.loads(text)
+    return rows if isinstance(rows, list) else [rows]
+  except json.JSONDecodeError:
+    pass
+  rows = []
+  for n, line in enumerate(text.splitlines(), start=1):
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from e
+  return rows
+
+
 def _table_rows(table) -> Iterator[dict]:
   for batch in table.to_batches(max_chunksize=4096):
     yield from batch.to_pylist()

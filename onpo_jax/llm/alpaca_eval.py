@@ -118,21 +118,9 @@ def read_instructions(path: str) -> tuple[list[str], list[str | None]]:
   with an "instruction" (other fields, e.g. a reference "output", are ignored);
   a prompt file's "prompt" stands for the instruction when there is none.
   """
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
-  try:
-    rows = json.loads(text)
-    if isinstance(rows, dict):
-      rows = [rows]
-  except json.JSONDecodeError:
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from e
-  if not isinstance(rows, list) or not rows:
+  from onpo_jax.data import prompts  # pylint: disable=g-import-not-at-top
+  rows = prompts.read_json_rows(path)
+  if not rows:
     raise ValueError(f"{path}: expected a non-empty JSON list (or JSONL) of objects")
   instructions, datasets = [], []
   for i, r in enumerate(rows):

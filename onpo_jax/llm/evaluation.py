@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from onpo_jax import sampler as sampler_lib
+from onpo_jax.data import prompts
 from onpo_jax.llm import alpaca_eval
 from onpo_jax.llm.backend import MicroBatchedSampler
 from onpo_jax.oracles import verifiable
@@ -25,7 +26,7 @@ def prompt_constraints(path: str, instructions) -> list | None:
   Raises:
     ValueError: naming the file when only some of its records have constraints.
   """
-  rows = verifiable.read_rows(path)[:len(instructions)]
+  rows = prompts.read_json_rows(path)[:len(instructions)]
   have = ["constraints" in r for r in rows if isinstance(r, dict)]
   if not any(have):
     return None

@@ -27,6 +27,7 @@ from flax import nnx
 
 from onpo_jax import sampler as sampler_lib
 from onpo_jax.data import instructions
+from onpo_jax.data import prompts as prompts_lib
 from onpo_jax.infra import stats
 from onpo_jax.models import tokenizer as tok_lib
 from onpo_jax.oracles import text as text_lib
@@ -80,11 +81,16 @@ def game_statistics(constraints: Sequence[Sequence[verifiable.Constraint]],
       sat[c.type].extend((v[:, k] == 0).tolist())
     all_sat.extend((v == 0).all(axis=1).tolist())
     words.extend(verifiable.count_words(r) for r in resp)
-  has_cycle = np.asarray([c.cyclic > 0 for c in per_prompt], float)
-  frac = np.asarray([c.cyclic_fraction for c in per_prompt])
-  weak = np.asarray([c.weak_cyclic_fraction for c in per_prompt])
-  has_weak = np.asarray([c.weak_cyclic > 0 for c in per_prompt], float)
-  ci = lambda x: list(stats.bootstrap_interval(x, seed=seed))
+
+  def spread(name: str, prompts_name: str, count: str) -> dict:
+    """Per-prompt mean of a triple fraction and the share of prompts with one, with CIs."""
+    frac = np.asarray([getattr(c, count) / max(c.triples, 1) for c in per_prompt])
+    has = np.asarray([getattr(c, count) > 0 for c in per_prompt], float)
+    return {f"{name}_per_prompt_mean": float(frac.mean()),
+            f"{name}_per_prompt_ci95": list(stats.bootstrap_interval(frac, seed=seed)),
+            prompts_name: float(has.mean()),
+            f"{prompts_name}_ci95": list(stats.bootstrap_interval(has, seed=seed))}
+
   return {
       "prompts": len(per_prompt),
       "responses": int(sum(len(r) for r in responses)),
@@ -94,17 +100,11 @@ def game_statistics(constraints: Sequence[Sequence[verifiable.Constraint]],
       "cyclic_triples": total.cyclic,
       "cyclic_fraction": total.cyclic_fraction,
       "cyclic_fraction_of_decisive": total.cyclic_fraction_of_decisive,
-      "cyclic_fraction_per_prompt_mean": float(frac.mean()),
-      "cyclic_fraction_per_prompt_ci95": ci(frac),
-      "prompts_with_a_cycle": float(has_cycle.mean()),
-      "prompts_with_a_cycle_ci95": ci(has_cycle),
+      **spread("cyclic_fraction", "prompts_with_a_cycle", "cyclic"),
       # Violations of weak stochastic transitivity (no utility / BT model has any).
       "weak_cyclic_triples": total.weak_cyclic,
       "weak_cyclic_fraction": total.weak_cyclic_fraction,
-      "weak_cyclic_fraction_per_prompt_mean": float(weak.mean()),
-      "weak_cyclic_fraction_per_prompt_ci95": ci(weak),
-      "prompts_with_a_weak_cycle": float(has_weak.mean()),
-      "prompts_with_a_weak_cycle_ci95": ci(has_weak),
+      **spread("weak_cyclic_fraction", "prompts_with_a_weak_cycle", "weak_cyclic"),
       "satisfied_by_type": {k: float(np.mean(v)) for k, v in sorted(sat.items())},
       "all_satisfied": float(np.mean(all_sat)),
       "mean_words": float(np.mean(words)),
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
   f = flags.FLAGS
   model_path = f.model or gguf.smollm2_gguf_path()
   path = f.prompts or instructions.FILES[f.split]
-  rows = verifiable.read_rows(path)[:f.num_prompts]
+  rows = prompts_lib.read_json_rows(path)[:f.num_prompts]
   table = verifiable.constraints_from_records(rows, path)
   prompts = [r["prompt"] for r in rows]
   model = gguf.load_gguf_checkpoint(model_path)

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import re
 from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from onpo_jax.data import prompts
 from onpo_jax.oracles import text as text_lib
 
 # type -> fields it needs (besides "type"), with their Python types.
@@ -279,29 +279,11 @@ def constraints_from_records(rows: Sequence[Mapping], where: str = "prompts"
   return out
 
 
-def read_rows(path: str) -> list[dict]:
-  """The objects of a JSONL file or a JSON list (the prompt files' raw rows)."""
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
-  try:
-    rows = json.loads(text)
-    rows = rows if isinstance(rows, list) else [rows]
-  except json.JSONDecodeError:
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from e
-  return rows
-
-
 def constraints_from_files(paths: Sequence[str]) -> dict[str, tuple[Constraint, ...]]:
   """`constraints_from_records` over the rows of several files (JSONL or a JSON list)."""
   out: dict[str, tuple[Constraint, ...]] = {}
   for path in paths:
-    for key, cons in constraints_from_records(read_rows(path), path).items():
+    for key, cons in constraints_from_records(prompts.read_json_rows(path), path).items():
       if out.get(key, cons) != cons:
         raise ValueError(f"{path}: prompt {key[:60]!r} has other constraints in an earlier file")
       out[key] = cons
