@@ -29,7 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0  # fixes sampling, oracle draws, minibatch order and the prompt split
 
   c.policy = ml_collections.ConfigDict()
-  c.policy.path = ""  # local HF directory of the SFT policy π_SFT (config.json + safetensors)
+  c.policy.path = ""  # π_SFT: local HF directory (config.json + safetensors) or GGUF file
   c.policy.tokenizer_path = ""  # tokenizer directory; "" = policy.path
   c.policy.param_dtype = "float32"  # master weights of π (and of π' in the optimizer state)
   c.policy.dtype = "bfloat16"  # compute dtype of activations
@@ -42,12 +42,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.ref.offload = False  # keep π_ref in pinned host memory except while it is used
 
   c.judge = ml_collections.ConfigDict()
-  c.judge.kind = "pairwise"  # 'pairwise' (pair-pm LM judge, the paper's oracle) | 'reward' (BT RM)
-  c.judge.path = ""  # local HF directory of the judge
+  # 'pairwise' (pair-pm LM judge, the paper's oracle) | 'reward' (BT RM) | 'verifiable' (the
+  # majority over each prompt's checkable constraints; no model, onpo_jax.oracles.verifiable)
+  c.judge.kind = "pairwise"
+  c.judge.path = ""  # local HF directory or GGUF file of the judge ("" for 'verifiable')
   c.judge.tokenizer_path = ""  # "" = judge.path
   c.judge.dtype = "bfloat16"  # judge parameters and compute, frozen
-  # Input format: 'rlhflow_pair_pm' (the paper's judge, its published format) | 'plain'
-  # (onpo_jax.oracles.judge.JUDGE_PRESETS); the three fields below override single parts.
+  # Input format: 'rlhflow_pair_pm' (the paper's judge, its published format) | 'plain' |
+  # 'self_judge' (an instruct model asked which answer is better;
+  # onpo_jax.oracles.judge.JUDGE_PRESETS); the three fields below override single parts.
   c.judge.preset = "rlhflow_pair_pm"
   c.judge.template = ""  # "" = the preset's template
   c.judge.use_chat_template = True  # wrap the filled template in the judge's chat template
@@ -121,7 +124,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.variant = ""  # MESH_VARIANTS key the shape came from (documentation only)
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.prompt_file = ""  # AlpacaEval-style JSON/JSONL with "instruction" ("" = no evaluation)
+  # AlpacaEval-style JSON/JSONL with "instruction" (or "prompt"; "" = no evaluation); records
+  # with "constraints" also get their constraint satisfaction measured
+  c.eval.prompt_file = ""
   c.eval.reference_outputs = ""  # AlpacaEval outputs file to compare with; "" = the SFT policy
   c.eval.max_prompts = 0  # evaluate on the first n prompts (0 = all)
   c.eval.max_new_tokens = 2048  # response tokens per evaluation answer

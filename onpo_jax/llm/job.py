@@ -2,8 +2,8 @@ r"""Aligning a real checkpoint end to end: the `llm` experiment.
 
     python -m experiments.run --config=configs/llama3_8b_onpo.py:gpu8 --workdir=runs/llama3_onpo
 
-From local Hugging Face directories (policy, judge, prompts) to an exported HF
-checkpoint and AlpacaEval-format outputs, on the same self-play engine as the
+From local checkpoints (Hugging Face directories or GGUF files: policy, judge),
+local prompt files to an exported HF checkpoint and AlpacaEval-format outputs, on the same self-play engine as the
 testbed (`onpo_jax.selfplay.engine.Engine`: sampling, pairs, anchors, losses,
 `onpo_step`, fingerprints) with the real-checkpoint backend
 (`onpo_jax.llm.backend.LLMBackend`: EOS-aware masks, micro-batches, a judge
@@ -29,7 +29,8 @@ Units, checkpoints and resume come from `onpo_jax.selfplay.loop.UnitLoop`
 kept in the checkpoint, so a resumed run ends with the same summary.
 
 Outputs in `workdir`: metrics.jsonl (per round: losses, norms, oracle queries,
-tokens/s, win rate vs SFT with its CI), memory.json, alpaca_eval/*.json,
+tokens/s, win rate vs SFT with its CI, constraint satisfaction when the
+evaluation prompts carry constraints), memory.json, alpaca_eval/*.json,
 checkpoints/, export/<method>/ (HF directory + tokenizer), summary.json.
 """
 
