@@ -375,6 +375,21 @@ def test_remat_same_values_and_grads():
                                    rtol=tolerances.DECODER_GRAD_RTOL,
                                    what="remat grads")
 
+def test_remat_model_samples_like_the_plain_one():
+  # Remat only changes the backward pass: a cached decode (the sampler's
+  # while_loop) of a remat=True model gives the same tokens as remat=False.
+  from onpo_jax import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.DecoderConfig.tiny(vocab_size=128)
+  tokens, _, mask = _batch(128)
+  outs = []
+  for remat in (False, True):
+    model = _make(cfg.replace(remat=remat), 2)
+    graphdef, state = nnx.split(model)
+    smp = sampler_lib.Sampler(graphdef, sampler_lib.SamplingConfig(
+        max_new_tokens=5, prompt_buckets=(tokens.shape[1],)), model_config=model.config)
+    outs.append(np.asarray(smp(state, tokens, mask, jax.random.key(3)).response_tokens))
+  np.testing.assert_array_equal(outs[1], outs[0])
+
 
 def test_bfloat16_params_and_compute():
   cfg = config_lib.DecoderConfig.tiny(vocab_size=128)

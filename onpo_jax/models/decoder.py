@@ -212,7 +212,9 @@ class Decoder(nnx.Module):
       cache_k, cache_v = cache.k, cache.v
 
     for i, block in enumerate(self.layers):
-      if c.remat:
+      # Remat only pays off in a backward pass; cached decoding (the sampler's
+      # while_loop) has none, and nnx.remat cannot be traced inside that loop.
+      if c.remat and cache is None:
         h, cache_k, cache_v = nnx.remat(
             lambda blk, *args: blk(*args), static_argnums=(7,))(
                 block, h, positions, inv_freq, mask, cache_k, cache_v, i,
