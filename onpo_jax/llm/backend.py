@@ -82,12 +82,11 @@ class ScopedOracle:
     from onpo_jax.models import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
     # Host copies: arrays made under the global mesh cannot enter the judge's mesh.
     args = [host_gather(a) for a in args]
-    if not self.offload:
-      with sharding_lib.activation_sharding(self.mesh, self.rules):
+    with sharding_lib.activation_sharding(self.mesh, self.rules):
+      if not self.offload:
         # numpy, so the caller's arrays on the policy's mesh can mix with it.
         return host_gather(self.oracle.preference_prob(*args))
-    host = self.oracle.state
-    with sharding_lib.activation_sharding(self.mesh, self.rules):
+      host = self.oracle.state
       self.oracle.state = roles.to_memory(host, "device")
       try:
         return host_gather(self.oracle.preference_prob(*args))
