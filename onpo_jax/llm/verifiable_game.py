@@ -72,11 +72,13 @@ def game_statistics(constraints: Sequence[Sequence[verifiable.Constraint]],
   sat = collections.defaultdict(list)
   all_sat, words = [], []
   for cons, resp in zip(constraints, responses):
-    distinct = sorted(set(resp))
-    counts = verifiable.intransitive_triples(verifiable.preference_matrix(cons, distinct))
+    v = verifiable.violations(cons, resp)
+    # Distinct responses only: a repeated text ties with itself on every criterion.
+    vd = v[sorted({r: i for i, r in reversed(list(enumerate(resp)))}.values())]
+    counts = verifiable.intransitive_triples(
+        verifiable.majority_preference(vd[:, None, :], vd[None, :, :]))
     total += counts
     per_prompt.append(counts)
-    v = verifiable.violations(cons, resp)
     for k, c in enumerate(cons):
       sat[c.type].extend((v[:, k] == 0).tolist())
     all_sat.extend((v == 0).all(axis=1).tolist())
