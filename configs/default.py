@@ -139,6 +139,9 @@ def get_config(arg=None):
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 2  # orbax checkpoints kept (one per round of each method)
   c.log_every_seconds = 10.0  # progress line (rate and ETA) at most this often
+  # Resume a workdir's run although a result-changing field differs from its saved
+  # config.json (onpo_jax.infra.run_record); off: such a resume is refused
+  c.allow_config_change = False
   # Persistent XLA compilation cache ('' = off); compilation dominates on CPU, so
   # a restarted run with the cache resumes in seconds.
   c.compilation_cache_dir = ""

@@ -9,6 +9,10 @@
   never run, are skipped.
 * `import onpo_jax` stays light: it imports neither tensorflow_datasets nor
   transformers nor torch (those belong to the LLM jobs and the tests).
+* Nothing unsafe at run time: the package loads no pickle (no pickle-family
+  import, `torch.load`, `allow_pickle`), runs no remote code
+  (`trust_remote_code`) and reaches no network (no HTTP client or Hub download
+  import, every `from_pretrained` with `local_files_only=True`).
 """
 
 from __future__ import annotations
@@ -218,3 +222,83 @@ def test_import_onpo_jax_is_light():
                         text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip() == "[]", f"`import onpo_jax` imported {proc.stdout.strip()}"
+
+
+# ------------------------------------------------------- nothing unsafe at run time
+
+# Modules whose import in the package would load pickles or reach the network.
+UNSAFE_MODULES = ("pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal",
+                  "urllib.request", "http.client", "requests", "httpx", "aiohttp", "ftplib",
+                  "huggingface_hub")
+# Calls that do either, whatever they are imported as.
+UNSAFE_CALLS = ("torch.load", "hf_hub_download", "snapshot_download", "urlopen",
+                "create_connection")
+
+
+def _unsafe_name(name: str) -> bool:
+  return any(name == c or name.endswith("." + c) for c in UNSAFE_CALLS)
+
+
+def _unsafe_module(module: str) -> bool:
+  return module in UNSAFE_MODULES or module.split(".")[0] in UNSAFE_MODULES
+
+
+def unsafe_uses(source: str, filename: str = "<source>") -> list[str]:
+  """Each pickle load, remote-code load or network access in `source`, as 'line: what'."""
+  found = []
+  for node in ast.walk(ast.parse(source, filename)):
+    line = getattr(node, "lineno", 0)
+    if isinstance(node, ast.Import):
+      found += [f"{line}: import {a.name}" for a in node.names if _unsafe_module(a.name)]
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      if _unsafe_module(node.module) or any(
+          _unsafe_name(f"{node.module}.{a.name}") or _unsafe_name(a.name) for a in node.names):
+        found.append(f"{line}: from {node.module} import ...")
+    elif isinstance(node, ast.Call):
+      name = ast.unparse(node.func)
+      if _unsafe_name(name):
+        found.append(f"{line}: {name}()")
+      kw = {k.arg: k.value for k in node.keywords if k.arg}
+      if "trust_remote_code" in kw and not (isinstance(kw["trust_remote_code"], ast.Constant)
+                                            and kw["trust_remote_code"].value is False):
+        found.append(f"{line}: trust_remote_code")
+      if "allow_pickle" in kw and not (isinstance(kw["allow_pickle"], ast.Constant)
+                                       and kw["allow_pickle"].value is False):
+        found.append(f"{line}: allow_pickle")
+      # Hub loaders download whatever is not local unless told not to.
+      if name.endswith("from_pretrained") and not (
+          isinstance(kw.get("local_files_only"), ast.Constant)
+          and kw["local_files_only"].value is True):
+        found.append(f"{line}: {name}() without local_files_only=True")
+  return found
+
+
+def test_unsafe_uses_finds_each_kind():
+  source = """
+import pickle
+from urllib.request import urlopen
+from huggingface_hub import snapshot_download
+import torch
+torch.load("x.pt")
+np.load("x.npy", allow_pickle=True)
+transformers.AutoModel.from_pretrained("x", trust_remote_code=True, local_files_only=True)
+transformers.AutoTokenizer.from_pretrained("org/name")
+transformers.AutoTokenizer.from_pretrained("dir", local_files_only=True)
+np.load("y.npy")
+"""
+  assert unsafe_uses(source) == [
+      "2: import pickle", "3: from urllib.request import ...",
+      "4: from huggingface_hub import ...", "6: torch.load()", "7: allow_pickle",
+      "8: trust_remote_code",
+      "9: transformers.AutoTokenizer.from_pretrained() without local_files_only=True"]
+
+
+def test_package_loads_no_pickle_no_remote_code_and_reaches_no_network():
+  found = []
+  for root, _, files in os.walk(os.path.join(REPO, PACKAGE)):
+    for name in sorted(files):
+      if name.endswith(".py"):
+        path = os.path.join(root, name)
+        with open(path, encoding="utf-8") as f:
+          found += [f"{os.path.relpath(path, REPO)}:{u}" for u in unsafe_uses(f.read(), path)]
+  assert not found, "unsafe at run time:\n  " + "\n  ".join(found)

@@ -1,5 +1,7 @@
 """Kill-and-resume: SIGKILL the main job after a checkpoint, restart it, compare results.
 
+A restart with another config is refused, mid-run and after the end.
+
 Runs the real CLI (`python -m experiments.run`) in subprocesses with the same
 environment (hence the same 8 fake CPU devices as this process). The resumed run
 must end with exactly the numbers of an uninterrupted run.
@@ -89,6 +91,14 @@ def test_sigkill_and_resume_gives_identical_results(tmp_path, config_path):
   assert last < 9, "the run finished before the kill; nothing was resumed"
   assert not os.path.exists(os.path.join(killed, "summary.json"))
 
+  # Another config on that workdir is refused before any work, naming the field.
+  changed = subprocess.run(_cmd(config_path, killed) + ["--config.onpo.eta=7.0"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+  assert changed.returncode != 0
+  assert "holds a run started with another config (onpo.eta: 2.0 in the saved run, 7.0 now)" in (
+      changed.stderr)
+  assert max(_steps(killed)) == last
+
   resumed = subprocess.run(_cmd(config_path, killed), cwd=REPO, capture_output=True, text=True,
                            timeout=900)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -102,3 +112,8 @@ def test_sigkill_and_resume_gives_identical_results(tmp_path, config_path):
   again = subprocess.run(_cmd(config_path, killed), cwd=REPO, capture_output=True, text=True,
                          timeout=300)
   assert again.returncode == 0 and "already finished" in again.stdout
+  again = subprocess.run(_cmd(config_path, killed) + ["--config.onpo.eta=7.0"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+  assert again.returncode != 0
+  assert "holds a finished run with another config (onpo.eta: 2.0 in the saved run, 7.0 now)" in (
+      again.stderr)

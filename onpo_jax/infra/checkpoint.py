@@ -10,12 +10,23 @@ leaves with `template`'s tree structure and checks every shape and dtype.
 Orbax writes each step into a temporary directory and renames it when complete,
 so a run killed at any moment (SIGKILL) leaves only complete checkpoints; saving
 is synchronous, so a step is on disk when `save` returns.
+
+A complete checkpoint can still be damaged later (a truncated or flipped file,
+a deleted one). After each save the main process writes `CHECKSUM_FILE` into
+the step directory: the size and CRC-32 of every file. `verify` compares them;
+`latest_valid_step` skips damaged steps (with a warning naming the step and the
+file) and moves them aside to `<directory>_corrupt/`, so a resume never reads
+damaged state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
+import time
+import zlib
 from typing import Any
 
 import jax
@@ -44,6 +55,26 @@ def _leaves(tree) -> tuple[dict[str, Any], Any]:
   leaves, treedef = jax.tree.flatten(tree)
   return {f"{i:05d}": x if isinstance(x, jax.Array) else np.asarray(x)
           for i, x in enumerate(leaves)}, treedef
+
+
+CHECKSUM_FILE = "onpo_checksums.json"
+
+
+def _file_sums(folder: str) -> dict[str, list[int]]:
+  """{relative path: [size, crc32]} of every file under `folder` but the checksum file."""
+  sums = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, folder)
+      if rel.startswith(CHECKSUM_FILE):
+        continue
+      crc = 0
+      with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+          crc = zlib.crc32(chunk, crc)
+      sums[rel] = [os.path.getsize(path), crc]
+  return sums
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:
@@ -77,6 +108,70 @@ class Checkpointer:
     """Newest complete step, or None when there is none."""
     return self._manager.latest_step()
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(int(step)))
+
+  def verify(self, step: int) -> str | None:
+    """None when `step`'s files match their checksums, else what is wrong.
+
+    A step saved without a checksum file (killed between orbax's rename and the
+    checksum write) is accepted: orbax's rename already made it complete.
+    """
+    folder = self.step_dir(step)
+    path = os.path.join(folder, CHECKSUM_FILE)
+    if not os.path.exists(path):
+      return None
+    try:
+      with open(path, encoding="utf-8") as f:
+        want = json.load(f)
+    except (OSError, ValueError) as e:
+      return f"{CHECKSUM_FILE} is unreadable ({e})"
+    got = _file_sums(folder)
+    for name in sorted(set(want) | set(got)):
+      if name not in got:
+        return f"{name} is missing"
+      if name not in want:
+        return f"{name} was not part of the saved checkpoint"
+      if got[name] != want[name]:
+        size, crc = want[name]
+        return (f"{name} is damaged ({got[name][0]} bytes, crc32 {got[name][1]:08x}; saved "
+                f"{size} bytes, crc32 {crc:08x})")
+    return None
+
+  def latest_valid_step(self, *, move_aside: bool = True) -> int | None:
+    """Newest step whose files match their checksums; None when there are no steps.
+
+    Damaged newer steps are reported with a warning and, with `move_aside`,
+    moved to `<directory>_corrupt/` (a later save may then reuse their number).
+
+    Raises:
+      RuntimeError: every step is damaged; the message lists them.
+    """
+    problems = []
+    for step in sorted(self.all_steps(), reverse=True):
+      problem = self.verify(step)
+      if problem is None:
+        break
+      problems.append((step, problem))
+      logging.warning("checkpoint step %d in %s is corrupt (%s); falling back to an earlier one",
+                      step, self.directory, problem)
+    else:
+      step = None
+    if problems and move_aside:
+      aside = self.directory + "_corrupt"
+      os.makedirs(aside, exist_ok=True)
+      for bad, _ in problems:
+        shutil.move(self.step_dir(bad), os.path.join(aside, f"{bad}-{int(time.time())}"))
+      self.reload()
+    if step is None and problems:
+      raise RuntimeError(f"no valid checkpoint in {self.directory}: " + "; ".join(
+          f"step {s}: {p}" for s, p in problems) + ". Use a new workdir to start afresh.")
+    return step
+
+  def reload(self) -> None:
+    """Re-lists the steps on disk (after another process moved some)."""
+    self._manager.reload()
+
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
@@ -87,6 +182,12 @@ class Checkpointer:
       self._manager.save(int(step), args=ocp.args.Composite(
           arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(dict(meta))))
       self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      folder = self.step_dir(step)
+      tmp = os.path.join(folder, CHECKSUM_FILE + ".tmp")
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_file_sums(folder), f, indent=0, sort_keys=True)
+      os.replace(tmp, os.path.join(folder, CHECKSUM_FILE))
 
   def restore_meta(self, step: int) -> dict:
     """Only the metadata of `step`."""

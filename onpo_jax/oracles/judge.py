@@ -484,5 +484,5 @@ def load_pairwise_judge(path: str, policy_tokenizer, *, tokenizer_path: str | No
   model = loading.load_checkpoint(path, mesh=mesh, **(config_overrides or {}))
   tok_path = tokenizer_path or path
   tok = (tok_lib.load_tokenizer(tok_path) if loading.is_gguf(tok_path)
-         else transformers.AutoTokenizer.from_pretrained(tok_path))
+         else transformers.AutoTokenizer.from_pretrained(tok_path, local_files_only=True))
   return PairwiseJudgeOracle(model, tok, policy_tokenizer, preset=preset, **judge_kwargs)

@@ -19,9 +19,11 @@ from typing import Any, Callable
 
 import jax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from onpo_jax.infra import checkpoint as checkpoint_lib
 from onpo_jax.infra import metrics as metrics_lib
+from onpo_jax.infra import run_record
 
 
 def round_key(run_key: jax.Array, round_index: int, method_index: int) -> jax.Array:
@@ -49,24 +51,61 @@ StepFn = Callable[[int, Any], tuple[Any, dict, int, str]]
 class UnitLoop:
   """Numbered units of work with a checkpoint after each.
 
+  The main process holds the workdir's run lock from construction to `finish`
+  (or to its end), and a run that already started in the workdir must have the
+  same config (`onpo_jax.infra.run_record`). A resume starts from the newest
+  checkpoint whose files match their checksums (`Checkpointer.latest_valid_step`).
+
   Args:
-    workdir: the run's directory (checkpoints/, metrics.jsonl, tb/, summary.json).
+    workdir: the run's directory (checkpoints/, metrics.jsonl, tb/, summary.json,
+      config.json).
     label: the job's name in printed lines.
     total_units: units of a complete run.
     max_to_keep: orbax checkpoints kept.
     log_every_seconds: a progress line (rate and ETA) at most this often.
+    config: the run's resolved config, compared with the saved one and saved
+      (None: no comparison).
+
+  Raises:
+    PermissionError: the workdir cannot be created or written.
+    run_record.WorkdirBusyError: another process runs in the workdir.
+    run_record.ConfigChangeError: the workdir's run has another config.
   """
 
   def __init__(self, workdir: str, *, label: str, total_units: int, max_to_keep: int,
-               log_every_seconds: float):
+               log_every_seconds: float, config=None):
     self.workdir = os.path.abspath(workdir)
-    os.makedirs(self.workdir, exist_ok=True)
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      if not os.access(self.workdir, os.W_OK | os.X_OK):
+        raise PermissionError("not writable")
+    except OSError as e:
+      raise PermissionError(f"--workdir {self.workdir} cannot be created or written: "
+                            f"{e.strerror or e}") from e
     self.label, self.total_units = label, int(total_units)
     self.log_every_seconds = float(log_every_seconds)
     self.is_main = jax.process_index() == 0
+    if self.is_main:
+      run_record.lock_workdir(self.workdir)
     self.ckpt = checkpoint_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                             max_to_keep=int(max_to_keep))
+    latest = self._latest = self._valid_latest_step()
+    self.finished = latest is not None and self.ckpt.restore_meta(latest).get("done", False)
+    if config is not None:
+      run_record.check_config(self.workdir, config, started=latest is not None,
+                              finished=self.finished, is_main=self.is_main)
     self.writer = None
+
+  def _valid_latest_step(self) -> int | None:
+    """The newest undamaged checkpoint; damaged newer ones are moved aside by the main process."""
+    if jax.process_count() == 1:
+      return self.ckpt.latest_valid_step()
+    if self.is_main:
+      self.ckpt.latest_valid_step()
+    # The others wait until the main process has set damaged steps aside, then re-list.
+    multihost_utils.sync_global_devices("onpo_jax: checkpoints verified")
+    self.ckpt.reload()
+    return self.ckpt.latest_step()
 
   def log(self, msg: str) -> None:
     if self.is_main:
@@ -75,18 +114,18 @@ class UnitLoop:
 
   def finished_summary(self) -> dict | None:
     """The summary of a run that already finished in `workdir` (then the loop is closed)."""
-    latest = self.ckpt.latest_step()
-    if latest is None or not self.ckpt.restore_meta(latest).get("done", False):
+    if not self.finished:
       return None
     self.log(f"{self.label}: run in {self.workdir} already finished ({self.total_units} units); "
              "nothing to do")
     self.ckpt.close()
+    run_record.unlock_workdir(self.workdir)
     with open(os.path.join(self.workdir, "summary.json"), encoding="utf-8") as f:
       return json.load(f)
 
   def restore(self, state) -> tuple[Any, int, dict]:
     """(state, completed units, metadata) from the latest checkpoint, or (state, 0, {})."""
-    latest = self.ckpt.latest_step()
+    latest = self._latest
     unit, meta = 0, {}
     if latest is not None:
       state, meta = self.ckpt.restore(latest, state)
@@ -100,8 +139,23 @@ class UnitLoop:
     return state, unit, meta
 
   def save(self, unit: int, state, *, done: bool = False, **meta) -> None:
+    """Checkpoints `state` after `unit`.
+
+    Raises:
+      OSError: the checkpoint could not be written (a full disk, permissions);
+        the message says which checkpoint is intact and how to resume.
+    """
     # A finished run is one step past its last unit, so resuming never reads it as a unit.
-    self.ckpt.save(unit + 1 if done else unit, state, {"unit": unit, "done": done, **meta})
+    step = unit + 1 if done else unit
+    try:
+      self.ckpt.save(step, state, {"unit": unit, "done": done, **meta})
+    except OSError as e:
+      previous = self.ckpt.latest_step()
+      kept = (f"the checkpoint of step {previous} is intact" if previous is not None
+              else "no earlier checkpoint exists")
+      raise OSError(e.errno, f"the checkpoint of step {step} could not be written in "
+                    f"{self.ckpt.directory} ({e.strerror or e}); {kept}. Free space (or fix "
+                    "permissions) and run the same command again to resume.") from e
 
   def complete(self, unit: int, state, step: int, metrics: dict, progress: str, **meta) -> None:
     """Records a finished unit: metrics line, checkpoint, and a progress line when due."""
@@ -131,3 +185,4 @@ class UnitLoop:
     self.writer.close()
     self.save(self.total_units, state, done=True, **meta)
     self.ckpt.close()
+    run_record.unlock_workdir(self.workdir)

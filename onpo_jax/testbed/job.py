@@ -205,7 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   units = _units(config)
   loop = loop_lib.UnitLoop(workdir, label="selfplay", total_units=1 + len(units),
                            max_to_keep=config.checkpoint.max_to_keep,
-                           log_every_seconds=config.log_every_seconds)
+                           log_every_seconds=config.log_every_seconds, config=config)
   summary = loop.finished_summary()
   if summary is not None:
     return summary

@@ -110,7 +110,7 @@ def load_hf_model(path):
   import torch
   import transformers
   model = transformers.AutoModelForCausalLM.from_pretrained(
-      path, dtype=torch.float32, attn_implementation="eager")
+      path, dtype=torch.float32, attn_implementation="eager", local_files_only=True)
   return model.eval()
 
 
