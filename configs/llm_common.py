@@ -22,6 +22,37 @@ from onpo_jax.llm import config as llm_config
 PAPER_METHODS = {"onpo": ("onpo_two_step",), "inpo": ("inpo",), "idpo": ("dpo",)}
 
 
+def judge_section(**overrides) -> ml_collections.ConfigDict:
+  """A judge's fields (`config.judge`, each entry of `config.eval.judges`).
+
+  Args:
+    **overrides: field values to set instead of the defaults.
+  """
+  j = ml_collections.ConfigDict()
+  # 'pairwise' (pair-pm LM judge, the paper's oracle) | 'reward' (BT RM) | 'verifiable' (the
+  # majority over each prompt's checkable constraints; no model, onpo_jax.oracles.verifiable)
+  j.kind = "pairwise"
+  j.path = ""  # local HF directory or GGUF file of the judge ("" for 'verifiable')
+  j.tokenizer_path = ""  # "" = judge.path
+  j.dtype = "bfloat16"  # judge parameters and compute, frozen
+  # Input format: 'rlhflow_pair_pm' (the paper's judge, its published format) | 'plain' |
+  # 'self_judge' (an instruct model asked which answer is better;
+  # onpo_jax.oracles.judge.JUDGE_PRESETS); the three fields below override single parts.
+  j.preset = "rlhflow_pair_pm"
+  j.template = ""  # "" = the preset's template
+  j.use_chat_template = True  # wrap the filled template in the judge's chat template
+  j.labels = ("A", "B")  # judge tokens meaning "A is better" / "B is better"
+  j.max_length = 4096  # judge input tokens (both responses cut alike, then the context)
+  j.micro_batch_size = 8  # judge rows per forward pass
+  j.offload = False  # keep the judge in pinned host memory except while judging
+  j.hf_config = None  # config.json content for memory plans when judge.path is absent
+  unknown = sorted(set(overrides) - set(j.keys()))
+  if unknown:
+    raise ValueError(f"judge_section: unknown fields {unknown}; expected some of {sorted(j)}")
+  j.update(overrides)
+  return j
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Every field of the `llm` experiment, with the ONPO paper's settings."""
   c = ml_collections.ConfigDict()
@@ -41,24 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.ref.dtype = "bfloat16"  # frozen π_ref = π_SFT (INPO / DPO anchor, Nash-MD mixture)
   c.ref.offload = False  # keep π_ref in pinned host memory except while it is used
 
-  c.judge = ml_collections.ConfigDict()
-  # 'pairwise' (pair-pm LM judge, the paper's oracle) | 'reward' (BT RM) | 'verifiable' (the
-  # majority over each prompt's checkable constraints; no model, onpo_jax.oracles.verifiable)
-  c.judge.kind = "pairwise"
-  c.judge.path = ""  # local HF directory or GGUF file of the judge ("" for 'verifiable')
-  c.judge.tokenizer_path = ""  # "" = judge.path
-  c.judge.dtype = "bfloat16"  # judge parameters and compute, frozen
-  # Input format: 'rlhflow_pair_pm' (the paper's judge, its published format) | 'plain' |
-  # 'self_judge' (an instruct model asked which answer is better;
-  # onpo_jax.oracles.judge.JUDGE_PRESETS); the three fields below override single parts.
-  c.judge.preset = "rlhflow_pair_pm"
-  c.judge.template = ""  # "" = the preset's template
-  c.judge.use_chat_template = True  # wrap the filled template in the judge's chat template
-  c.judge.labels = ("A", "B")  # judge tokens meaning "A is better" / "B is better"
-  c.judge.max_length = 4096  # judge input tokens (both responses cut alike, then the context)
-  c.judge.micro_batch_size = 8  # judge rows per forward pass
-  c.judge.offload = False  # keep the judge in pinned host memory except while judging
-  c.judge.hf_config = None  # config.json content for memory plans when judge.path is absent
+  c.judge = judge_section()  # the oracle of the self-play rounds
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "hf_dir"  # 'files' (jsonl/parquet) | 'hf_dir' | 'tfds' (onpo_jax.data)
@@ -134,6 +148,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.micro_batch_size = 32  # sampler rows per call
   c.eval.confidence = 0.95  # CI level of the win rate
   c.eval.generator = ""  # AlpacaEval "generator" name ("" = "<method>-round<t>")
+  # More judges of the same answers, by name (each a judge_section(); metrics eval/<name>/...):
+  # win rates under oracles other than the one the rounds trained against
+  c.eval.judges = ml_collections.ConfigDict()
+  c.eval.show_examples = 2  # held-out prompts whose SFT / current answers each round logs
 
   c.export = ml_collections.ConfigDict()
   c.export.dtype = "bfloat16"  # dtype of the exported HF checkpoint
@@ -151,6 +169,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 2  # orbax checkpoints kept (one per finished round of a method)
   c.log_every_seconds = 60.0  # progress line at most this often
+  # Resume a workdir's run although a result-changing field differs from its saved
+  # config.json (onpo_jax.infra.run_record); off: such a resume is refused
+  c.allow_config_change = False
   return c
 
 

@@ -116,6 +116,27 @@ def test_oracle_preferences_micro_batches_and_pads():
                                        micro_batch_size=2)
   d = np.array([2, -1, 0, 2, -3], np.float64)
   np.testing.assert_allclose(got, 1 / (1 + np.exp(-d)), rtol=1e-15)
-  assert oracle.shapes == [(2, 4)] * 3  # the last block is padded, not smaller
+  # Row 2 compares [5, 6] with itself: ½ without a query. The other four rows make
+  # two blocks of 2; a block is never smaller than micro_batch_size.
+  assert oracle.shapes == [(2, 4)] * 2
+  oracle.shapes.clear()
+  got = alpaca_eval.oracle_preferences(oracle, pt, pm, a_tok, a_mask, b_tok, b_mask,
+                                       micro_batch_size=3)
+  np.testing.assert_allclose(got, 1 / (1 + np.exp(-d)), rtol=1e-15)
+  assert oracle.shapes == [(3, 4)] * 2  # 4 rows asked, the last block padded
   with pytest.raises(ValueError, match="a_mask must be"):
     alpaca_eval.oracle_preferences(oracle, pt, pm, a_tok, a_mask[:3], b_tok, b_mask)
+
+
+def test_same_responses_skip_the_oracle():
+  oracle = _CountingOracle()
+  a_tok, a_mask = alpaca_eval.right_pad([[1, 2], [3], [4, 5, 6]], 3)
+  # Same real tokens in a wider array with other pad values: still the same responses.
+  b_tok = np.array([[1, 2, 9, 9], [3, 7, 7, 7], [4, 5, 6, 0]], np.int32)
+  b_mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], bool)
+  assert alpaca_eval.same_responses(a_tok, a_mask, b_tok, b_mask).tolist() == [True] * 3
+  pt, pm = np.ones((3, 2), np.int32), np.ones((3, 2), bool)
+  got = alpaca_eval.oracle_preferences(oracle, pt, pm, a_tok, a_mask, b_tok, b_mask)
+  assert got.tolist() == [0.5] * 3 and oracle.shapes == []
+  b_mask[1, 1] = True  # [3, 7] differs from [3]
+  assert alpaca_eval.same_responses(a_tok, a_mask, b_tok, b_mask).tolist() == [True, False, True]

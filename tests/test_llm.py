@@ -18,8 +18,10 @@ import pytest
 import torch
 from flax import nnx
 
+from configs import llm_common
 from onpo_jax.llm import alpaca_eval
 from onpo_jax.llm import config as llm_config
+from onpo_jax.llm import evaluation
 from onpo_jax.llm import export
 from onpo_jax.llm import job
 from onpo_jax.llm import optim
@@ -166,6 +168,35 @@ def test_validate_config_names_the_field(assets):
     _paper("llama3_8b_onpo", "v9-1024")
 
 
+@pytest.mark.parametrize("section, match", [
+    (dict(kind="rm"), r"config\.eval\.judges\.extra\.kind must be one of"),
+    (dict(kind="pairwise"), r"config\.eval\.judges\.extra\.path must be a local path"),
+    (dict(kind="verifiable", preset="mine"), r"config\.eval\.judges\.extra\.preset"),
+    (dict(kind="verifiable", micro_batch_size=0),
+     r"config\.eval\.judges\.extra\.micro_batch_size"),
+])
+def test_validate_config_names_the_evaluation_judge_field(assets, section, match):
+  c = _tiny("llama3_8b_onpo", assets, "llama")
+  c.eval.judges.extra = llm_common.judge_section(**section)
+  with pytest.raises(ValueError, match=match):
+    llm_config.validate_config(c)
+
+
+def test_evaluation_judges_need_an_evaluation_file(assets):
+  c = _tiny("llama3_8b_onpo", assets, "llama")
+  c.eval.judges.extra = llm_common.judge_section(kind="verifiable")
+  c.eval.prompt_file = ""
+  with pytest.raises(ValueError, match=r"config\.eval\.prompt_file must be a local path when "
+                                       r"eval\.judges is set"):
+    llm_config.validate_config(c)
+  c = _tiny("llama3_8b_onpo", assets, "llama")
+  c.eval.show_examples = -1
+  with pytest.raises(ValueError, match=r"config\.eval\.show_examples must be an int >= 0"):
+    llm_config.validate_config(c)
+  with pytest.raises(ValueError, match=r"judge_section: unknown fields \['knd'\]"):
+    llm_common.judge_section(knd="verifiable")
+
+
 # ---------------------------------------------------------------------- export
 
 
@@ -245,3 +276,13 @@ def test_mistral_config_runs_one_round(assets, tmp_path):
   assert np.isfinite(row["onpo_two_step/policy/loss"])
   assert json.load(open(os.path.join(summary["export"]["onpo_two_step"], "config.json")))[
       "model_type"] == "mistral"
+
+
+def test_example_lines_cut_long_texts_and_show_newlines():
+  lines = evaluation.example_lines(["Say hi.", "Write a poem.", "unused"],
+                                   ["Hello!", "Roses\n\nare red " + "x" * 100],
+                                   ["  Hi there.  ", "ok"], 2, width=20)
+  assert lines == ["  example 1: Say hi.", "    before: Hello!", "    after:  Hi there.",
+                   "  example 2: Write a poem.", "    before: Roses ⏎ are red xxx…",
+                   "    after:  ok"]
+  assert evaluation.example_lines(["a"], ["b"], ["c"], 0) == []

@@ -1,9 +1,8 @@
 """The Colab tutorials in colab/ run headlessly, start with the install cell, and stay small.
 
-Each notebook is executed top to bottom with nbclient on the `python3` kernel
-(jupyter_client launches it with this interpreter, i.e. the venv that has
-onpo_jax installed), from a temporary copy, with ONPO_NOTEBOOK_FAST=1 so that it
-runs its shrunk configuration; any cell error fails the test. The static checks
+Each notebook is executed top to bottom (`notebook_runs.execute`: nbclient,
+ONPO_NOTEBOOK_FAST=1, any cell error fails the test); notebook 03 in
+tests/test_smollm2.py, whose checks read its run. The static checks
 keep the committed files honest: they match colab/build_notebooks.py, install
 the package in their first code cell without touching the network when it is
 already importable, define no functions or classes of their own (all logic
@@ -12,23 +11,20 @@ lives in onpo_jax), and have small saved outputs.
 
 import ast
 import importlib.util
-import os
 import pathlib
-import shutil
-import time
 
-import nbclient
 import nbformat
+import notebook_runs
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COLAB = REPO / "colab"
 NOTEBOOKS = ("01_tabular_onpo.ipynb", "02_toy_llm_onpo.ipynb", "03_real_model.ipynb")
+# Notebook 03's CPU mode is the SmolLM2 `:tiny` job: tests/test_smollm2.py executes it
+# once and checks that run's outputs, so the real model's job runs once in CI.
+EXECUTED_HERE = NOTEBOOKS[:2]
 # Committed outputs are meant to be glanced at on GitHub, not to carry data.
 MAX_NOTEBOOK_BYTES = 300 * 1024
-# Per-cell limit. The whole CI budget for the three FAST runs is ~4 min on an idle
-# machine; this only stops a hung kernel, it is not the budget.
-CELL_TIMEOUT_S = 600
 
 
 def _load_builder():
@@ -95,33 +91,8 @@ def test_cells_define_no_logic(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_executes(name, tmp_path, monkeypatch):
-  # The kernel inherits this environment. CPU only, offline, and one device as on a
-  # Colab CPU runtime (conftest's 8 fake devices are for the in-process tests).
-  monkeypatch.setenv("ONPO_NOTEBOOK_FAST", "1")
-  monkeypatch.setenv("ONPO_REAL_MODEL", "0")  # notebook 03: tiny local checkpoints, no download
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "").replace(
-      "--xla_force_host_platform_device_count=8", "").strip())
-  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-  # The notebooks write their work directories with tempfile: keep them under pytest's tmp_path.
-  monkeypatch.setenv("TMPDIR", str(tmp_path))
-  shutil.copy(COLAB / name, tmp_path / name)
-  nb = nbformat.read(str(tmp_path / name), as_version=4)
-  for cell in nb.cells:
-    if cell.cell_type == "code":
-      cell.outputs, cell.execution_count = [], None
-  start = time.perf_counter()
-  # Raises CellExecutionError (with the traceback of the failing cell) on any error.
-  nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                          resources={"metadata": {"path": str(tmp_path)}}).execute()
-  seconds = time.perf_counter() - start
-  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-  assert not [o for o in outputs if o.output_type == "error"]
-  # Every code cell ran (a silently skipped cell would have no execution count).
-  assert all(c.execution_count for c in nb.cells if c.cell_type == "code")
-  text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-  assert "FAST=True" in text, "the parameter cell did not pick up ONPO_NOTEBOOK_FAST=1"
+@pytest.mark.parametrize("name", EXECUTED_HERE)
+def test_notebook_executes(name, tmp_path):
+  nb, seconds = notebook_runs.execute(name, tmp_path)
+  notebook_runs.check_ran_fully(nb)
   print(f"{name}: executed in {seconds:.1f} s")

@@ -203,12 +203,27 @@ def encode_outputs(tokenizer, texts: Sequence[str], max_length: int
   return right_pad(ids, max_length, pad)
 
 
+def same_responses(a_tokens, a_mask, b_tokens, b_mask) -> np.ndarray:
+  """[n] bool: rows whose two responses have the same real tokens (pads ignored)."""
+  width = max(np.shape(a_tokens)[1], np.shape(b_tokens)[1])
+
+  def real(tokens, mask):
+    t = np.where(np.asarray(mask, bool), np.asarray(tokens), -1)
+    return np.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=-1)
+
+  return (real(a_tokens, a_mask) == real(b_tokens, b_mask)).all(axis=1)
+
+
 def oracle_preferences(oracle, prompt_tokens, prompt_mask, a_tokens, a_mask, b_tokens, b_mask,
                        micro_batch_size: int = 8) -> np.ndarray:
   """[n] P(a_i ≻ b_i | x_i) from any `onpo_jax.oracles.Oracle`, in micro-batches.
 
-  The last micro-batch is padded by repeating row 0 so every oracle call has the
-  same shape (no recompilation); padded rows are dropped.
+  Rows whose two responses are the same get P = ½ without a query: every oracle
+  has P(a ≻ a) = ½ (`onpo_jax.oracles.base`), and a judge model's forward pass
+  is the evaluation's largest cost when a policy's greedy answers mostly match
+  the reference's. The last micro-batch is padded by repeating its first row
+  so every oracle call has the same shape (no recompilation); padded rows are
+  dropped.
   """
   arrays = [np.asarray(x) for x in (prompt_tokens, prompt_mask, a_tokens, a_mask, b_tokens,
                                     b_mask)]
@@ -218,9 +233,13 @@ def oracle_preferences(oracle, prompt_tokens, prompt_mask, a_tokens, a_mask, b_t
       raise ValueError(f"{name} must be [n={n}, ...], got shape {x.shape}")
   if n == 0 or micro_batch_size < 1:
     raise ValueError(f"need n >= 1 rows and micro_batch_size >= 1, got {n}, {micro_batch_size}")
-  pad = -n % micro_batch_size
-  arrays = [np.concatenate([x, np.repeat(x[:1], pad, 0)]) for x in arrays]
-  out = [np.asarray(oracle.preference_prob(*[x[i:i + micro_batch_size] for x in arrays]),
-                    np.float64)
-         for i in range(0, n + pad, micro_batch_size)]
-  return np.concatenate(out)[:n]
+  probs = np.full(n, 0.5)
+  rows = np.flatnonzero(~same_responses(*arrays[2:]))
+  if rows.size:
+    pad = -rows.size % micro_batch_size
+    asked = [np.concatenate([x[rows], np.repeat(x[rows[:1]], pad, 0)]) for x in arrays]
+    out = [np.asarray(oracle.preference_prob(*[x[i:i + micro_batch_size] for x in asked]),
+                      np.float64)
+           for i in range(0, rows.size + pad, micro_batch_size)]
+    probs[rows] = np.concatenate(out)[:rows.size]
+  return probs

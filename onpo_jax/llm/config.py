@@ -48,6 +48,20 @@ def _need(ok: bool, field: str, expected: str, got: Any) -> None:
     raise ValueError(f"config.{field} must be {expected}; got {got!r}")
 
 
+def _validate_judge(judge, prefix: str) -> None:
+  """Checks one judge section (`config.judge` or an entry of `config.eval.judges`)."""
+  kinds = ("pairwise", "reward", "verifiable")
+  _need(judge.kind in kinds, f"{prefix}.kind", f"one of {kinds}", judge.kind)
+  # The verifiable judge is a program: it reads the prompts' constraints, no model.
+  if judge.kind != "verifiable":
+    _need(bool(judge.path), f"{prefix}.path", "a local path", judge.path)
+  presets = ("rlhflow_pair_pm", "plain", "self_judge")  # onpo_jax.oracles.judge.JUDGE_PRESETS
+  _need(judge.get("preset", "rlhflow_pair_pm") in presets, f"{prefix}.preset",
+        f"one of {presets}", judge.get("preset"))
+  _need(int(judge.micro_batch_size) >= 1, f"{prefix}.micro_batch_size", "an int >= 1",
+        judge.micro_batch_size)
+
+
 def validate_config(config) -> None:
   """Raises ValueError naming the config field that is missing or wrong.
 
@@ -58,17 +72,16 @@ def validate_config(config) -> None:
     ValueError: the message starts with `config.<section>.<field>`.
   """
   sp = config.selfplay
-  kinds = ("pairwise", "reward", "verifiable")
-  _need(config.judge.kind in kinds, "judge.kind", f"one of {kinds}", config.judge.kind)
-  # The verifiable judge is a program: it reads the prompts' constraints, no model.
-  paths = ("policy.path", "data.paths") + (() if config.judge.kind == "verifiable"
-                                           else ("judge.path",))
-  for field in paths:
+  for field in ("policy.path", "data.paths"):
     section, key = field.split(".")
     _need(bool(config[section][key]), field, "a local path", config[section][key])
-  presets = ("rlhflow_pair_pm", "plain", "self_judge")  # onpo_jax.oracles.judge.JUDGE_PRESETS
-  _need(config.judge.get("preset", "rlhflow_pair_pm") in presets, "judge.preset",
-        f"one of {presets}", config.judge.get("preset"))
+  _validate_judge(config.judge, "judge")
+  judges = config.eval.judges
+  for name in judges:
+    _validate_judge(judges[name], f"eval.judges.{name}")
+  if judges:
+    _need(bool(config.eval.prompt_file), "eval.prompt_file",
+          "a local path when eval.judges is set (they judge its answers)", config.eval.prompt_file)
   methods_lib.validate_selfplay(sp, _need)
   methods = tuple(sp.methods)
   _need(sp.lr_schedule in ("cosine", "constant"), "selfplay.lr_schedule", "'cosine' or 'constant'",
@@ -88,8 +101,8 @@ def validate_config(config) -> None:
           f"= prompts_per_round x num_samples = {k_total} when selfplay.methods has 'nash_md' "
           "(its REINFORCE gradient is unbiased only at the policy that sampled)",
           sp.global_batch_size)
-  for field in ("sampling.micro_batch_size", "eval.micro_batch_size", "judge.micro_batch_size",
-                "sampling.max_new_tokens", "data.max_prompt_length"):
+  for field in ("sampling.micro_batch_size", "eval.micro_batch_size", "sampling.max_new_tokens",
+                "data.max_prompt_length"):
     section, key = field.split(".")
     _need(int(config[section][key]) >= 1, field, "an int >= 1", config[section][key])
   _need(max(config.sampling.prompt_buckets) >= config.data.max_prompt_length,
@@ -100,6 +113,8 @@ def validate_config(config) -> None:
         and all(s == -1 or s >= 1 for s in shape), "mesh.shape",
         "(data, fsdp, tensor) positive ints with at most one -1", shape)
   _need(0 < config.eval.confidence < 1, "eval.confidence", "in (0, 1)", config.eval.confidence)
+  shown = config.eval.show_examples
+  _need(isinstance(shown, int) and shown >= 0, "eval.show_examples", "an int >= 0", shown)
   _need(0 <= config.inpo.tau < config.inpo.eta_inpo, "inpo.tau", "0 <= τ < inpo.eta_inpo",
         config.inpo.tau)
 
@@ -128,3 +143,30 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
     raise ValueError(f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices; "
                      f"{num_devices} are available")
   return tuple(shape)
+
+
+def check_context(config, model_config, path: str) -> None:
+  """Raises ValueError when a prompt and its answer cannot fit the policy's context.
+
+  A prompt is left-padded to the smallest `sampling.prompt_buckets` entry that
+  holds `data.max_prompt_length`; the sampler's cache then needs that many
+  slots plus the new tokens, for the rounds and for the evaluation.
+
+  Args:
+    config: the llm config (validated).
+    model_config: the policy's DecoderConfig (`loading.checkpoint_config`).
+    path: the policy checkpoint, named in the message.
+  """
+  limit = int(model_config.max_position_embeddings)
+  length = int(config.data.max_prompt_length)
+  bucket = min(b for b in config.sampling.prompt_buckets if b >= length)
+  fields = ("sampling.max_new_tokens",) + (("eval.max_new_tokens",) if config.eval.prompt_file
+                                           else ())
+  for field in fields:
+    section, key = field.split(".")
+    new = int(config[section][key])
+    if bucket + new > limit:
+      raise ValueError(
+          f"config.data.max_prompt_length={length} (padded to the prompt bucket {bucket}) + "
+          f"config.{field}={new} = {bucket + new} tokens exceeds the policy's context, "
+          f"max_position_embeddings={limit} in {path}")

@@ -1,15 +1,18 @@
-"""Evaluation of the `llm` job: AlpacaEval-format generations and a judged win rate.
+"""Evaluation of the `llm` job: AlpacaEval-format generations and judged win rates.
 
 Each evaluation decodes the `eval.prompt_file` instructions with the current
-policy (greedy unless `eval.temperature` > 0) and asks the run's oracle whether
-each answer beats the reference answer: the SFT policy's own generations with
-the same decoding settings, or an AlpacaEval outputs file
-(`eval.reference_outputs`). The win rate and its confidence interval come from
-`alpaca_eval.win_rate`; the generations are AlpacaEval records, so the official
-AlpacaEval 2.0 annotator can score the same files.
+policy (greedy unless `eval.temperature` > 0) and asks the run's oracle, and
+each judge of `eval.judges`, whether each answer beats the reference answer:
+the SFT policy's own generations with the same decoding settings, or an
+AlpacaEval outputs file (`eval.reference_outputs`). Each win rate and its
+confidence interval come from `alpaca_eval.win_rate`; the generations are
+AlpacaEval records, so the official AlpacaEval 2.0 annotator can score the same
+files.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -37,8 +40,29 @@ def prompt_constraints(path: str, instructions) -> list | None:
   return [table[s.strip()] for s in instructions]
 
 
+def example_lines(instructions, before, after, count: int, width: int = 160) -> list[str]:
+  """Log lines showing the first `count` instructions with two answers to each.
+
+  Args:
+    instructions: the evaluation instructions.
+    before: the reference (SFT) answers, in the same order.
+    after: the current policy's answers.
+    count: how many instructions to show.
+    width: characters kept of each text (line breaks shown as one ⏎).
+  """
+
+  def cut(text: str) -> str:
+    text = re.sub(r"\s*\n\s*", " ⏎ ", text.strip())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+  lines = []
+  for i, (x, b, a) in enumerate(zip(instructions[:count], before, after)):
+    lines += [f"  example {i + 1}: {cut(x)}", f"    before: {cut(b)}", f"    after:  {cut(a)}"]
+  return lines
+
+
 class Evaluator:
-  """AlpacaEval-format generations and the oracle win rate against a reference.
+  """AlpacaEval-format generations and the oracles' win rates against a reference.
 
   The reference is the SFT policy's own generations (same decoding settings)
   or, with `eval.reference_outputs`, an AlpacaEval outputs file whose
@@ -52,9 +76,11 @@ class Evaluator:
     oracle: the run's oracle (`preference_prob`).
     eos_ids: token ids that end a response.
     pad_id: id written after EOS.
+    judges: {name: oracle} of further judges of the same answers (`eval.judges`).
   """
 
-  def __init__(self, config, tokenizer, graphdef, model_config, oracle, *, eos_ids, pad_id):
+  def __init__(self, config, tokenizer, graphdef, model_config, oracle, *, eos_ids, pad_id,
+               judges=None):
     from onpo_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     ec = config.eval
     instructions, datasets = alpaca_eval.read_instructions(ec.prompt_file)
@@ -80,7 +106,9 @@ class Evaluator:
     self.sampler = MicroBatchedSampler(
         sampler_lib.Sampler(graphdef, sampling, model_config=model_config),
         ec.micro_batch_size, eos_ids)
-    self.tokenizer, self.oracle, self.config = tokenizer, oracle, config
+    self.tokenizer, self.config = tokenizer, config
+    # "" is the rounds' oracle: its metrics keep their plain names.
+    self.oracles = {"": oracle, **(judges or {})}
     self.reference = None  # (tokens, mask, texts)
 
   def generate(self, params, key):
@@ -119,12 +147,23 @@ class Evaluator:
                 **self.constraint_metrics(texts))
 
   def evaluate(self, params, key, generator: str):
-    """(AlpacaEval records, WinRate vs the reference, mean response tokens)."""
+    """(AlpacaEval records, {judge name: WinRate vs the reference}, mean response tokens).
+
+    The rounds' oracle is named "", `eval.judges` by their names.
+    """
     tokens, mask, texts = self.generate(params, key)
     ref_tokens, ref_mask, _ = self.reference
-    prefs = alpaca_eval.oracle_preferences(
-        self.oracle, self.prompt_tokens, self.prompt_mask, tokens, mask, ref_tokens, ref_mask,
-        micro_batch_size=int(self.config.judge.micro_batch_size))
-    wr = alpaca_eval.win_rate(prefs, float(self.config.eval.confidence))
+    win_rates = {}
+    for name, oracle in self.oracles.items():
+      section = self.config.eval.judges[name] if name else self.config.judge
+      prefs = alpaca_eval.oracle_preferences(
+          oracle, self.prompt_tokens, self.prompt_mask, tokens, mask, ref_tokens, ref_mask,
+          micro_batch_size=int(section.micro_batch_size))
+      win_rates[name] = alpaca_eval.win_rate(prefs, float(self.config.eval.confidence))
     records = alpaca_eval.make_records(self.instructions, texts, generator, self.datasets)
-    return records, wr, float(np.mean(mask.sum(axis=1)))
+    return records, win_rates, float(np.mean(mask.sum(axis=1)))
+
+  def examples(self, texts) -> list[str]:
+    """Log lines of the first `eval.show_examples` prompts: reference answer, then `texts`."""
+    return example_lines(self.instructions, self.reference[2], texts,
+                         int(self.config.eval.show_examples))

@@ -56,15 +56,20 @@ from onpo_jax.selfplay import roles
 from onpo_jax.selfplay.engine import Engine
 
 
-def build_oracle(config, policy_tokenizer, mesh, rules):
-  """The run's oracle from `config.judge` (frozen, `judge.dtype`, optionally offloaded).
+def build_oracle(config, policy_tokenizer, mesh, rules, judge=None):
+  """An oracle from a judge section (frozen, `dtype`, optionally offloaded).
 
-  `mesh` should span this host's devices only (see `backend.ScopedOracle`).
+  Args:
+    config: the llm config.
+    policy_tokenizer: decodes the policy's token batches.
+    mesh: should span this host's devices only (see `backend.ScopedOracle`).
+    rules: logical -> mesh axis rules.
+    judge: the judge section; None: `config.judge`, the rounds' oracle.
   """
   from onpo_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   from onpo_jax.oracles import judge as judge_lib  # pylint: disable=g-import-not-at-top
   from onpo_jax.oracles import reward_model as reward_lib  # pylint: disable=g-import-not-at-top
-  jc = config.judge
+  jc = config.judge if judge is None else judge
   if jc.kind == "verifiable":
     from onpo_jax.oracles import verifiable  # pylint: disable=g-import-not-at-top
     paths = [config.data.paths] if isinstance(config.data.paths, str) else list(config.data.paths)
@@ -112,7 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sp = config.selfplay
   loop = loop_lib.UnitLoop(workdir, label="llm", total_units=int(sp.num_rounds) * len(methods),
                            max_to_keep=config.checkpoint.max_to_keep,
-                           log_every_seconds=config.log_every_seconds)
+                           log_every_seconds=config.log_every_seconds, config=config)
   summary = loop.finished_summary()
   if summary is not None:
     return summary
@@ -127,8 +132,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_count() > 1:
     judge_mesh = sharding_lib.make_mesh((1, jax.local_device_count(), 1),
                                         devices=jax.local_devices())
-  # The judge first: a bad judge path or prompt file fails before the policy loads.
+  # The checks first (from the checkpoint's metadata), then the judges: a bad
+  # judge path or prompt file fails before the policy loads.
+  config_lib.check_context(config, loading.checkpoint_config(config.policy.path),
+                           config.policy.path)
   oracle = build_oracle(config, tokenizer, judge_mesh, rules)
+  eval_judges = {name: build_oracle(config, tokenizer, judge_mesh, rules, judge=section)
+                 for name, section in config.eval.judges.items()}
   policy = loading.load_checkpoint(config.policy.path, mesh=mesh, rules=rules,
                                   param_dtype=config.policy.param_dtype,
                                   dtype=config.policy.dtype, remat=bool(config.policy.remat))
@@ -167,7 +177,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_key = jax.random.fold_in(run_key, 2**20)
   if config.eval.prompt_file:
     evaluator = evaluation.Evaluator(config, tokenizer, graphdef, model_config, oracle,
-                                     eos_ids=eos_ids, pad_id=pad_id)
+                                     eos_ids=eos_ids, pad_id=pad_id, judges=eval_judges)
     with sharding_lib.activation_sharding(mesh, rules):
       sft_records = evaluator.set_reference(sft_params, eval_key)
     if sft_records is not None and loop.is_main:
@@ -178,9 +188,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loop.writer.write_json("memory.json", plan.as_dict())
   history: dict[str, list] = meta.get("history", {m: [] for m in methods})
 
-  def truncations(prefix: str) -> dict:
-    """Judge inputs cut to judge.max_length since the last call (both orders cut alike)."""
-    pop = getattr(oracle.oracle, "pop_truncation_counts", None)
+  def truncations(judge, prefix: str) -> dict:
+    """Judge inputs cut to its max_length since the last call (both orders cut alike)."""
+    pop = getattr(judge.oracle, "pop_truncation_counts", None)
     return {prefix + k: float(v) for k, v in pop().items()} if pop else {}
 
   def step(unit: int, state: dict):
@@ -195,22 +205,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       loop_lib.round_key(run_key, t, mi), t + 1)
     state["methods"][name] = new_state
     out = {f"{name}/{k}": float(v) for k, v in m.items()}
-    out.update(truncations(f"{name}/judge/"))
+    out.update(truncations(oracle, f"{name}/judge/"))
     if evaluator is not None:
       generator = config.eval.generator or f"{name}-round{t + 1}"
       with sharding_lib.activation_sharding(mesh, rules):
-        recs, wr, mean_len = evaluator.evaluate(new_state["params"], eval_key, generator)
+        recs, win_rates, mean_len = evaluator.evaluate(new_state["params"], eval_key, generator)
+      texts = [r["output"] for r in recs]
       if loop.is_main:
         alpaca_eval.write_outputs(
             os.path.join(workdir, "alpaca_eval", f"{name}_round{t + 1}.json"), recs)
-      entry = dict(wr.as_dict(), mean_response_tokens=mean_len,
-                   **evaluator.constraint_metrics([r["output"] for r in recs]))
+      entry = dict(win_rates[""].as_dict(), mean_response_tokens=mean_len,
+                   **evaluator.constraint_metrics(texts))
+      for judge_name in eval_judges:
+        entry.update({f"{judge_name}/{k}": v for k, v in win_rates[judge_name].as_dict().items()})
       out.update({f"{name}/eval/{k}": v for k, v in entry.items()})
-      out.update(truncations(f"{name}/eval/judge/"))
+      out.update(truncations(oracle, f"{name}/eval/judge/"))
+      for judge_name, judge in eval_judges.items():
+        out.update(truncations(judge, f"{name}/eval/{judge_name}/judge/"))
       history[name].append(entry)
+      for line in evaluator.examples(texts):
+        loop.log(line)
     loss = out.get(f"{name}/policy/loss", out.get(f"{name}/aux/loss", float("nan")))
     progress = (f"{name} round {t + 1}/{sp.num_rounds}: loss {loss:.4g}, win rate vs ref "
                 f"{out.get(f'{name}/eval/win_rate', float('nan')):.3f}")
+    for judge_name in eval_judges:
+      progress += f" ({judge_name}: {out[f'{name}/eval/{judge_name}/win_rate']:.3f})"
     return state, out, t + 1, progress
 
   state = loop.run(state, unit, step, methods=list(methods), history=history)

@@ -219,7 +219,8 @@ class MemoryEstimate:
 
 def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *,
              rules=sharding_lib.DEFAULT_RULES, ref_config: DecoderConfig | None = None,
-             judge_config: DecoderConfig | None = None, kv_batch_size: int = 1,
+             judge_config: DecoderConfig | None = None,
+             eval_judge_configs: Sequence[DecoderConfig] = (), kv_batch_size: int = 1,
              kv_length: int = 1, kv_dtype=None) -> MemoryEstimate:
   """Per-device memory of the policy, its optimizer, the frozen roles and a KV cache.
 
@@ -230,6 +231,8 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
     rules: logical -> mesh axis rules.
     ref_config: the frozen reference (None: not resident, e.g. offloaded).
     judge_config: the judge's decoder (None: not resident).
+    eval_judge_configs: decoders of further judges kept for the evaluation
+      (counted in `judge_params`).
     kv_batch_size: rows of one sampling micro-batch (prompts × K).
     kv_length: cache slots (max prompt length + max new tokens).
     kv_dtype: cache dtype (None: the policy's compute dtype).
@@ -249,7 +252,7 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
       policy_params=tree_bytes_per_device(params, specs, mesh_shape),
       optimizer=optimizer_bytes_per_device(opt, params, specs, mesh_shape),
       ref_params=frozen(ref_config),
-      judge_params=frozen(judge_config),
+      judge_params=frozen(judge_config) + sum(frozen(c) for c in eval_judge_configs),
       kv_cache=kv_cache_bytes_per_device(policy_config, kv_batch_size, kv_length, mesh_shape,
                                          rules, kv_dtype))
 
@@ -271,32 +274,38 @@ def decoder_configs(config) -> tuple[DecoderConfig, DecoderConfig | None]:
     ValueError: a role has neither a checkpoint nor `hf_config`.
   """
 
-  def one(section, **overrides):
-    path = section.path
-    if path and (os.path.isdir(path) or (loading.is_gguf(path) and os.path.isfile(path))):
-      return loading.checkpoint_config(path, **overrides)
-    src = section.hf_config
-    if src is None:
-      raise ValueError(f"no checkpoint at {path!r} and no hf_config to plan from")
-    if isinstance(src, ml_collections.ConfigDict):
-      src = src.to_dict()
-    return DecoderConfig.from_hf(src, **overrides)
+  policy = _section_config(config.policy, param_dtype=config.policy.param_dtype,
+                           dtype=config.policy.dtype, remat=bool(config.policy.remat))
+  return policy, judge_decoder_config(config.judge)
 
-  policy = one(config.policy, param_dtype=config.policy.param_dtype, dtype=config.policy.dtype,
-               remat=bool(config.policy.remat))
-  if config.judge.kind == "verifiable":
-    return policy, None
-  judge = one(config.judge, param_dtype=config.judge.dtype, dtype=config.judge.dtype)
-  return policy, judge
+
+def _section_config(section, **overrides) -> DecoderConfig:
+  """The DecoderConfig of a policy or judge section: its checkpoint, else `hf_config`."""
+  path = section.path
+  if path and (os.path.isdir(path) or (loading.is_gguf(path) and os.path.isfile(path))):
+    return loading.checkpoint_config(path, **overrides)
+  src = section.hf_config
+  if src is None:
+    raise ValueError(f"no checkpoint at {path!r} and no hf_config to plan from")
+  if isinstance(src, ml_collections.ConfigDict):
+    src = src.to_dict()
+  return DecoderConfig.from_hf(src, **overrides)
+
+
+def judge_decoder_config(judge) -> DecoderConfig | None:
+  """The decoder of a judge section; None for the verifiable judge (a program)."""
+  if judge.kind == "verifiable":
+    return None
+  return _section_config(judge, param_dtype=judge.dtype, dtype=judge.dtype)
 
 
 def estimate_memory(config, mesh_dims: tuple[int, int, int] | None = None) -> MemoryEstimate:
   """Per-device bytes of an llm config on its mesh, nothing allocated.
 
   The optimizer is the one the run builds for the first method; π_ref counts
-  only when some method anchors on it and it is not offloaded, the judge only
-  when it is not offloaded; the KV cache is one sampling micro-batch at the
-  longest prompt bucket plus N new tokens.
+  only when some method anchors on it and it is not offloaded, each judge (the
+  rounds' and `eval.judges`) when it is not offloaded; the KV cache is one
+  sampling micro-batch at the longest prompt bucket plus N new tokens.
 
   Args:
     config: the llm config.
@@ -322,6 +331,8 @@ def estimate_memory(config, mesh_dims: tuple[int, int, int] | None = None) -> Me
       ref_config=(policy.replace(param_dtype=config.ref.dtype)
                   if needs_ref and not config.ref.offload else None),
       judge_config=None if config.judge.offload else judge,
+      eval_judge_configs=[c for j in config.eval.judges.values()
+                          if not j.offload and (c := judge_decoder_config(j)) is not None],
       kv_batch_size=int(config.sampling.micro_batch_size),
       kv_length=max(config.sampling.prompt_buckets) + int(config.sampling.max_new_tokens),
       kv_dtype=config.sampling.cache_dtype)
