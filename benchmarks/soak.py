@@ -1,0 +1,128 @@
+r"""Random-kill soak: SIGKILL a job at seeded random moments, resume it, compare with a clean run.
+
+    python -m benchmarks.soak --config=configs/default.py --kills=10 --workdir=/tmp/soak
+    python -m benchmarks.soak --config=configs/smollm2.py:tiny --kills=3 --workdir=/tmp/soak_llm
+
+First the job runs once uninterrupted (`<workdir>/clean`), which also gives its
+duration. Then the same command runs in `<workdir>/killed` and is killed with
+SIGKILL `--kills` times, each time restarted (so it resumes): odd-numbered kills
+land at a random moment (uniform over 2-20% of the clean run's duration after
+the restart, seeded by `--seed`), even-numbered ones as soon as an orbax
+checkpoint write is seen in progress (its `*.orbax-checkpoint-tmp*` directory).
+The last restart runs to the end. A kill that would come after the run has finished does not land; the
+verdict line says how many landed. The final `summary.json` and
+`metrics.jsonl` must equal the clean run's (wall-clock rates excepted). Prints
+one line per kill and the verdict; exits 1 on any difference.
+
+Extra `--config.<field>=<value>` overrides after `--` reach both runs, e.g.
+`-- --config.compilation_cache_dir=/tmp/jax_cache` to make restarts cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+# Metric keys that measure wall-clock speed, the only ones allowed to differ.
+TIMING_KEYS = ("tokens_per_s",)
+
+
+def _command(config: str, workdir: str, extra) -> list[str]:
+  return [sys.executable, "-m", "experiments.run", f"--config={config}",
+          f"--workdir={workdir}", *extra]
+
+
+def _units_done(workdir: str) -> int:
+  """Newest complete checkpoint step (-1 when none)."""
+  steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))
+           if n.isdigit()] if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
+  return max(steps, default=-1)
+
+
+def _writing_checkpoint(workdir: str) -> bool:
+  return bool(glob.glob(os.path.join(workdir, "checkpoints", "*orbax-checkpoint-tmp*")))
+
+
+def _results(workdir: str) -> tuple[dict, list[dict]]:
+  with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+    summary = json.load(f)
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    lines = [{k: v for k, v in json.loads(line).items()
+              if not any(t in k for t in TIMING_KEYS)} for line in f if line.strip()]
+  return summary, lines
+
+
+def _kill_once(cmd, workdir: str, *, at_seconds: float | None, log) -> str:
+  """Starts `cmd`, kills it at `at_seconds` or inside a checkpoint write; returns what happened."""
+  start = time.perf_counter()
+  proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+  while proc.poll() is None:
+    elapsed = time.perf_counter() - start
+    inside = _writing_checkpoint(workdir)
+    if (at_seconds is not None and elapsed >= at_seconds) or (at_seconds is None and inside):
+      units = _units_done(workdir)
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+      where = "inside a checkpoint write" if inside else "between checkpoint writes"
+      return f"killed at {elapsed:.1f} s ({where}; newest checkpoint step {units})"
+    time.sleep(0.01)
+  return f"finished before the kill (rc {proc.returncode}, {time.perf_counter() - start:.1f} s)"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True, help="config file[:arg], as experiments.run")
+  parser.add_argument("--workdir", required=True, help="holds clean/, killed/ and the logs")
+  parser.add_argument("--kills", type=int, default=10, help="SIGKILLs before the final run")
+  parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
+  args, extra = parser.parse_known_args(argv)
+  extra = [a for a in extra if a != "--"]
+  if args.kills < 1:
+    raise SystemExit(f"--kills must be >= 1; got {args.kills}")
+  clean, killed = (os.path.join(args.workdir, n) for n in ("clean", "killed"))
+  for path in (clean, killed):
+    if os.path.exists(path):
+      raise SystemExit(f"{path} exists; give a new --workdir")
+  os.makedirs(args.workdir)
+  rng = random.Random(args.seed)
+  with open(os.path.join(args.workdir, "clean.log"), "w") as log:
+    start = time.perf_counter()
+    rc = subprocess.call(_command(args.config, clean, extra), stdout=log, stderr=log)
+    duration = time.perf_counter() - start
+  if rc:
+    raise SystemExit(f"the clean run failed (rc {rc}); see {args.workdir}/clean.log")
+  print(f"clean run: {duration:.1f} s", flush=True)
+  cmd = _command(args.config, killed, extra)
+  landed = inside = 0
+  with open(os.path.join(args.workdir, "killed.log"), "w") as log:
+    for i in range(1, args.kills + 1):
+      # Early, so that the run, which has less left to do after each resume, is still
+      # running at the later kills.
+      at = None if i % 2 == 0 else rng.uniform(0.02, 0.2) * duration
+      what = _kill_once(cmd, killed, at_seconds=at, log=log)
+      landed += what.startswith("killed")
+      inside += "inside a checkpoint write" in what
+      print(f"kill {i}/{args.kills}: {what}", flush=True)
+    rc = subprocess.call(cmd, stdout=log, stderr=log)
+  if rc:
+    raise SystemExit(f"the final resume failed (rc {rc}); see {args.workdir}/killed.log")
+  summary_clean, lines_clean = _results(clean)
+  summary_killed, lines_killed = _results(killed)
+  same = summary_clean == summary_killed and lines_clean == lines_killed
+  print(f"{landed} of {args.kills} kills landed ({inside} inside checkpoint writes), then resumed "
+        "to the end: "
+        f"summary.json {'equal' if summary_clean == summary_killed else 'DIFFERENT'}, "
+        f"metrics.jsonl ({len(lines_killed)} lines) "
+        f"{'equal' if lines_clean == lines_killed else 'DIFFERENT'} to the clean run's")
+  return 0 if same else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
