@@ -46,8 +46,9 @@ def _units_done(workdir: str) -> int:
   return max(steps, default=-1)
 
 
-def _writing_checkpoint(workdir: str) -> bool:
-  return bool(glob.glob(os.path.join(workdir, "checkpoints", "*orbax-checkpoint-tmp*")))
+def _tmp_checkpoints(workdir: str) -> set[str]:
+  """Orbax's unfinished step directories (a killed write leaves one until orbax cleans up)."""
+  return set(glob.glob(os.path.join(workdir, "checkpoints", "*orbax-checkpoint-tmp*")))
 
 
 def _results(workdir: str) -> tuple[dict, list[dict]]:
@@ -61,11 +62,12 @@ def _results(workdir: str) -> tuple[dict, list[dict]]:
 
 def _kill_once(cmd, workdir: str, *, at_seconds: float | None, log) -> str:
   """Starts `cmd`, kills it at `at_seconds` or inside a checkpoint write; returns what happened."""
+  left_over = _tmp_checkpoints(workdir)  # from an earlier kill: not a write of this process
   start = time.perf_counter()
   proc = subprocess.Popen(cmd, stdout=log, stderr=log)
   while proc.poll() is None:
     elapsed = time.perf_counter() - start
-    inside = _writing_checkpoint(workdir)
+    inside = bool(_tmp_checkpoints(workdir) - left_over)
     if (at_seconds is not None and elapsed >= at_seconds) or (at_seconds is None and inside):
       units = _units_done(workdir)
       proc.send_signal(signal.SIGKILL)

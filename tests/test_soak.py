@@ -30,6 +30,11 @@ def test_kills_at_a_time_or_inside_a_checkpoint_write(tmp_path):
   with open(os.devnull, "w") as log:
     what = soak._kill_once([sys.executable, "-c", _JOB, again], again, at_seconds=None, log=log)
   assert "inside a checkpoint write; newest checkpoint step 1" in what
+  # The unfinished write that kill left behind is not taken for a new one.
+  with open(os.devnull, "w") as log:
+    what = soak._kill_once([sys.executable, "-c", "import time; time.sleep(60)"], again,
+                           at_seconds=0.5, log=log)
+  assert "between checkpoint writes" in what
   with open(os.devnull, "w") as log:
     what = soak._kill_once([sys.executable, "-c", "pass"], str(tmp_path), at_seconds=30.0,
                            log=log)
