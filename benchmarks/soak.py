@@ -10,8 +10,9 @@ land at a random moment (uniform over 2-20% of the clean run's duration after
 the restart, seeded by `--seed`), even-numbered ones as soon as an orbax
 checkpoint write is seen in progress (its `*.orbax-checkpoint-tmp*` directory).
 The last restart runs to the end. A kill that would come after the run has finished does not land; the
-verdict line says how many landed. The final `summary.json` and
-`metrics.jsonl` must equal the clean run's (wall-clock rates excepted). Prints
+verdict line says how many landed. The final `summary.json` (its own workdir
+path aside), `metrics.jsonl` and exported checkpoint files must equal the clean
+run's (wall-clock rates excepted). Prints
 one line per kill and the verdict; exits 1 on any difference.
 
 Extra `--config.<field>=<value>` overrides after `--` reach both runs, e.g.
@@ -29,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 # Metric keys that measure wall-clock speed, the only ones allowed to differ.
 TIMING_KEYS = ("tokens_per_s",)
@@ -52,12 +54,26 @@ def _tmp_checkpoints(workdir: str) -> set[str]:
 
 
 def _results(workdir: str) -> tuple[dict, list[dict]]:
+  """(summary, metric lines) with the workdir's own path written as <workdir> and no rates."""
+  root = os.path.abspath(workdir)
   with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
-    summary = json.load(f)
+    summary = json.loads(f.read().replace(json.dumps(root)[1:-1], "<workdir>"))
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     lines = [{k: v for k, v in json.loads(line).items()
               if not any(t in k for t in TIMING_KEYS)} for line in f if line.strip()]
+  summary["<files under export/>"] = _export_sums(os.path.join(root, "export"))
   return summary, lines
+
+
+def _export_sums(folder: str) -> dict[str, int]:
+  """{relative path: CRC-32} of the exported checkpoints (none: {})."""
+  sums = {}
+  for base, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(base, name)
+      with open(path, "rb") as f:
+        sums[os.path.relpath(path, folder)] = zlib.crc32(f.read())
+  return sums
 
 
 def _kill_once(cmd, workdir: str, *, at_seconds: float | None, log) -> str:

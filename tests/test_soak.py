@@ -41,12 +41,20 @@ def test_kills_at_a_time_or_inside_a_checkpoint_write(tmp_path):
   assert what.startswith("finished before the kill (rc 0")
 
 
-def test_results_ignore_only_wall_clock_rates(tmp_path):
-  (tmp_path / "summary.json").write_text(json.dumps({"gap": 0.5}))
-  (tmp_path / "metrics.jsonl").write_text(
-      json.dumps({"step": 1, "m/loss": 2.0, "m/sample_tokens_per_s": 40.0}) + "\n")
-  summary, lines = soak._results(str(tmp_path))
-  assert summary == {"gap": 0.5} and lines == [{"step": 1, "m/loss": 2.0}]
+def test_results_ignore_only_wall_clock_rates_and_the_workdir_path(tmp_path):
+  results = []
+  for name, weights in (("a", b"\x00\x01"), ("b", b"\x00\x01"), ("c", b"\x00\x02")):
+    run = tmp_path / name
+    (run / "export" / "m").mkdir(parents=True)
+    (run / "export" / "m" / "model.safetensors").write_bytes(weights)
+    (run / "summary.json").write_text(json.dumps({"gap": 0.5, "export": str(run / "export")}))
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "m/loss": 2.0, "m/sample_tokens_per_s": float(len(name))}) + "\n")
+    results.append(soak._results(str(run)))
+  (summary, lines), same, other = results
+  assert summary["export"] == "<workdir>/export" and lines == [{"step": 1, "m/loss": 2.0}]
+  assert same == (summary, lines)
+  assert other[0]["<files under export/>"] != summary["<files under export/>"]
 
 
 def test_bad_arguments_are_named(tmp_path):
