@@ -30,7 +30,8 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
+
+from onpo_jax.infra import checkpoint as checkpoint_lib
 
 # Metric keys that measure wall-clock speed, the only ones allowed to differ.
 TIMING_KEYS = ("tokens_per_s",)
@@ -61,19 +62,8 @@ def _results(workdir: str) -> tuple[dict, list[dict]]:
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     lines = [{k: v for k, v in json.loads(line).items()
               if not any(t in k for t in TIMING_KEYS)} for line in f if line.strip()]
-  summary["<files under export/>"] = _export_sums(os.path.join(root, "export"))
+  summary["<files under export/>"] = checkpoint_lib.file_sums(os.path.join(root, "export"))
   return summary, lines
-
-
-def _export_sums(folder: str) -> dict[str, int]:
-  """{relative path: CRC-32} of the exported checkpoints (none: {})."""
-  sums = {}
-  for base, _, files in os.walk(folder):
-    for name in files:
-      path = os.path.join(base, name)
-      with open(path, "rb") as f:
-        sums[os.path.relpath(path, folder)] = zlib.crc32(f.read())
-  return sums
 
 
 def _kill_once(cmd, workdir: str, *, at_seconds: float | None, log) -> str:

@@ -60,7 +60,7 @@ def _leaves(tree) -> tuple[dict[str, Any], Any]:
 CHECKSUM_FILE = "onpo_checksums.json"
 
 
-def _file_sums(folder: str) -> dict[str, list[int]]:
+def file_sums(folder: str) -> dict[str, list[int]]:
   """{relative path: [size, crc32]} of every file under `folder` but the checksum file."""
   sums = {}
   for root, _, files in os.walk(folder):
@@ -126,7 +126,7 @@ class Checkpointer:
         want = json.load(f)
     except (OSError, ValueError) as e:
       return f"{CHECKSUM_FILE} is unreadable ({e})"
-    got = _file_sums(folder)
+    got = file_sums(folder)
     for name in sorted(set(want) | set(got)):
       if name not in got:
         return f"{name} is missing"
@@ -186,7 +186,7 @@ class Checkpointer:
       folder = self.step_dir(step)
       tmp = os.path.join(folder, CHECKSUM_FILE + ".tmp")
       with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_file_sums(folder), f, indent=0, sort_keys=True)
+        json.dump(file_sums(folder), f, indent=0, sort_keys=True)
       os.replace(tmp, os.path.join(folder, CHECKSUM_FILE))
 
   def restore_meta(self, step: int) -> dict:
