@@ -49,6 +49,8 @@ setuptools.setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
             "ruff==0.17.6",  # tests/test_house_rules.py runs `ruff check` (ruff.toml)
+            "hypothesis>=6.100",  # property-based tests of input validation (tests/test_fuzz_*.py)
+            "peft>=0.17",  # LoRA export parity: our PEFT files load into peft's LoRA models
         ],
     },
 )

@@ -5,7 +5,8 @@ The 2-process run goes through the real entry point (`experiments.run` with
 device per process, so the policy is sharded over both processes (fsdp = 2).
 The reference is the same config in this process on 2 of its 8 fake devices
 (the same fsdp = 2 sharding). Metrics, AlpacaEval outputs and the exported
-checkpoint must agree, and only process 0 may have written the shared files.
+checkpoint must agree, only process 0 may have written the shared files, and
+each process must have judged only its share of the rows.
 """
 
 import importlib
@@ -20,6 +21,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from onpo_jax.llm import alpaca_eval
+from onpo_jax.llm import backend
 from onpo_jax.llm import job
 from onpo_jax.testing import tiny_hf
 
@@ -71,6 +73,64 @@ def _metrics(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
+class _RowOracle:
+  """P(a ≻ b) from each row's own tokens; records the rows it was asked about."""
+
+  vocab_size = 96
+
+  def __init__(self):
+    self.seen = []
+
+  def preference_prob(self, pt, pm, at, am, bt, bm):
+    self.seen.append(pt[:, 0].copy())
+    return (1.0 + np.tanh(0.1 * (at * am).sum(1) - 0.1 * (bt * bm).sum(1) + pt[:, 0])) / 2
+
+  def pop_truncation_counts(self):
+    return {"truncated_comparisons": 1, "truncated_inputs": 2}
+
+
+def _pair_rows(rows):
+  rng = np.random.default_rng(rows)
+  pt = np.stack([np.arange(rows), rng.integers(0, 96, rows)], 1)  # column 0 = row id
+  a, b = rng.integers(0, 96, (2, rows, 3))
+  ones = np.ones((rows, 3), bool)
+  return pt, np.ones_like(pt, bool), a, ones, b, ones
+
+
+@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7])
+def test_each_process_judges_its_shard_and_gets_every_row(monkeypatch, count, rows):
+  """`ScopedOracle` as process p of `count`: the other processes' shares come from the gather."""
+  args = _pair_rows(rows)
+  expected = _RowOracle().preference_prob(*args)
+  monkeypatch.setattr(backend.jax, "process_count", lambda: count)
+  for p in range(count):
+    monkeypatch.setattr(backend.jax, "process_index", lambda p=p: p)
+    # Process q judged rows q, q + count, ...; padding rows repeat row 0.
+    shares = [np.arange(q, -(-rows // count) * count, count) for q in range(count)]
+    others = [expected[np.where(s < rows, s, 0)] for s in shares]
+
+    def gather(x, others=others, p=p):
+      np.testing.assert_array_equal(x, others[p])  # this process's own result goes in
+      return np.stack(others)
+
+    monkeypatch.setattr(backend.multihost_utils, "process_allgather", gather)
+    oracle = _RowOracle()
+    scoped = backend.ScopedOracle(oracle, None, ())
+    np.testing.assert_array_equal(scoped.preference_prob(*args), expected)
+    (seen,) = oracle.seen
+    np.testing.assert_array_equal(seen, np.where(shares[p] < rows, shares[p], 0))
+    assert scoped.rows_judged == -(-rows // count)
+
+    def gather_counts(x, p=p):  # the other processes judged one row more, cut as many
+      return np.stack([x if q == p else x + [1, 0, 0] for q in range(count)])
+
+    monkeypatch.setattr(backend.multihost_utils, "process_allgather", gather_counts)
+    assert scoped.pop_counts() == {"truncated_comparisons": count, "truncated_inputs": 2 * count,
+                                   "rows_judged_per_process": -(-rows // count) + 1}
+    assert scoped.rows_judged == 0
+
+
 def test_two_processes_match_one(assets):
   workdir2 = str(assets["root"] / "two")
   port = _free_port()
@@ -107,8 +167,13 @@ def test_two_processes_match_one(assets):
 
   one, two = _metrics(workdir1), _metrics(workdir2)
   assert len(two) == len(one) == 1  # process 1 wrote no second copy of the metrics
-  keys = [k for k in one[0] if not k.endswith("_per_s")]
-  assert sorted(keys) == sorted(k for k in two[0] if not k.endswith("_per_s"))
+  # Each process judged its half of every batch (a batch of odd size: one padding row).
+  shares = [k for k in one[0] if k.endswith("rows_judged_per_process")]
+  assert "onpo_two_step/judge/rows_judged_per_process" in shares
+  for k in shares:
+    assert one[0][k] / 2 <= two[0][k] < one[0][k], (k, one[0][k], two[0][k])
+  keys = [k for k in one[0] if not k.endswith("_per_s") and k not in shares]
+  assert sorted(keys) == sorted(k for k in two[0] if not k.endswith("_per_s") and k not in shares)
   np.testing.assert_allclose([two[0][k] for k in keys], [one[0][k] for k in keys],
                              rtol=RTOL, atol=ATOL, err_msg=str(keys))
   assert one[0]["onpo_two_step/eval/num_prompts"] == 2

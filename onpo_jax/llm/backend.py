@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from onpo_jax import logprobs
 from onpo_jax import sampler as sampler_lib
@@ -62,12 +63,16 @@ class MicroBatchedSampler:
 
 
 class ScopedOracle:
-  """Runs an oracle under its own mesh and, optionally, offloads it between calls.
+  """Runs an oracle under its own mesh, on this process's share of the rows.
 
-  On several hosts the judge is sharded over each host's own devices: every
-  host judges the same (replicated) batch, so judging needs no cross-host
-  traffic and its outputs are host-local arrays the host-side code can read.
-  With `offload`, its parameters stay in pinned host memory except during a call.
+  On several hosts the judge is sharded over each host's own devices and every
+  process judges only its shard of each batch's rows (`data.host_shard`: every
+  `process_count`-th row from `process_index`, the last rows padded with copies
+  of row 0 so every process has the same shape); the probabilities are then
+  gathered, so each process returns the whole batch's, in order. Judging needs
+  no cross-host traffic besides that gather, and the judge's outputs are
+  host-local arrays the host-side code can read. With `offload`, its parameters
+  stay in pinned host memory except during a call.
   """
 
   def __init__(self, oracle, mesh, rules, offload: bool = False):
@@ -75,13 +80,28 @@ class ScopedOracle:
     # A program oracle (no `state`: e.g. the verifiable judge) has nothing to offload.
     self.offload = bool(offload) and hasattr(oracle, "state")
     self.vocab_size = oracle.vocab_size
+    self.rows_judged = 0  # rows this process judged since the last `pop_counts`
     if self.offload:
       oracle.state = roles.to_memory(oracle.state, "pinned_host")
 
   def preference_prob(self, *args):
-    from onpo_jax.models import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
     # Host copies: arrays made under the global mesh cannot enter the judge's mesh.
     args = [host_gather(a) for a in args]
+    count = jax.process_count()
+    if count == 1:
+      return self._judge(args)
+    rows = args[0].shape[0]
+    mine = host_rows(rows, jax.process_index(), count)
+    probs = self._judge([a[np.where(mine < rows, mine, 0)] for a in args])
+    gathered = np.asarray(multihost_utils.process_allgather(probs))  # [count, rows per process]
+    out = np.empty((gathered.size,) + gathered.shape[2:], gathered.dtype)
+    for p in range(count):
+      out[host_rows(rows, p, count)] = gathered[p]
+    return out[:rows]
+
+  def _judge(self, args):
+    from onpo_jax.models import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+    self.rows_judged += args[0].shape[0]
     with sharding_lib.activation_sharding(self.mesh, self.rules):
       if not self.offload:
         # numpy, so the caller's arrays on the policy's mesh can mix with it.
@@ -92,6 +112,35 @@ class ScopedOracle:
         return host_gather(self.oracle.preference_prob(*args))
       finally:
         self.oracle.state = host
+
+  def pop_counts(self) -> dict[str, float]:
+    """The oracle's counts since the last call, over all processes; resets them.
+
+    Returns:
+      The oracle's `pop_truncation_counts()` summed over processes (none for an
+      oracle without them), and `rows_judged_per_process`: the most rows one
+      process judged (the whole batch on one process, about 1/`process_count`
+      of it on several). Every process must call it (it gathers).
+    """
+    pop = getattr(self.oracle, "pop_truncation_counts", None)
+    counts = {k: float(v) for k, v in (pop() if pop else {}).items()}
+    local = np.asarray([self.rows_judged] + list(counts.values()), np.float64)
+    self.rows_judged = 0
+    if jax.process_count() > 1:
+      every = np.asarray(multihost_utils.process_allgather(local))  # [processes, 1 + counts]
+      local = np.concatenate([every[:, :1].max(0), every[:, 1:].sum(0)])
+    return dict(zip(counts, local[1:].tolist()), rows_judged_per_process=float(local[0]))
+
+
+def host_rows(rows: int, process_index: int, process_count: int) -> np.ndarray:
+  """Row indices one process judges: its `data.host_shard` of 0..rows padded to a multiple.
+
+  Indices >= `rows` are padding, so every process has ceil(rows / count) of
+  them; the caller judges row 0 in their place and drops their results.
+  """
+  from onpo_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  padded = np.arange(-(-rows // process_count) * process_count)
+  return data_lib.host_shard(padded, process_index, process_count)
 
 
 class LLMBackend:

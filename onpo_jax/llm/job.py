@@ -20,8 +20,11 @@ while they are used.
 Multi-host: `experiments/run.py` calls `jax.distributed.initialize` when
 `config.distributed.enabled`. Every process computes the same prompt batches
 (the order is a function of the seed) and passes them as replicated inputs;
-parameters are sharded over the global mesh; host-side values are gathered
-with `multihost_utils.process_allgather`. Only process 0 writes metrics,
+parameters are sharded over the global mesh and activations over its batch
+axes, so each process samples and scores its share of the rows; each process
+judges its `data.host_shard` of every judged batch (`backend.ScopedOracle`;
+`<method>/judge/rows_judged_per_process` in the metrics); host-side values are
+gathered with `multihost_utils.process_allgather`. Only process 0 writes metrics,
 AlpacaEval files and the exported checkpoint; orbax writes the arrays.
 
 Units, checkpoints and resume come from `onpo_jax.selfplay.loop.UnitLoop`
@@ -188,10 +191,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loop.writer.write_json("memory.json", plan.as_dict())
   history: dict[str, list] = meta.get("history", {m: [] for m in methods})
 
-  def truncations(judge, prefix: str) -> dict:
-    """Judge inputs cut to its max_length since the last call (both orders cut alike)."""
-    pop = getattr(judge.oracle, "pop_truncation_counts", None)
-    return {prefix + k: float(v) for k, v in pop().items()} if pop else {}
+  def judge_counts(judge, prefix: str) -> dict:
+    """Since the last call: judge inputs cut to its max_length (both orders cut alike), rows judged."""
+    return {prefix + k: v for k, v in judge.pop_counts().items()}
 
   def step(unit: int, state: dict):
     t, mi = divmod(unit, len(methods))
@@ -205,7 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       loop_lib.round_key(run_key, t, mi), t + 1)
     state["methods"][name] = new_state
     out = {f"{name}/{k}": float(v) for k, v in m.items()}
-    out.update(truncations(oracle, f"{name}/judge/"))
+    out.update(judge_counts(oracle, f"{name}/judge/"))
     if evaluator is not None:
       generator = config.eval.generator or f"{name}-round{t + 1}"
       with sharding_lib.activation_sharding(mesh, rules):
@@ -219,9 +221,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for judge_name in eval_judges:
         entry.update({f"{judge_name}/{k}": v for k, v in win_rates[judge_name].as_dict().items()})
       out.update({f"{name}/eval/{k}": v for k, v in entry.items()})
-      out.update(truncations(oracle, f"{name}/eval/judge/"))
+      out.update(judge_counts(oracle, f"{name}/eval/judge/"))
       for judge_name, judge in eval_judges.items():
-        out.update(truncations(judge, f"{name}/eval/{judge_name}/judge/"))
+        out.update(judge_counts(judge, f"{name}/eval/{judge_name}/judge/"))
       history[name].append(entry)
       for line in evaluator.examples(texts):
         loop.log(line)

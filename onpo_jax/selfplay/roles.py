@@ -60,7 +60,7 @@ def role_placements(config, mesh=None, judge_mesh=None) -> dict[Role, Placement]
 
   The auxiliary policy shares the policy's placement (it lives in the policy's
   optimizer state); the judge may run on its own mesh (on several hosts each
-  host judges the same batch on its local devices).
+  host judges its share of a batch on its local devices).
   """
   offload = lambda section: bool(config.get(section, {}).get("offload", False))
   policy = Placement(mesh)
