@@ -18,6 +18,14 @@ What one device holds during an ONPO round (ONPO arXiv 2502.16852, Alg. 1):
   * KV cache of one sampling micro-batch (K responses per prompt).
 Activations are not counted (they depend on remat and XLA's scheduling).
 
+With LoRA (`estimate(..., lora=...)`; `onpo_jax.models.lora`) one frozen base
+in `base_dtype` serves every role: the policy is an adapter tree (the
+`LoraConfig`'s dtype), π' is `onpo_step`'s copy of it, the optimizer holds
+Adam moments of the adapters only, and π_ref is the base itself (no copy; a
+fixed reference adapter adds one adapter tree). The forward pass runs on merged
+kernels W0 + (α/r)·a@b in the base dtype; `merged_params` counts all of them at
+once, the upper bound when XLA keeps every layer's merged kernels alive.
+
 Per-device bytes of a leaf of shape s sharded by spec p over mesh sizes m:
   Π_d ceil(s_d / Π_{a ∈ p_d} m_a) · itemsize (the largest shard, as XLA pads).
 
@@ -43,6 +51,7 @@ from jax.sharding import PartitionSpec
 
 from onpo_jax.llm import optim
 from onpo_jax.models import loading
+from onpo_jax.models import lora as lora_lib
 from onpo_jax.models import sharding as sharding_lib
 from onpo_jax.models.config import DecoderConfig
 from onpo_jax.models.decoder import Decoder
@@ -199,11 +208,16 @@ class MemoryEstimate:
   ref_params: int
   judge_params: int
   kv_cache: int
+  # LoRA only (0 otherwise): the policy's adapters, and the merged kernels of a
+  # forward pass (upper bound); `policy_params` is then the frozen base.
+  num_adapter_params: int = 0
+  adapter_params: int = 0
+  merged_params: int = 0
 
   @property
   def total(self) -> int:
-    return (self.policy_params + self.optimizer + self.ref_params + self.judge_params
-            + self.kv_cache)
+    return (self.policy_params + self.adapter_params + self.merged_params + self.optimizer
+            + self.ref_params + self.judge_params + self.kv_cache)
 
   def as_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -211,17 +225,22 @@ class MemoryEstimate:
     return d
 
   def summary(self) -> str:
-    parts = ", ".join(f"{k} {getattr(self, k) / GIB:.2f}" for k in (
-        "policy_params", "optimizer", "ref_params", "judge_params", "kv_cache"))
-    return (f"mesh {self.mesh_shape}: {self.num_params / 1e9:.2f}B params; per device (GiB): "
-            f"{parts}; total {self.total / GIB:.2f}")
+    keys = ("policy_params", "optimizer", "ref_params", "judge_params", "kv_cache")
+    if self.num_adapter_params:
+      keys = ("policy_params", "adapter_params", "merged_params") + keys[1:]
+    parts = ", ".join(f"{k} {getattr(self, k) / GIB:.2f}" for k in keys)
+    lora = (f" (LoRA: {self.num_adapter_params / 1e6:.1f}M adapter params)"
+            if self.num_adapter_params else "")
+    return (f"mesh {self.mesh_shape}: {self.num_params / 1e9:.2f}B params{lora}; per device "
+            f"(GiB): {parts}; total {self.total / GIB:.2f}")
 
 
 def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *,
              rules=sharding_lib.DEFAULT_RULES, ref_config: DecoderConfig | None = None,
              judge_config: DecoderConfig | None = None,
              eval_judge_configs: Sequence[DecoderConfig] = (), kv_batch_size: int = 1,
-             kv_length: int = 1, kv_dtype=None) -> MemoryEstimate:
+             kv_length: int = 1, kv_dtype=None, lora: lora_lib.LoraConfig | None = None,
+             base_dtype=None, ref_adapter: bool = False) -> MemoryEstimate:
   """Per-device memory of the policy, its optimizer, the frozen roles and a KV cache.
 
   Args:
@@ -236,16 +255,18 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
     kv_batch_size: rows of one sampling micro-batch (prompts × K).
     kv_length: cache slots (max prompt length + max new tokens).
     kv_dtype: cache dtype (None: the policy's compute dtype).
+    lora: adapters over a frozen base instead of full fine-tuning (`ref_config`
+      is then ignored: the reference is the base).
+    base_dtype: the frozen base's dtype with `lora` (None: policy.param_dtype).
+    ref_adapter: with `lora`, the reference is the base plus a fixed adapter.
   """
   mesh_shape = _check_mesh_shape(mesh_shape)
+  if lora is not None:
+    return _estimate_lora(policy_config, opt, mesh_shape, rules, lora, base_dtype, ref_adapter,
+                          judge_config, eval_judge_configs, kv_batch_size, kv_length, kv_dtype)
   params, specs = abstract_params(policy_config, rules, mesh_shape)
 
-  def frozen(cfg):
-    if cfg is None:
-      return 0
-    p, s = abstract_params(cfg, rules, mesh_shape)
-    return tree_bytes_per_device(p, s, mesh_shape)
-
+  frozen = functools.partial(_frozen_bytes, rules=rules, mesh_shape=mesh_shape)
   return MemoryEstimate(
       mesh_shape=mesh_shape,
       num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
@@ -255,6 +276,42 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
       judge_params=frozen(judge_config) + sum(frozen(c) for c in eval_judge_configs),
       kv_cache=kv_cache_bytes_per_device(policy_config, kv_batch_size, kv_length, mesh_shape,
                                          rules, kv_dtype))
+
+
+def _frozen_bytes(cfg, *, rules, mesh_shape) -> int:
+  """Per-device bytes of a frozen decoder (0 for None: not resident)."""
+  if cfg is None:
+    return 0
+  p, s = abstract_params(cfg, rules, mesh_shape)
+  return tree_bytes_per_device(p, s, mesh_shape)
+
+
+def _estimate_lora(policy_config, opt, mesh_shape, rules, lora, base_dtype, ref_adapter,
+                   judge_config, eval_judge_configs, kv_batch_size, kv_length, kv_dtype):
+  """`estimate` with a frozen base and adapters (module docstring)."""
+  base_cfg = policy_config.replace(param_dtype=base_dtype or policy_config.param_dtype)
+  base, base_specs = abstract_params(base_cfg, rules, mesh_shape)
+  adapters = jax.eval_shape(lambda: lora_lib.init_adapters(base, lora, jax.random.key(0)))
+  specs = lora_lib.adapter_axes(base_specs, base, lora)
+  adapter_bytes = tree_bytes_per_device(adapters, specs, mesh_shape)
+  spec_of = {_path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(
+      base_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]}
+  merged = sum(shard_bytes(t.in_shape + t.out_shape, base_cfg.param_dtype, spec_of[t.path],
+                           mesh_shape)
+               for t in lora_lib.targets(base, lora).values())
+  return MemoryEstimate(
+      mesh_shape=mesh_shape,
+      num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(base)),
+      policy_params=tree_bytes_per_device(base, base_specs, mesh_shape),
+      optimizer=optimizer_bytes_per_device(opt, adapters, specs, mesh_shape),
+      ref_params=adapter_bytes if ref_adapter else 0,
+      judge_params=(_frozen_bytes(judge_config, rules=rules, mesh_shape=mesh_shape)
+                    + sum(_frozen_bytes(c, rules=rules, mesh_shape=mesh_shape)
+                          for c in eval_judge_configs)),
+      kv_cache=kv_cache_bytes_per_device(policy_config, kv_batch_size, kv_length, mesh_shape,
+                                         rules, kv_dtype),
+      num_adapter_params=sum(math.prod(x.shape) for x in jax.tree.leaves(adapters)),
+      adapter_params=adapter_bytes, merged_params=merged)
 
 
 # ------------------------------------------------------------ llm config plans
@@ -299,13 +356,16 @@ def judge_decoder_config(judge) -> DecoderConfig | None:
   return _section_config(judge, param_dtype=judge.dtype, dtype=judge.dtype)
 
 
-def estimate_memory(config, mesh_dims: tuple[int, int, int] | None = None) -> MemoryEstimate:
+def estimate_memory(config, mesh_dims: tuple[int, int, int] | None = None, *,
+                    lora: lora_lib.LoraConfig | None = None, base_dtype: str | None = None,
+                    ref_adapter: bool = False) -> MemoryEstimate:
   """Per-device bytes of an llm config on its mesh, nothing allocated.
 
   The optimizer is the one the run builds for the first method; π_ref counts
   only when some method anchors on it and it is not offloaded, each judge (the
   rounds' and `eval.judges`) when it is not offloaded; the KV cache is one
-  sampling micro-batch at the longest prompt bucket plus N new tokens.
+  sampling micro-batch at the longest prompt bucket plus N new tokens. With
+  `lora` the policy is adapters over a frozen base (module docstring).
 
   Args:
     config: the llm config.
@@ -335,4 +395,29 @@ def estimate_memory(config, mesh_dims: tuple[int, int, int] | None = None) -> Me
                           if not j.offload and (c := judge_decoder_config(j)) is not None],
       kv_batch_size=int(config.sampling.micro_batch_size),
       kv_length=max(config.sampling.prompt_buckets) + int(config.sampling.max_new_tokens),
-      kv_dtype=config.sampling.cache_dtype)
+      kv_dtype=config.sampling.cache_dtype, lora=lora, base_dtype=base_dtype,
+      ref_adapter=lora is not None and needs_ref and ref_adapter)
+
+
+def lora_comparison(config, mesh_dims: tuple[int, int, int], ranks: Sequence[int] = (16, 64), *,
+                    lora: lora_lib.LoraConfig | None = None,
+                    base_dtype: str = "bfloat16") -> dict[str, MemoryEstimate]:
+  """Plans of `config` with full fine-tuning and with LoRA at each rank.
+
+  Args:
+    config: the llm config (full fine-tuning).
+    mesh_dims: (data, fsdp, tensor).
+    ranks: LoRA ranks to plan.
+    lora: the other LoRA settings (targets, α, adapter dtype); None: the defaults
+      of `LoraConfig` (every projection, α = 32).
+    base_dtype: the frozen base's dtype in the LoRA plans.
+
+  Returns:
+    {"full": ..., "lora_r<rank>": ...}.
+  """
+  lora = lora or lora_lib.LoraConfig()
+  out = {"full": estimate_memory(config, mesh_dims)}
+  for r in ranks:
+    out[f"lora_r{r}"] = estimate_memory(config, mesh_dims, lora=dataclasses.replace(lora, rank=int(r)),
+                                        base_dtype=base_dtype)
+  return out
