@@ -3,14 +3,16 @@ r"""Random-kill soak: SIGKILL a job at seeded random moments, resume it, compare
     python -m benchmarks.soak --config=configs/default.py --kills=10 --workdir=/tmp/soak
     python -m benchmarks.soak --config=configs/smollm2.py:tiny --kills=3 --workdir=/tmp/soak_llm
 
-First the job runs once uninterrupted (`<workdir>/clean`), which also gives its
-duration. Then the same command runs in `<workdir>/killed` and is killed with
-SIGKILL `--kills` times, each time restarted (so it resumes): odd-numbered kills
-land at a random moment (uniform over 2-20% of the clean run's duration after
-the restart, seeded by `--seed`), even-numbered ones as soon as an orbax
-checkpoint write is seen in progress (its `*.orbax-checkpoint-tmp*` directory).
-The last restart runs to the end. A kill that would come after the run has finished does not land; the
-verdict line says how many landed. The final `summary.json` (its own workdir
+First the job runs once uninterrupted (`<workdir>/clean`), which gives its
+duration and when each checkpoint step appeared. Then the same command runs in
+`<workdir>/killed` and is killed with SIGKILL `--kills` times, each time
+restarted (so it resumes): odd-numbered kills land at a random moment after the
+restart, a seeded uniform fraction (10-70%) of the work left after the newest
+checkpoint as the clean run took it, so every kill lands before the end however
+far the run has got; even-numbered ones as soon as an orbax checkpoint write is
+seen in progress (its `*.orbax-checkpoint-tmp*` directory). The last restart
+runs to the end. A kill that would come after the run has finished does not
+land; the verdict line says how many landed. The final `summary.json` (its own workdir
 path aside), `metrics.jsonl` and exported checkpoint files must equal the clean
 run's (wall-clock rates excepted). Prints
 one line per kill and the verdict; exits 1 on any difference.
@@ -66,6 +68,32 @@ def _results(workdir: str) -> tuple[dict, list[dict]]:
   return summary, lines
 
 
+def _timed_run(cmd, workdir: str, log) -> tuple[int, float, dict[int, float]]:
+  """Runs `cmd` to the end: (return code, seconds, {checkpoint step: seconds when it appeared})."""
+  start = time.perf_counter()
+  proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+  timeline = {}
+  while proc.poll() is None:
+    timeline.setdefault(_units_done(workdir), time.perf_counter() - start)
+    time.sleep(0.05)
+  timeline.pop(-1, None)
+  return proc.returncode, time.perf_counter() - start, timeline
+
+
+def kill_moment(rng: random.Random, duration: float, timeline: dict[int, float],
+                units_done: int) -> float:
+  """Seconds after a restart: a random fraction of what the clean run had left after `units_done`.
+
+  Args:
+    rng: the seeded source of the fractions.
+    duration: the clean run's seconds.
+    timeline: {checkpoint step: seconds into the clean run when it appeared}.
+    units_done: the killed run's newest checkpoint step (-1: none yet).
+  """
+  done_at = max((t for step, t in timeline.items() if step <= units_done), default=0.0)
+  return rng.uniform(0.1, 0.7) * max(duration - done_at, 0.0)
+
+
 def _kill_once(cmd, workdir: str, *, at_seconds: float | None, log) -> str:
   """Starts `cmd`, kills it at `at_seconds` or inside a checkpoint write; returns what happened."""
   left_over = _tmp_checkpoints(workdir)  # from an earlier kill: not a write of this process
@@ -101,19 +129,15 @@ def main(argv=None) -> int:
   os.makedirs(args.workdir)
   rng = random.Random(args.seed)
   with open(os.path.join(args.workdir, "clean.log"), "w") as log:
-    start = time.perf_counter()
-    rc = subprocess.call(_command(args.config, clean, extra), stdout=log, stderr=log)
-    duration = time.perf_counter() - start
+    rc, duration, timeline = _timed_run(_command(args.config, clean, extra), clean, log)
   if rc:
     raise SystemExit(f"the clean run failed (rc {rc}); see {args.workdir}/clean.log")
-  print(f"clean run: {duration:.1f} s", flush=True)
+  print(f"clean run: {duration:.1f} s, {len(timeline)} checkpoint steps", flush=True)
   cmd = _command(args.config, killed, extra)
   landed = inside = 0
   with open(os.path.join(args.workdir, "killed.log"), "w") as log:
     for i in range(1, args.kills + 1):
-      # Early, so that the run, which has less left to do after each resume, is still
-      # running at the later kills.
-      at = None if i % 2 == 0 else rng.uniform(0.02, 0.2) * duration
+      at = None if i % 2 == 0 else kill_moment(rng, duration, timeline, _units_done(killed))
       what = _kill_once(cmd, killed, at_seconds=at, log=log)
       landed += what.startswith("killed")
       inside += "inside a checkpoint write" in what

@@ -2,6 +2,7 @@
 
 import os
 import re
+import types
 
 import numpy as np
 import pytest
@@ -110,4 +111,31 @@ def test_a_run_resumes_from_the_last_undamaged_unit(tmp_path):
   state, unit, _ = again.restore({"x": np.zeros(4)})
   assert unit == 1 and state["x"].tolist() == [1.0] * 4
   again.writer.close()
+  run_record.unlock_workdir(str(tmp_path))
+
+
+@pytest.mark.parametrize("process_index", [0, 1])
+def test_every_process_stops_when_no_step_is_intact(tmp_path, monkeypatch, process_index):
+  """On several processes the main one verifies; the others must stop with it, not wait."""
+  run = loop_lib.UnitLoop(str(tmp_path), label="t", total_units=3, max_to_keep=3,
+                          log_every_seconds=1e9)
+  run.restore({"x": np.zeros(4)})
+  run.complete(1, {"x": np.ones(4)}, 1, {"u": 1.0}, "")
+  run.writer.close()
+  _flip_byte(os.path.join(run.ckpt.step_dir(1), _files(run.ckpt, 1, "arrays")[0]))
+  told = []
+
+  def broadcast(x):  # process 0's value reaches every process
+    told.append(int(x))
+    return x if process_index == 0 else np.int32(1)
+
+  # Only the loop sees two processes (orbax's own collectives stay single-process).
+  monkeypatch.setattr(loop_lib, "jax", types.SimpleNamespace(process_count=lambda: 2))
+  monkeypatch.setattr(loop_lib.multihost_utils, "broadcast_one_to_all", broadcast)
+  run.is_main = process_index == 0
+  match = ("no valid checkpoint in .*step 1: .* is damaged" if process_index == 0 else
+           "process 0 found no intact checkpoint in .*; its log names each step's damage")
+  with pytest.raises(RuntimeError, match=match):
+    run._valid_latest_step()
+  assert told == [1 if process_index == 0 else 0]
   run_record.unlock_workdir(str(tmp_path))

@@ -41,6 +41,23 @@ def test_kills_at_a_time_or_inside_a_checkpoint_write(tmp_path):
   assert what.startswith("finished before the kill (rc 0")
 
 
+def test_timed_run_records_when_each_checkpoint_appeared(tmp_path):
+  with open(os.devnull, "w") as log:
+    rc, seconds, timeline = soak._timed_run(
+        [sys.executable, "-c", _JOB.replace("time.sleep(60)", "time.sleep(0.2)"), str(tmp_path)],
+        str(tmp_path), log)
+  assert rc == 0 and list(timeline) == [1] and 0.3 <= timeline[1] < seconds
+
+
+def test_kill_moments_follow_the_work_left():
+  timeline = {0: 10.0, 1: 50.0, 2: 90.0}
+  rng = soak.random.Random(0)
+  for units_done, left in ((-1, 100.0), (0, 90.0), (1, 50.0), (2, 10.0), (5, 10.0)):
+    for _ in range(50):
+      assert 0.1 * left <= soak.kill_moment(rng, 100.0, timeline, units_done) <= 0.7 * left
+  assert soak.kill_moment(rng, 5.0, timeline, 2) == 0.0
+
+
 def test_results_ignore_only_wall_clock_rates_and_the_workdir_path(tmp_path):
   results = []
   for name, weights in (("a", b"\x00\x01"), ("b", b"\x00\x01"), ("c", b"\x00\x02")):

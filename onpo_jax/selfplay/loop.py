@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -100,10 +101,19 @@ class UnitLoop:
     """The newest undamaged checkpoint; damaged newer ones are moved aside by the main process."""
     if jax.process_count() == 1:
       return self.ckpt.latest_valid_step()
+    error = None
     if self.is_main:
-      self.ckpt.latest_valid_step()
+      try:
+        self.ckpt.latest_valid_step()
+      except RuntimeError as e:  # every step damaged: the others must stop too, not wait
+        error = e
     # The others wait until the main process has set damaged steps aside, then re-list.
-    multihost_utils.sync_global_devices("onpo_jax: checkpoints verified")
+    failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if error is not None:
+      raise error
+    if failed:
+      raise RuntimeError(f"process 0 found no intact checkpoint in {self.workdir}; its log names "
+                         "each step's damage")
     self.ckpt.reload()
     return self.ckpt.latest_step()
 
