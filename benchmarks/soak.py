@@ -12,7 +12,8 @@ checkpoint as the clean run took it, so every kill lands before the end however
 far the run has got; even-numbered ones as soon as an orbax checkpoint write is
 seen in progress (its `*.orbax-checkpoint-tmp*` directory). The last restart
 runs to the end. A kill that would come after the run has finished does not
-land; the verdict line says how many landed. The final `summary.json` (its own workdir
+land, and once the run has written its summary.json no more kills are tried;
+the verdict line says how many landed. The final `summary.json` (its own workdir
 path aside), `metrics.jsonl` and exported checkpoint files must equal the clean
 run's (wall-clock rates excepted). Prints
 one line per kill and the verdict; exits 1 on any difference.
@@ -137,6 +138,9 @@ def main(argv=None) -> int:
   landed = inside = 0
   with open(os.path.join(args.workdir, "killed.log"), "w") as log:
     for i in range(1, args.kills + 1):
+      if os.path.exists(os.path.join(killed, "summary.json")):
+        print(f"kill {i}/{args.kills}: the run has finished; no more kills", flush=True)
+        break
       at = None if i % 2 == 0 else kill_moment(rng, duration, timeline, _units_done(killed))
       what = _kill_once(cmd, killed, at_seconds=at, log=log)
       landed += what.startswith("killed")

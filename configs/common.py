@@ -65,6 +65,8 @@ def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
     ValueError: naming the token that matches no field, or the field whose
       value cannot be converted, and listing what is accepted.
   """
+  if arg is not None and not isinstance(arg, str):
+    raise ValueError(f"config arg {arg!r}: expected the text after ':' in --config=file.py:arg")
   fields = {name: _field(name, s) for name, s in spec.items()}
   out = {name: f[0] for name, f in fields.items()}
   for token in (t.strip() for t in (arg or "").split(",")):

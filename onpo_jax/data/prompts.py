@@ -77,7 +77,8 @@ def parse_prompt_row(row: Any, where: str, column: str, id_column: str | None,
 
   Raises:
     ValueError: naming `where` (file and line) when the row is not an object,
-      lacks `column`, or holds an empty / malformed prompt.
+      lacks `column`, holds an empty / malformed prompt, or an id that is
+      neither a non-empty string nor an int.
   """
   if not isinstance(row, dict):
     raise ValueError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
@@ -92,7 +93,16 @@ def parse_prompt_row(row: Any, where: str, column: str, id_column: str | None,
   else:
     messages, is_chat = _parse_messages(value, where, column), True
   rid = row.get(id_column) if id_column else None
-  rid = default_id if rid is None else str(rid)
+  if rid is None:
+    rid = default_id
+  elif (isinstance(rid, int) and not isinstance(rid, bool)) or (
+      isinstance(rid, str) and rid.strip()):
+    rid = str(rid)
+  else:
+    # An empty id, or a list / float / bool one, is a broken id column; str() of
+    # it would make ids that look valid and collide later.
+    raise ValueError(f"{where}: id column {id_column!r} must be a non-empty string or an "
+                     f"int, got {rid!r:.80}")
   return PromptRecord(id=rid, messages=messages, is_chat=is_chat, source=where)
 
 
@@ -121,43 +131,68 @@ def _records_from_rows(rows: Iterator[tuple[int, Any]], path: str, unit: str,
   return records
 
 
+def _loads(text: str, where: str) -> Any:
+  """json.loads, with every way it fails named by `where` (file and line)."""
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from e
+  except (ValueError, RecursionError) as e:
+    # Python's own limits, not JSON syntax: an integer of more than 4300 digits,
+    # arrays or objects nested deeper than the interpreter's stack.
+    raise ValueError(f"{where}: invalid JSON: {type(e).__name__}: {str(e)[:200]}") from e
+
+
 def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, start=1):
+  # Bytes, decoded line by line, so that invalid UTF-8 is reported with its line.
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, start=1):
+      where = f"{path}:{n} (line {n})"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: invalid UTF-8 at byte {e.start} of the line") from e
       if not line.strip():
         continue  # a trailing newline is not a malformed record
-      try:
-        yield n, json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n} (line {n}): invalid JSON: {e.msg} at column {e.colno}") from e
+      yield n, _loads(line, where)
 
 
 def read_json_rows(path: str) -> list:
   """The records of a JSON file (a list, or one object) or of a JSONL file, in order.
 
   Raises:
-    ValueError: naming the file and line of invalid JSONL.
+    ValueError: naming the file and line of invalid UTF-8 or invalid JSONL.
   """
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise ValueError(f"{path}:{line}: invalid UTF-8 at byte {e.start} of the file") from e
   try:
     rows = json.loads(text)
     return rows if isinstance(rows, list) else [rows]
-  except json.JSONDecodeError:
+  except (ValueError, RecursionError):  # not one JSON document; read it as JSONL
     pass
   rows = []
-  for n, line in enumerate(text.splitlines(), start=1):
+  # Lines end at "\n" only: str.splitlines would also cut at U+2028, U+0085, ...,
+  # which JSON strings may hold unescaped.
+  for n, line in enumerate(text.split("\n"), start=1):
     if line.strip():
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from e
+      rows.append(_loads(line, f"{path}:{n}"))
   return rows
 
 
-def _table_rows(table) -> Iterator[dict]:
+def _table_rows(table, path: str) -> Iterator[dict]:
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
   for batch in table.to_batches(max_chunksize=4096):
-    yield from batch.to_pylist()
+    try:
+      rows = batch.to_pylist()
+    except (pa.ArrowException, UnicodeDecodeError) as e:  # e.g. a damaged string column
+      raise ValueError(f"{path}: a record batch cannot be read (corrupt file): "
+                       f"{type(e).__name__}: {e}") from e
+    yield from rows
 
 
 def read_prompt_file(path: str, *, prompt_columns: Sequence[str] = DEFAULT_PROMPT_COLUMNS,
@@ -174,23 +209,34 @@ def read_prompt_file(path: str, *, prompt_columns: Sequence[str] = DEFAULT_PROMP
 
   Raises:
     ValueError: naming the file and line (JSONL) or row (parquet/arrow, 1-based)
-      for an empty file, invalid JSON, a missing column or a malformed prompt.
+      for an empty file, invalid UTF-8 or JSON, a missing column, a malformed
+      prompt or id, or an unreadable parquet/arrow file.
+    FileNotFoundError / TypeError: no such file, or `path` is not a path.
   """
   if isinstance(prompt_columns, str):
     prompt_columns = (prompt_columns,)
+  if not isinstance(path, (str, os.PathLike)):
+    # An int would pass os.path.isfile as a file descriptor.
+    raise TypeError(f"prompt file must be a path (str), got {path!r:.80}")
+  path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"prompt file {path!r} does not exist")
   if path.endswith((".jsonl", ".json")):
     return _records_from_rows(_jsonl_rows(path), path, "line", prompt_columns, id_column)
-  if path.endswith(".parquet"):
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    table = pq.read_table(path)
-  elif path.endswith(".arrow"):
-    table = _read_arrow(path)
-  else:
-    raise ValueError(f"prompt file {path!r}: unknown extension; expected .jsonl, .json, "
-                     ".parquet or .arrow")
-  rows = enumerate(_table_rows(table), start=1)
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  try:
+    if path.endswith(".parquet"):
+      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+      table = pq.read_table(path)
+    elif path.endswith(".arrow"):
+      table = _read_arrow(path)
+    else:
+      raise ValueError(f"prompt file {path!r}: unknown extension; expected .jsonl, .json, "
+                       ".parquet or .arrow")
+  except (pa.ArrowException, OSError) as e:  # most of pyarrow's messages name no file
+    raise ValueError(f"{path}: not a readable {os.path.splitext(path)[1]} file (truncated "
+                     f"or corrupt): {e}") from e
+  rows = enumerate(_table_rows(table, path), start=1)
   return _records_from_rows(rows, path, "row", prompt_columns, id_column)
 
 

@@ -8,6 +8,7 @@ prepares and reads the TFDS array_record collection (reading the files through
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from onpo_jax.data import prompts
@@ -35,9 +36,16 @@ def load_prompt_records(source: str, paths: str | Sequence[str], *, split: str =
 
   Raises:
     ValueError: naming `source` / `data_dir` when they are invalid.
+    TypeError: `paths` is neither a path nor a list of paths.
   """
   kw = dict(prompt_columns=prompt_columns, id_column=id_column)
-  files = [paths] if isinstance(paths, str) else list(paths)
+  if isinstance(paths, (str, os.PathLike)):
+    files = [os.fspath(paths)]
+  elif isinstance(paths, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in paths):
+    files = [os.fspath(p) for p in paths]
+  else:
+    # list() of an int fails without saying which argument; of a dict it takes the keys.
+    raise TypeError(f"paths must be a path or a list of paths, got {paths!r:.80}")
   if source == "files":
     return prompts.read_prompt_files(files, **kw)
   if source == "hf_dir":

@@ -12,7 +12,11 @@ checkpoints (`LLAMA3_8B_HF`, `MISTRAL_7B_HF`), so that memory plans and
 from __future__ import annotations
 
 import math
-from typing import Any
+import os
+import re
+from typing import Any, Mapping
+
+import ml_collections
 
 from onpo_jax.llm import optim
 from onpo_jax.selfplay import methods as methods_lib
@@ -43,80 +47,211 @@ MISTRAL_7B_HF = dict(
     pad_token_id=None, hidden_act="silu")
 
 
+# The job runs without JAX's x64 mode, so float64 (which DecoderConfig allows) is out.
+RUN_DTYPES = ("float32", "bfloat16")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")  # onpo_jax.sampler's cache_dtype
+PROMPT_SOURCES = ("files", "hf_dir", "tfds")  # onpo_jax.data.sources.PROMPT_SOURCES
+OVERLONG_POLICIES = ("drop", "truncate")  # onpo_jax.data.prompts.OVERLONG_POLICIES
+JUDGE_KINDS = ("pairwise", "reward", "verifiable")
+JUDGE_PRESETS = ("rlhflow_pair_pm", "plain", "self_judge")  # onpo_jax.oracles.judge.JUDGE_PRESETS
+# What hf_io.save_hf_checkpoint's max_shard_size parses: bytes, or e.g. '5GB'.
+_SHARD_SIZE = re.compile(r"\s*(\d+(\.\d*)?)\s*(KB|MB|GB)?\s*", re.IGNORECASE)
+
+_is_int, _is_real = methods_lib.is_int, methods_lib.is_real
+
+
 def _need(ok: bool, field: str, expected: str, got: Any) -> None:
   if not ok:
-    raise ValueError(f"config.{field} must be {expected}; got {got!r}")
+    raise ValueError(f"config.{field} must be {expected}; got {got!r:.200}")
+
+
+def _is_mapping(value: Any) -> bool:
+  # A dict assigned to a ConfigDict field becomes a ConfigDict, which is no Mapping.
+  return isinstance(value, (Mapping, ml_collections.ConfigDict))
+
+
+def _shard_size_ok(value: Any) -> bool:
+  if isinstance(value, int) and not isinstance(value, bool):
+    return value >= 1  # bytes; 5 GB exceeds int32, so no INT_MAX bound here
+  m = _SHARD_SIZE.fullmatch(value) if isinstance(value, str) else None
+  return m is not None and float(m.group(1)) > 0
+
+
+# (check, what the message says is expected) of the field kinds below.
+_INT0 = (lambda v: _is_int(v, 0), "an int >= 0 (below 2**31)")
+_INT1 = (lambda v: _is_int(v, 1), "an int >= 1 (below 2**31)")
+_BOOL = (lambda v: isinstance(v, bool), "True or False")
+_STR = (lambda v: isinstance(v, str), "a string")
+_POSITIVE = (lambda v: _is_real(v) and v > 0, "a finite number > 0")
+_NONNEG = (lambda v: _is_real(v) and v >= 0, "a finite number >= 0")
+_HF_CONFIG = (lambda v: v is None or _is_mapping(v), "None or a config.json dict")
+_OPT_INT0 = (lambda v: v is None or _is_int(v, 0), "None or an int >= 0")
+
+
+def _choice(options: tuple[str, ...]) -> tuple:
+  return (lambda v: isinstance(v, str) and v in options, f"one of {options}")
+
+
+def _check(section, prefix: str, checks: Mapping[str, tuple]) -> None:
+  """`_need` over a section's fields: {key: (check, expected)}."""
+  for key, (ok, expected) in checks.items():
+    _need(ok(section[key]), f"{prefix}.{key}", expected, section[key])
+
+
+def _need_path(path: Any, field: str, *, checkpoint: bool = False, directory: bool = False,
+               optional: bool = False, expected: str = "a local path") -> None:
+  """A path field: a string, and (unless empty and `optional`) an existing one.
+
+  Checked here so that a missing file stops the job before it writes its
+  workdir or loads a model. `checkpoint`: a .gguf file or an HF directory.
+  """
+  _need(isinstance(path, str) and (optional or bool(path)), field, expected, path)
+  if not path:
+    return
+  if checkpoint:
+    directory = not path.endswith(".gguf")
+  exists = os.path.isdir(path) if directory else os.path.isfile(path)
+  if not exists:
+    raise FileNotFoundError(f"config.{field}: {path!r} is not an existing "
+                            f"{'directory' if directory else 'file'}")
 
 
 def _validate_judge(judge, prefix: str) -> None:
   """Checks one judge section (`config.judge` or an entry of `config.eval.judges`)."""
-  kinds = ("pairwise", "reward", "verifiable")
-  _need(judge.kind in kinds, f"{prefix}.kind", f"one of {kinds}", judge.kind)
+  _need(_is_mapping(judge), prefix, "a judge section (llm_common.judge_section())", judge)
+  _need(judge.kind in JUDGE_KINDS, f"{prefix}.kind", f"one of {JUDGE_KINDS}", judge.kind)
   # The verifiable judge is a program: it reads the prompts' constraints, no model.
   if judge.kind != "verifiable":
-    _need(bool(judge.path), f"{prefix}.path", "a local path", judge.path)
-  presets = ("rlhflow_pair_pm", "plain", "self_judge")  # onpo_jax.oracles.judge.JUDGE_PRESETS
-  _need(judge.get("preset", "rlhflow_pair_pm") in presets, f"{prefix}.preset",
-        f"one of {presets}", judge.get("preset"))
-  _need(int(judge.micro_batch_size) >= 1, f"{prefix}.micro_batch_size", "an int >= 1",
-        judge.micro_batch_size)
+    _need_path(judge.path, f"{prefix}.path", checkpoint=True)
+    _need_path(judge.get("tokenizer_path", ""), f"{prefix}.tokenizer_path", checkpoint=True,
+               optional=True, expected="a local path ('' = the judge's path)")
+  else:
+    _need(isinstance(judge.path, str), f"{prefix}.path", "a string ('' for 'verifiable')",
+          judge.path)
+    _need(isinstance(judge.get("tokenizer_path", ""), str), f"{prefix}.tokenizer_path",
+          "a string", judge.get("tokenizer_path"))
+  _need(judge.get("preset", "rlhflow_pair_pm") in JUDGE_PRESETS, f"{prefix}.preset",
+        f"one of {JUDGE_PRESETS}", judge.get("preset"))
+  labels = judge.get("labels", ("A", "B"))
+  _need(isinstance(labels, (tuple, list)) and len(labels) == 2
+        and all(isinstance(x, str) and x for x in labels) and labels[0] != labels[1],
+        f"{prefix}.labels", "two different non-empty strings (the judge's answer tokens)", labels)
+  optional = {"dtype": _choice(RUN_DTYPES), "template": _STR, "use_chat_template": _BOOL,
+              "max_length": _INT1, "offload": _BOOL, "hf_config": _HF_CONFIG}
+  _check(judge, prefix, {"micro_batch_size": _INT1} | {
+      k: v for k, v in optional.items() if k in judge})
 
 
 def validate_config(config) -> None:
   """Raises ValueError naming the config field that is missing or wrong.
+
+  Every field the job reads is checked, types before ranges and ranges before
+  the fields that constrain each other, so that nothing reaches a comparison,
+  the workdir or JAX unchecked.
 
   Args:
     config: the llm config (`configs/llm_common.py` lists its fields).
 
   Raises:
     ValueError: the message starts with `config.<section>.<field>`.
+    FileNotFoundError: a path field names no existing file or directory
+      (`config.<section>.<field>` and the path).
   """
   sp = config.selfplay
-  for field in ("policy.path", "data.paths"):
-    section, key = field.split(".")
-    _need(bool(config[section][key]), field, "a local path", config[section][key])
+  _need(config.get("experiment") == "llm", "experiment", "'llm'", config.get("experiment"))
+  _need(_is_int(config.seed), "seed", "an int in [0, 2**31) (the PRNG seed)", config.seed)
+  _check(config.policy, "policy", {
+      "param_dtype": _choice(RUN_DTYPES), "dtype": _choice(RUN_DTYPES), "remat": _BOOL,
+      "logprob_chunk_size": _INT0, "hf_config": _HF_CONFIG})
+  _need_path(config.policy.path, "policy.path", checkpoint=True)
+  _need_path(config.policy.tokenizer_path, "policy.tokenizer_path", checkpoint=True,
+             optional=True, expected="a local path ('' = policy.path)")
+  _check(config.ref, "ref", {"dtype": _choice(RUN_DTYPES), "offload": _BOOL})
+  data = config.data
+  _check(data, "data", {
+      "source": _choice(PROMPT_SOURCES), "split": (lambda v: isinstance(v, str) and bool(v),
+                                                   "a split name"),
+      "tfds_data_dir": _STR, "max_prompt_length": _INT1, "overlong": _choice(OVERLONG_POLICIES),
+      "use_chat_template": _BOOL, "shuffle_seed": _INT0})
+  paths = [data.paths] if isinstance(data.paths, str) else data.paths
+  _need(isinstance(paths, (tuple, list)) and len(paths) >= 1
+        and (data.source != "hf_dir" or len(paths) == 1), "data.paths",
+        "a local path" + (" (one HF dataset directory)" if data.source == "hf_dir" else
+                          " or a list of them"), data.paths)
+  for path in paths:
+    _need_path(path, "data.paths", directory=data.source == "hf_dir")
+  _need(data.source != "tfds" or bool(data.tfds_data_dir), "data.tfds_data_dir",
+        "a directory for the array_record files when data.source is 'tfds'", data.tfds_data_dir)
   _validate_judge(config.judge, "judge")
   judges = config.eval.judges
+  _need(_is_mapping(judges), "eval.judges", "a section of named judge sections", judges)
   for name in judges:
     _validate_judge(judges[name], f"eval.judges.{name}")
-  if judges:
-    _need(bool(config.eval.prompt_file), "eval.prompt_file",
-          "a local path when eval.judges is set (they judge its answers)", config.eval.prompt_file)
+  _check(config.sampling, "sampling", {
+      "max_new_tokens": _INT1, "micro_batch_size": _INT1,
+      "top_p": (lambda v: _is_real(v) and 0 < v <= 1, "in (0, 1]"),
+      "prompt_buckets": (lambda v: isinstance(v, (tuple, list)) and len(v) >= 1
+                         and all(_is_int(b, 1) for b in v),
+                         "a non-empty tuple of prompt lengths (ints >= 1)"),
+      "cache_dtype": _choice(CACHE_DTYPES)})
   methods_lib.validate_selfplay(sp, _need)
-  methods = tuple(sp.methods)
-  _need(sp.lr_schedule in ("cosine", "constant"), "selfplay.lr_schedule", "'cosine' or 'constant'",
-        sp.lr_schedule)
-  _need(0 <= sp.warmup_ratio < 1, "selfplay.warmup_ratio", "in [0, 1)", sp.warmup_ratio)
-  for field in ("num_rounds", "prompts_per_round", "epochs", "global_batch_size",
-                "minibatch_size"):
-    _need(isinstance(sp[field], int) and sp[field] >= 1, f"selfplay.{field}", "an int >= 1",
-          sp[field])
+  methods_lib.validate_method_params(config, _need)
+  _check(sp, "selfplay", {
+      "global_batch_size": _INT1, "lr_schedule": _choice(("cosine", "constant")),
+      "warmup_ratio": (lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),
+      "weight_decay": _NONNEG, "max_grad_norm": (_NONNEG[0], "a finite number >= 0 (0 = off)")})
+  ev = config.eval
+  _check(ev, "eval", {
+      "max_prompts": (_INT0[0], "an int >= 0 (0 = all)"), "max_new_tokens": _INT1,
+      "temperature": (_NONNEG[0], "a finite number >= 0 (0 = greedy)"),
+      "micro_batch_size": _INT1, "confidence": (lambda v: _is_real(v) and 0 < v < 1, "in (0, 1)"),
+      "generator": _STR, "show_examples": _INT0})
+  _need_path(ev.prompt_file, "eval.prompt_file", optional=not judges,
+             expected="a local path when eval.judges is set (they judge its answers)"
+             if judges else "a local path ('' = no evaluation)")
+  _need_path(ev.reference_outputs, "eval.reference_outputs", optional=True,
+             expected="a local path ('' = the SFT policy)")
+  shape = config.mesh.shape
+  _need(isinstance(shape, (tuple, list)) and len(shape) == 3
+        and all(_is_int(s, -1) and s != 0 for s in shape)
+        and sum(s == -1 for s in shape) <= 1, "mesh.shape",
+        "(data, fsdp, tensor) positive ints with at most one -1", shape)
+  _check(config.mesh, "mesh", {"variant": _STR})
+  _check(config.export, "export", {
+      "dtype": _choice(RUN_DTYPES),
+      "max_shard_size": (_shard_size_ok, "bytes (an int >= 1) or a size such as '5GB'")})
+  dist = config.get("distributed")
+  if dist is not None:  # optional: experiments/run.py reads it with get
+    _check(dist, "distributed", {
+        "enabled": _BOOL,
+        "coordinator_address": (lambda v: v is None or (isinstance(v, str) and bool(v)),
+                                "None or 'host:port'"),
+        "num_processes": (lambda v: v is None or _is_int(v, 1), "None or an int >= 1"),
+        "process_id": _OPT_INT0,
+        "local_device_ids": (lambda v: v is None or _is_int(v) or (
+            isinstance(v, (tuple, list)) and all(_is_int(i) for i in v)),
+                             "None, a device id or a tuple of device ids (ints >= 0)")})
+  _need(_is_int(config.checkpoint.max_to_keep, 1), "checkpoint.max_to_keep",
+        "an int >= 1 (below 2**31)", config.checkpoint.max_to_keep)
+  _need(_is_real(config.log_every_seconds) and config.log_every_seconds >= 0,
+        "log_every_seconds", "a finite number of seconds >= 0", config.log_every_seconds)
+  _need(isinstance(config.get("allow_config_change", False), bool), "allow_config_change",
+        "True or False", config.get("allow_config_change"))
+
+  # The fields that constrain each other, now that each has its type.
   optim.accumulation_steps(sp.global_batch_size, sp.minibatch_size)
-  for m in methods:
+  for m in sp.methods:
     optim.updates_per_regression(config, m)
-  if "nash_md" in methods:
+  if "nash_md" in sp.methods:
     # One update per fresh sample set: the round's samples are one global batch.
-    k_total = int(sp.prompts_per_round) * int(sp.num_samples)
-    _need(k_total == int(sp.global_batch_size), "selfplay.global_batch_size",
+    k_total = sp.prompts_per_round * sp.num_samples
+    _need(k_total == sp.global_batch_size, "selfplay.global_batch_size",
           f"= prompts_per_round x num_samples = {k_total} when selfplay.methods has 'nash_md' "
           "(its REINFORCE gradient is unbiased only at the policy that sampled)",
           sp.global_batch_size)
-  for field in ("sampling.micro_batch_size", "eval.micro_batch_size", "sampling.max_new_tokens",
-                "data.max_prompt_length"):
-    section, key = field.split(".")
-    _need(int(config[section][key]) >= 1, field, "an int >= 1", config[section][key])
-  _need(max(config.sampling.prompt_buckets) >= config.data.max_prompt_length,
+  _need(max(config.sampling.prompt_buckets) >= data.max_prompt_length,
         "sampling.prompt_buckets", f"a largest bucket >= data.max_prompt_length = "
-        f"{config.data.max_prompt_length}", tuple(config.sampling.prompt_buckets))
-  shape = tuple(config.mesh.shape)
-  _need(len(shape) == 3 and sum(s == -1 for s in shape) <= 1
-        and all(s == -1 or s >= 1 for s in shape), "mesh.shape",
-        "(data, fsdp, tensor) positive ints with at most one -1", shape)
-  _need(0 < config.eval.confidence < 1, "eval.confidence", "in (0, 1)", config.eval.confidence)
-  shown = config.eval.show_examples
-  _need(isinstance(shown, int) and shown >= 0, "eval.show_examples", "an int >= 0", shown)
-  _need(0 <= config.inpo.tau < config.inpo.eta_inpo, "inpo.tau", "0 <= τ < inpo.eta_inpo",
-        config.inpo.tau)
+        f"{data.max_prompt_length}", tuple(config.sampling.prompt_buckets))
 
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:

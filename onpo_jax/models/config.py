@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -17,6 +18,8 @@ import jax.numpy as jnp
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16", "float64")
+# Kernels of onpo_jax/models/attention.py (IMPLEMENTATIONS there).
+ATTENTION_IMPLS = ("dense", "chunked", "dot_product_attention")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -24,6 +27,21 @@ _ARCHITECTURES = {
 }
 # Keys of a HF rope-parameters dict that describe the scaling, not the base.
 _ROPE_BASE_KEYS = ("rope_theta",)
+
+
+def _is_int(value: Any) -> bool:
+  """An int that is not a bool (JSON `true` is no layer count)."""
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+  """A finite int or float, not a bool."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return False
+  try:
+    return math.isfinite(value)
+  except OverflowError:  # an int beyond the float range
+    return False
 
 
 def _freeze_rope_scaling(value: Any) -> tuple[tuple[str, Any], ...] | None:
@@ -77,6 +95,13 @@ class DecoderConfig:
       model. float64 needs JAX's x64 mode (`with jax.enable_x64(True):`);
       it is for reference computations such as the testbed's exact rounds.
     remat: rematerialise each block in the backward pass (nnx.remat).
+    attention_impl: attention kernel (onpo_jax/models/attention.py):
+      'dense' (the [B, H, L, S] score matrix, fastest at short lengths),
+      'chunked' (online softmax over blocks, no score matrix: memory O(L)
+      instead of O(L²) per head) or 'dot_product_attention'
+      (jax.nn.dot_product_attention, cuDNN on GPU for bfloat16). A runtime
+      choice like remat: not part of the HF config.json.
+    attention_chunk_size: queries and keys per block of 'chunked'.
     bos_token_id: beginning-of-sequence id, or None.
     eos_token_ids: tuple of end-of-sequence ids (several for chat models).
     pad_token_id: padding id, or None.
@@ -100,6 +125,8 @@ class DecoderConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
+  attention_impl: str = "dense"
+  attention_chunk_size: int = 512
   bos_token_id: int | None = 1
   eos_token_ids: tuple[int, ...] = (2,)
   pad_token_id: int | None = 0
@@ -140,6 +167,13 @@ class DecoderConfig:
       raise ValueError(
           f"sliding_window: expected None or a positive int, "
           f"got {self.sliding_window!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl: expected one of {ATTENTION_IMPLS}, "
+                       f"got {self.attention_impl!r}")
+    if (not isinstance(self.attention_chunk_size, int)
+        or self.attention_chunk_size <= 0):
+      raise ValueError(f"attention_chunk_size: expected a positive int, "
+                       f"got {self.attention_chunk_size!r}")
     # Normalise mutable inputs so the config stays hashable (jit static arg).
     object.__setattr__(self, "rope_scaling",
                        _freeze_rope_scaling(self.rope_scaling))
@@ -150,11 +184,21 @@ class DecoderConfig:
       eos = (eos,)
     object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in eos))
     if self.rope_scaling is not None:
-      rope_type = dict(self.rope_scaling).get("rope_type")
+      params = dict(self.rope_scaling)
+      rope_type = params.get("rope_type")
       if rope_type not in ("llama3", "linear"):
         raise NotImplementedError(
             f"rope_scaling: rope_type {rope_type!r} is not supported "
             "(supported: 'llama3', 'linear')")
+      # Checked here, not when the RoPE table is built inside the model: a
+      # missing factor would surface there as a bare KeyError.
+      needed = ("factor",) + (("low_freq_factor", "high_freq_factor",
+                               "original_max_position_embeddings")
+                              if rope_type == "llama3" else ())
+      for key in needed:
+        if not _is_real(params.get(key)) or params[key] <= 0:
+          raise ValueError(f"rope_scaling: rope_type {rope_type!r} needs {key} > 0, "
+                           f"got {params.get(key)!r}")
 
   @property
   def jnp_dtype(self) -> jnp.dtype:
@@ -191,14 +235,19 @@ class DecoderConfig:
       ValueError: on an unsupported model_type or a missing field.
       FileNotFoundError: when a directory has no config.json.
     """
+    where = "config.json"
     if isinstance(obj, (str, os.PathLike)):
       path = os.fspath(obj)
       if os.path.isdir(path):
         path = os.path.join(path, "config.json")
       if not os.path.exists(path):
         raise FileNotFoundError(f"config.json not found: {path}")
-      with open(path) as f:
-        d = json.load(f)
+      where = path
+      try:
+        with open(path, encoding="utf-8") as f:
+          d = json.load(f)
+      except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors name no file
+        raise ValueError(f"{where}: not valid JSON: {e}") from e
     elif isinstance(obj, Mapping):
       d = dict(obj)
     elif hasattr(obj, "to_dict"):
@@ -206,17 +255,41 @@ class DecoderConfig:
     else:
       raise TypeError(
           f"obj: expected a directory, dict or PretrainedConfig, got {type(obj)}")
+    if not isinstance(d, dict):
+      raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
     model_type = d.get("model_type")
     if model_type not in MODEL_TYPES:
       raise ValueError(
-          f"config.json model_type: expected one of {MODEL_TYPES}, "
+          f"{where}: model_type: expected one of {MODEL_TYPES}, "
           f"got {model_type!r}")
 
     def need(key):
       if d.get(key) is None:
-        raise ValueError(f"config.json: missing field {key!r}")
+        raise ValueError(f"{where}: missing field {key!r}")
       return d[key]
 
+    # Types first: a wrong one would otherwise fail deep in the arithmetic below
+    # (or in JAX) without naming the file.
+    def check(key, ok, expected):
+      if d.get(key) is not None and not ok(d[key]):
+        raise ValueError(f"{where}: {key}: expected {expected}, got {d[key]!r:.80}")
+
+    positive_int = lambda v: _is_int(v) and v > 0  # noqa: E731
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim",
+                "max_position_embeddings", "sliding_window"):
+      check(key, positive_int, "a positive int")
+    check("max_window_layers", lambda v: _is_int(v) and v >= 0, "an int >= 0")
+    for key in ("bos_token_id", "pad_token_id"):
+      check(key, _is_int, "a token id (an int) or null")
+    check("eos_token_id", lambda v: all(_is_int(e) for e in (
+        v if isinstance(v, (list, tuple)) else [v])), "a token id or a list of token ids")
+    for key in ("rms_norm_eps", "rope_theta"):
+      check(key, lambda v: _is_real(v) and v > 0, "a finite number > 0")
+    for key in ("rope_scaling", "rope_parameters"):
+      check(key, lambda v: isinstance(v, dict), "an object or null")
+    for key in ("tie_word_embeddings", "attention_bias", "use_sliding_window", "mlp_bias"):
+      check(key, lambda v: isinstance(v, bool), "true or false")
     hidden = need("hidden_size")
     heads = need("num_attention_heads")
     kv_heads = d.get("num_key_value_heads") or heads
@@ -234,7 +307,7 @@ class DecoderConfig:
         sliding = None
       elif d.get("max_window_layers", 0) < need("num_hidden_layers"):
         raise NotImplementedError(
-            "config.json: Qwen2 with use_sliding_window on only some layers "
+            f"{where}: Qwen2 with use_sliding_window on only some layers "
             "(max_window_layers < num_hidden_layers) is not supported")
       else:
         sliding = None
@@ -243,10 +316,10 @@ class DecoderConfig:
     if model_type == "qwen2":
       attention_bias = True  # Qwen2 always has q/k/v biases.
     if d.get("mlp_bias"):
-      raise NotImplementedError("config.json: mlp_bias=True is not supported")
+      raise NotImplementedError(f"{where}: mlp_bias=True is not supported")
     if d.get("hidden_act", "silu") != "silu":
       raise NotImplementedError(
-          f"config.json: hidden_act must be 'silu', got {d.get('hidden_act')!r}")
+          f"{where}: hidden_act must be 'silu', got {d.get('hidden_act')!r}")
     kwargs = dict(
         model_type=model_type,
         vocab_size=need("vocab_size"),
@@ -268,7 +341,10 @@ class DecoderConfig:
         pad_token_id=d.get("pad_token_id"),
     )
     kwargs.update(overrides)
-    return cls(**kwargs)
+    try:
+      return cls(**kwargs)
+    except (ValueError, NotImplementedError) as e:  # e.g. kv heads not dividing the heads
+      raise type(e)(f"{where}: {e}") from e
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The config.json content that transformers loads for this model."""

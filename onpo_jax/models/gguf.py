@@ -28,7 +28,7 @@ import numpy as np
 from onpo_jax.models import gguf_quants
 from onpo_jax.models.config import DecoderConfig
 from onpo_jax.models.decoder import Decoder
-from onpo_jax.models.hf_io import build_decoder, tensor_specs
+from onpo_jax.models.hf_io import build_decoder, key_shapes, tensor_specs
 from onpo_jax.models.sharding import DEFAULT_RULES
 
 ARCHITECTURES = ("llama",)
@@ -136,7 +136,7 @@ def open_gguf(path):
                     f"{type(e).__name__}: {e}") from e
 
 
-def _metadata(reader) -> dict[str, Any]:
+def _metadata(reader, path: str) -> dict[str, Any]:
   """{key: value} of the scalar and string metadata (arrays skipped: the
   tokenizer's 49k-entry lists are read by transformers, not here)."""
   import gguf
@@ -147,10 +147,17 @@ def _metadata(reader) -> dict[str, Any]:
     # A scalar field's value is the single part that `data` points at.
     part = field.parts[field.data[0]]
     if field.types[0] == gguf.GGUFValueType.STRING:
-      out[key] = bytes(part).decode("utf-8")
+      try:
+        out[key] = bytes(part).decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise GGUFError(f"{path}: metadata field {key} is not valid UTF-8: {e}") from e
     else:
       out[key] = part.tolist()[0]
   return out
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def config_from_gguf(reader, path: str, **overrides) -> DecoderConfig:
@@ -164,7 +171,7 @@ def config_from_gguf(reader, path: str, **overrides) -> DecoderConfig:
   Raises:
     GGUFError: unsupported architecture or feature, or a missing field.
   """
-  meta = _metadata(reader)
+  meta = _metadata(reader, path)
   arch = meta.get("general.architecture")
   if arch not in ARCHITECTURES:
     raise GGUFError(f"{path}: general.architecture is {arch!r}; supported: "
@@ -174,6 +181,23 @@ def config_from_gguf(reader, path: str, **overrides) -> DecoderConfig:
     if f"{arch}.{key}" not in meta:
       raise GGUFError(f"{path}: metadata field {arch}.{key!s} is missing")
     return meta[f"{arch}.{key}"]
+
+  def positive_int(key, default=None):
+    # A corrupt count must not reach the arithmetic below, nor size the
+    # per-layer tables (a block_count of 2**40 would exhaust memory).
+    value = need(key) if default is None else meta.get(f"{arch}.{key}", default)
+    if not _is_int(value) or value <= 0:
+      raise GGUFError(f"{path}: metadata field {arch}.{key} must be a positive int; "
+                      f"got {value!r}")
+    return value
+
+  def positive_float(key, default=None):
+    value = need(key) if default is None else meta.get(f"{arch}.{key}", default)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and 0 < value < float("inf")):
+      raise GGUFError(f"{path}: metadata field {arch}.{key} must be a finite number > 0; "
+                      f"got {value!r}")
+    return float(value)
 
   names = {t.name: t for t in reader.tensors}
   if meta.get(f"{arch}.expert_count", 0):
@@ -186,40 +210,53 @@ def config_from_gguf(reader, path: str, **overrides) -> DecoderConfig:
   scaling = meta.get(f"{arch}.rope.scaling.type", "none")
   if scaling == "linear":
     rope_scaling = {"rope_type": "linear",
-                    "factor": float(need("rope.scaling.factor"))}
+                    "factor": positive_float("rope.scaling.factor")}
   elif scaling != "none":
     raise GGUFError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not "
                     "supported (supported: none, linear)")
-  hidden = int(need("embedding_length"))
-  heads = int(need("attention.head_count"))
-  kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-  head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
-  value_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
-  rope_dim = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+  hidden = positive_int("embedding_length")
+  heads = positive_int("attention.head_count")
+  kv_heads = positive_int("attention.head_count_kv", heads)
+  head_dim = positive_int("attention.key_length", max(hidden // heads, 1))
+  value_dim = positive_int("attention.value_length", head_dim)
+  rope_dim = positive_int("rope.dimension_count", head_dim)
   if value_dim != head_dim or rope_dim != head_dim:
     raise GGUFError(
         f"{path}: key_length {head_dim}, value_length {value_dim} and "
         f"rope.dimension_count {rope_dim} must be equal (no partial RoPE)")
   if "token_embd.weight" not in names:
     raise GGUFError(f"{path}: tensor 'token_embd.weight' is missing")
+  embd_shape = tuple(int(n) for n in names["token_embd.weight"].shape)
+  if len(embd_shape) != 2:
+    raise GGUFError(f"{path}: tensor 'token_embd.weight' has shape {embd_shape}; expected "
+                    "2 dimensions [hidden, vocab]")
+  num_layers = positive_int("block_count")
+  blocks = {n.split(".")[1] for n in names if n.startswith("blk.")}
+  if num_layers > len(blocks):
+    raise GGUFError(f"{path}: metadata field {arch}.block_count is {num_layers}, but the "
+                    f"file holds tensors of {len(blocks)} blocks")
   # ne = [hidden, vocab]; the vocabulary size is not always in the metadata.
-  vocab = int(meta.get(f"{arch}.vocab_size",
-                       int(names["token_embd.weight"].shape[1])))
+  vocab = positive_int("vocab_size", embd_shape[1])
   eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id",
                            "tokenizer.ggml.eot_token_id") if k in meta]
+  for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+              "tokenizer.ggml.bos_token_id", "tokenizer.ggml.padding_token_id"):
+    if key in meta and not _is_int(meta[key]):
+      raise GGUFError(f"{path}: metadata field {key} must be a token id (an int); "
+                      f"got {meta[key]!r}")
   kwargs = dict(
       model_type="llama",
       vocab_size=vocab,
       hidden_size=hidden,
-      intermediate_size=int(need("feed_forward_length")),
-      num_layers=int(need("block_count")),
+      intermediate_size=positive_int("feed_forward_length"),
+      num_layers=num_layers,
       num_heads=heads,
       num_kv_heads=kv_heads,
       head_dim=head_dim,
-      rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-      rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+      rms_norm_eps=positive_float("attention.layer_norm_rms_epsilon"),
+      rope_theta=positive_float("rope.freq_base", 10000.0),
       rope_scaling=rope_scaling,
-      max_position_embeddings=int(need("context_length")),
+      max_position_embeddings=positive_int("context_length"),
       # llama.cpp drops the head of a tied model rather than storing a copy.
       tie_word_embeddings="output.weight" not in names,
       bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
@@ -227,7 +264,10 @@ def config_from_gguf(reader, path: str, **overrides) -> DecoderConfig:
       pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
   )
   kwargs.update(overrides)
-  return DecoderConfig(**kwargs)
+  try:
+    return DecoderConfig(**kwargs)
+  except (ValueError, NotImplementedError) as e:  # e.g. kv heads not dividing the heads
+    raise GGUFError(f"{path}: the metadata gives no valid config: {e}") from e
 
 
 def _hf_tensors(reader, path: str, config: DecoderConfig) -> dict[str, Any]:
@@ -300,6 +340,12 @@ def load_gguf_checkpoint(path, *, mesh: jax.sharding.Mesh | None = None,
   reader = open_gguf(path)
   config = config_from_gguf(reader, path, **config_overrides)
   tensors = _hf_tensors(reader, path, config)
+  for name, want in key_shapes(config).items():
+    # Before the Decoder is built: it sizes host arrays by the metadata.
+    got = tuple(int(n) for n in reversed(tensors[name].shape))
+    if got != want:
+      raise GGUFError(f"{path}: tensor {tensors[name].name!r} has shape {got} (HF layout), "
+                      f"expected {want} from the metadata")
   q_or_k = {".self_attn.q_proj.weight": config.num_heads,
             ".self_attn.k_proj.weight": config.num_kv_heads}
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -33,6 +35,24 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some old checkpoints carry; they are recomputed from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Stored dtypes a weight may have; each is cast to config.param_dtype on import.
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+  """A safetensors checkpoint this importer cannot read: corrupt, truncated, or
+  inconsistent with its config.json."""
+
+
+def _open_safetensors(fname: str):
+  """`safe_open` of one file; a truncated or corrupt header is named with the file."""
+  try:
+    return safe_open(fname, framework="numpy")
+  except SafetensorError as e:
+    # The library's message ("invalid header length", ...) names no file.
+    raise CheckpointError(f"{fname}: not a readable safetensors file (truncated or "
+                          f"corrupt): {e}") from e
 
 
 class _TensorSpec(NamedTuple):
@@ -88,6 +108,24 @@ def tensor_specs(config: DecoderConfig) -> dict[tuple[Any, ...], _TensorSpec]:
   return specs
 
 
+def key_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+  """HF-layout shapes of the tensors that pin every size of `config`.
+
+  The embedding and layer 0's q / k / gate projections fix the vocabulary,
+  width, heads x head_dim, kv heads x head_dim and MLP width. Importers compare
+  them with the stored shapes before the Decoder is built: building it sizes
+  host arrays by the config (RoPE frequencies by head_dim), so a corrupt
+  config.json or GGUF metadata must be caught from the file first. The full
+  per-tensor check follows as each tensor is read.
+  """
+  c = config
+  layer = "model.layers.0."
+  return {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+          layer + "self_attn.q_proj.weight": (c.num_heads * c.head_dim, c.hidden_size),
+          layer + "self_attn.k_proj.weight": (c.num_kv_heads * c.head_dim, c.hidden_size),
+          layer + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size)}
+
+
 def _key_path(path) -> tuple[Any, ...]:
   return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
 
@@ -105,12 +143,19 @@ def checkpoint_files(path: str) -> dict[str, str]:
   index_path = os.path.join(path, INDEX_FILE)
   single_path = os.path.join(path, SINGLE_FILE)
   if os.path.exists(index_path):
-    with open(index_path) as f:
-      weight_map = json.load(f).get("weight_map")
+    try:
+      with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors name no file
+      raise CheckpointError(f"{index_path}: not a valid JSON index: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-      raise ValueError(f'{index_path}: missing "weight_map"')
+      raise CheckpointError(f'{index_path}: missing "weight_map"')
     files = {}
     for name, fname in weight_map.items():
+      if not isinstance(fname, str) or not fname:
+        raise CheckpointError(f"{index_path}: tensor {name!r} maps to {fname!r}; expected "
+                              "a safetensors file name")
       full = os.path.join(path, fname)
       if not os.path.exists(full):
         raise FileNotFoundError(
@@ -118,7 +163,7 @@ def checkpoint_files(path: str) -> dict[str, str]:
       files[name] = full
     return files
   if os.path.exists(single_path):
-    with safe_open(single_path, framework="numpy") as f:
+    with _open_safetensors(single_path) as f:
       return {name: single_path for name in f.keys()}
   raise FileNotFoundError(
       f'{path}: expected {SINGLE_FILE} or {INDEX_FILE} (safetensors); '
@@ -148,11 +193,20 @@ def load_hf_checkpoint(path, *, mesh: jax.sharding.Mesh | None = None,
     KeyError: a tensor the architecture needs is absent (names it and the
       files searched).
     ValueError: a tensor has the wrong shape, or the checkpoint holds tensors
-      this architecture does not use.
+      this architecture does not use; a `CheckpointError` (a ValueError) for a
+      truncated or corrupt file, a non-float tensor, or fewer layers than
+      config.json states.
   """
   path = os.fspath(path)
   config = DecoderConfig.from_hf(path, **config_overrides)
   files = checkpoint_files(path)
+  layers = {int(m.group(1)) for n in files if (m := _LAYER_NAME.match(n))}
+  if config.num_layers > len(layers):
+    # Checked before the per-layer tables are built: a corrupt config.json with
+    # a huge layer count would otherwise exhaust memory.
+    raise CheckpointError(
+        f"{path}: config.json num_hidden_layers={config.num_layers}, but the safetensors "
+        f"hold tensors of {len(layers)} layers")
   specs = tensor_specs(config)
   known = {s.hf_name for s in specs.values()}
   unexpected = [n for n in files if n not in known and n not in extra_tensors
@@ -166,16 +220,36 @@ def load_hf_checkpoint(path, *, mesh: jax.sharding.Mesh | None = None,
   with contextlib.ExitStack() as stack:
     handles = {}
 
+    def handle(fname: str):
+      if fname not in handles:
+        handles[fname] = stack.enter_context(_open_safetensors(fname))
+      return handles[fname]
+
+    for name, want in key_shapes(config).items():
+      if name in files:  # a missing one is named when it is read
+        try:
+          got = tuple(handle(files[name]).get_slice(name).get_shape())
+        except SafetensorError as e:  # e.g. an index naming the wrong shard
+          raise CheckpointError(f"{files[name]}: tensor {name!r} cannot be read: {e}") from e
+        if got != want:
+          raise CheckpointError(
+              f"{path}: tensor {name!r} in {os.path.basename(files[name])} has shape {got}, "
+              f"expected {want} for config.json")
+
     def read(name: str, want: tuple[int, ...]) -> np.ndarray:
       if name not in files:
         raise KeyError(
             f"{path}: tensor {name!r} not found in "
             f"{sorted(set(os.path.basename(f) for f in files.values()))}")
       fname = files[name]
-      if fname not in handles:
-        handles[fname] = stack.enter_context(
-            safe_open(fname, framework="numpy"))
-      arr = handles[fname].get_tensor(name)
+      try:
+        arr = handle(fname).get_tensor(name)
+      except SafetensorError as e:
+        raise CheckpointError(f"{fname}: tensor {name!r} cannot be read: {e}") from e
+      if arr.dtype.name not in _FLOAT_DTYPES:
+        raise CheckpointError(
+            f"{fname}: tensor {name!r} has dtype {arr.dtype.name}; expected one of "
+            f"{_FLOAT_DTYPES}")
       if tuple(arr.shape) != want:
         raise ValueError(
             f"{path}: tensor {name!r} in {os.path.basename(fname)} has shape "

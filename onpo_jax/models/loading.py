@@ -17,7 +17,14 @@ from onpo_jax.models.decoder import Decoder
 
 
 def is_gguf(path) -> bool:
-  """Whether `path` names a GGUF file (by its suffix)."""
+  """Whether `path` names a GGUF file (by its suffix).
+
+  Raises:
+    TypeError: `path` is not a str or os.PathLike (e.g. a config value of the
+      wrong type), named here rather than deep in a reader.
+  """
+  if not isinstance(path, (str, os.PathLike)):
+    raise TypeError(f"checkpoint path must be a str or os.PathLike; got {path!r:.80}")
   return os.fspath(path).endswith(".gguf")
 
 
@@ -35,8 +42,10 @@ def checkpoint_config(path, **overrides) -> DecoderConfig:
   Raises:
     FileNotFoundError: no such GGUF file, or a directory without config.json.
   """
-  path = os.fspath(path)
   if is_gguf(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"GGUF file not found: {path}")
     stat = os.stat(path)
     return _gguf_config(path, stat.st_mtime_ns, stat.st_size).replace(**overrides)
   return DecoderConfig.from_hf(path, **overrides)

@@ -20,6 +20,8 @@ sampled minibatch and an exact expectation over enumerated responses.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Callable, NamedTuple, Union
 
 import jax
@@ -164,8 +166,41 @@ def pairing(name: str, configured: str) -> str:
   return METHODS[name].fixed_pairing or configured
 
 
+# Counts and seeds reach JAX as int32 (shapes, loop bounds, PRNG keys): a larger
+# value overflows or, for a PRNG seed, silently wraps onto another seed.
+INT_MAX = 2**31 - 1
+LOGP_REDUCTIONS = ("sum", "mean")
+INIT_FROM = ("anchor", "policy")
+
+
+def is_int(value: Any, minimum: int = 0) -> bool:
+  """Whether `value` is an int in [minimum, INT_MAX], not a bool (`True` as a count
+  is a slip, not 1)."""
+  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+          and minimum <= value <= INT_MAX)
+
+
+def is_real(value: Any) -> bool:
+  """Whether `value` is a finite int or float, not a bool: NaN fails no `<` check
+  and ±inf makes every loss NaN, so neither may reach a range check."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    return False
+  try:
+    return math.isfinite(value)
+  except OverflowError:  # an int beyond the float range
+    return False
+
+
+def is_names(value: Any) -> bool:
+  """Whether `value` is a tuple or list of strings (a config's list of choices)."""
+  return isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
+
+
 def validate_selfplay(sp, need, *, num_samples_expected: str = "K >= 2") -> None:
   """Checks of the `selfplay` section shared by every job.
+
+  Types are checked before ranges, so that a wrong type is named by `need`
+  rather than failing in a comparison.
 
   Args:
     sp: the `selfplay` config section.
@@ -173,15 +208,46 @@ def validate_selfplay(sp, need, *, num_samples_expected: str = "K >= 2") -> None
       job's wording when `ok` is false.
     num_samples_expected: what the message says `selfplay.num_samples` must be.
   """
-  need(isinstance(sp.num_samples, int) and sp.num_samples >= 2, "selfplay.num_samples",
-       num_samples_expected, sp.num_samples)
-  methods = tuple(sp.methods)
-  need(len(methods) >= 1 and len(set(methods)) == len(methods), "selfplay.methods",
-       "a non-empty tuple without duplicates", methods)
-  for m in methods:
+  need(is_int(sp.num_samples, 2), "selfplay.num_samples", num_samples_expected, sp.num_samples)
+  need(is_names(sp.methods) and len(sp.methods) >= 1
+       and len(set(sp.methods)) == len(sp.methods), "selfplay.methods",
+       "a non-empty tuple of method names without duplicates", sp.methods)
+  for m in sp.methods:
     need(m in METHODS, "selfplay.methods", f"names among {sorted(METHODS)}", m)
   need(sp.pairing in pairs_lib.PAIRINGS, "selfplay.pairing", f"one of {pairs_lib.PAIRINGS}",
        sp.pairing)
   mode = sp.get("tournament_mode", "deterministic")
   need(mode in pairs_lib.COMPARISON_MODES, "selfplay.tournament_mode",
        f"one of {pairs_lib.COMPARISON_MODES}", mode)
+  for field in ("num_rounds", "prompts_per_round", "epochs", "minibatch_size"):
+    need(is_int(sp[field], 1), f"selfplay.{field}", "an integer >= 1 (below 2**31)", sp[field])
+  for field in ("learning_rate", "temperature"):
+    need(is_real(sp[field]) and sp[field] > 0, f"selfplay.{field}", "a finite number > 0",
+         sp[field])
+  need(sp.logp_reduction in LOGP_REDUCTIONS, "selfplay.logp_reduction",
+       f"one of {LOGP_REDUCTIONS}", sp.logp_reduction)
+  need(sp.init_from in INIT_FROM, "selfplay.init_from", f"one of {INIT_FROM}", sp.init_from)
+
+
+def validate_method_params(config, need) -> None:
+  """Checks of the methods' hyperparameter sections (`onpo`, `omd`, `inpo`, `sppo`,
+  `dpo`, `online_ipo`, `nash_md`), which every job's config has.
+
+  Args:
+    config: the job's config.
+    need: the job's `need(ok, field, expected, got)` (see `validate_selfplay`).
+  """
+  for field in ("onpo.eta", "omd.eta_inpo", "inpo.eta_inpo", "sppo.beta", "dpo.beta",
+                "online_ipo.beta"):
+    section, key = field.split(".")
+    value = config[section][key]
+    need(is_real(value) and value > 0, field, "a finite number > 0", value)
+  tau, eta_inpo = config.inpo.tau, config.inpo.eta_inpo
+  need(is_real(tau) and 0 <= tau < eta_inpo, "inpo.tau", f"0 <= τ < inpo.eta_inpo = {eta_inpo}",
+       tau)
+  smoothing = config.dpo.label_smoothing
+  need(is_real(smoothing) and 0 <= smoothing < 0.5, "dpo.label_smoothing", "ε in [0, 0.5)",
+       smoothing)
+  alpha, beta = config.nash_md.alpha, config.nash_md.beta
+  need(is_real(alpha) and 0 <= alpha <= 1, "nash_md.alpha", "α in [0, 1]", alpha)
+  need(is_real(beta) and beta >= 0, "nash_md.beta", "β >= 0 (finite)", beta)

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from onpo_jax.infra import metrics as metrics_lib
+from onpo_jax.selfplay import methods as methods_lib
 from onpo_jax.testbed import report
 from onpo_jax.testbed import shadow
 from onpo_jax.testbed import trajectories
@@ -36,31 +37,54 @@ TRACKED = ("onpo_two_step", "omd", "inpo", "online_ipo")
 SWEEPABLE = ("onpo_two_step", "onpo_extrapolate", "omd")  # the methods whose step is η
 
 
+def num_responses(vocab_size: int, length: int, cap: int) -> int:
+  """|Y| = V^L, or `cap + 1` once it exceeds `cap`.
+
+  A corrupt length (say 2**31 - 1) must not make validation compute a power
+  with billions of digits.
+  """
+  if vocab_size <= 1:
+    return 1
+  n = 1
+  for _ in range(length):
+    n *= vocab_size
+    if n > cap:
+      return cap + 1
+  return n
+
+
 def validate(config: ml_collections.ConfigDict, need: Callable, max_responses: int) -> None:
   """Checks the `exact` fields (when enabled); `need(cond, field, expected, value)` raises."""
   ex = config.exact
+  need(isinstance(ex.enabled, bool), "exact.enabled", "True or False", ex.enabled)
   if not ex.enabled:
     return
-  need(len(ex.methods) >= 1 and all(m in shadow.SHADOW_METHODS for m in ex.methods),
-       "exact.methods", f"a non-empty tuple of {shadow.SHADOW_METHODS}", tuple(ex.methods))
+  is_int, is_real, is_names = methods_lib.is_int, methods_lib.is_real, methods_lib.is_names
+  need(is_names(ex.methods) and len(ex.methods) >= 1 and len(set(ex.methods)) == len(ex.methods)
+       and all(m in shadow.SHADOW_METHODS for m in ex.methods),
+       "exact.methods", f"a non-empty tuple of {shadow.SHADOW_METHODS} without duplicates",
+       ex.methods)
   for field in ("num_rounds", "max_steps", "vocab_size", "response_length", "num_prompts",
                 "stall_steps"):
-    need(isinstance(ex[field], int) and ex[field] >= 1, f"exact.{field}", "an integer >= 1",
-         ex[field])
+    need(is_int(ex[field], 1), f"exact.{field}", "an integer >= 1 (below 2**31)", ex[field])
   need(ex.dtype in ("float32", "float64"), "exact.dtype", "'float32' or 'float64'", ex.dtype)
-  need(ex.tol > 0, "exact.tol", "a gradient-norm tolerance > 0", ex.tol)
-  need(ex.residual_tol > 0, "exact.residual_tol", "a residual tolerance > 0", ex.residual_tol)
-  need(0 < ex.tracking_kl_bound < 1, "exact.tracking_kl_bound",
+  need(is_real(ex.tol) and ex.tol > 0, "exact.tol", "a gradient-norm tolerance > 0", ex.tol)
+  need(is_real(ex.residual_tol) and ex.residual_tol > 0, "exact.residual_tol",
+       "a residual tolerance > 0", ex.residual_tol)
+  need(is_real(ex.tracking_kl_bound) and 0 < ex.tracking_kl_bound < 1, "exact.tracking_kl_bound",
        "a KL bound in (0, 1) nats (KL of 1 nat is no tracking at all)", ex.tracking_kl_bound)
-  grid = tuple(ex.eta_grid)
-  need(all(isinstance(e, (int, float)) and 0 < e <= 100 for e in grid)
+  grid = ex.eta_grid
+  need(isinstance(grid, (tuple, list)) and all(is_real(e) and 0 < e <= 100 for e in grid)
        and len(set(grid)) == len(grid), "exact.eta_grid",
        "distinct step sizes η in (0, 100] (an empty tuple: no sweep)", grid)
-  need(len(ex.sweep_methods) >= 1 and all(m in SWEEPABLE for m in ex.sweep_methods),
-       "exact.sweep_methods", f"a non-empty tuple of {SWEEPABLE} (the methods whose step is η)",
-       tuple(ex.sweep_methods))
-  need(ex.vocab_size ** ex.response_length <= max_responses, "exact.response_length",
-       f"V^L <= {max_responses} enumerable responses", ex.response_length)
+  need(is_names(ex.sweep_methods) and len(ex.sweep_methods) >= 1
+       and len(set(ex.sweep_methods)) == len(ex.sweep_methods)
+       and all(m in SWEEPABLE for m in ex.sweep_methods),
+       "exact.sweep_methods", f"a non-empty tuple of {SWEEPABLE} without duplicates (the "
+       "methods whose step is η)", ex.sweep_methods)
+  need(num_responses(ex.vocab_size, ex.response_length, max_responses) <= max_responses,
+       "exact.response_length", f"V^L <= {max_responses} enumerable responses",
+       ex.response_length)
 
 
 def exact_config(config: ml_collections.ConfigDict, seed: int, eta=None

@@ -59,51 +59,60 @@ MAX_RESPONSES = 4096  # |Y| = V^L above this makes exact evaluation too slow on 
 
 def _need(cond: bool, field: str, expected: str, value: Any) -> None:
   if not cond:
-    raise ValueError(f"config.{field}: expected {expected}; got {value!r}")
+    raise ValueError(f"config.{field}: expected {expected}; got {value!r:.200}")
+
+
+def _field(config: ml_collections.ConfigDict, name: str) -> Any:
+  """The value of the dotted field `name` (e.g. 'model.vocab_size')."""
+  for key in name.split("."):
+    config = config[key]
+  return config
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks every field before any work; ValueError names the offending field."""
+  """Checks every field before any work; ValueError names the offending field.
+
+  Types first (a wrong one is named here, not by a comparison or deep in JAX),
+  then ranges, then the fields that constrain each other.
+  """
+  is_int, is_real = methods_lib.is_int, methods_lib.is_real
   _need(config.get("experiment") == "selfplay", "experiment", "'selfplay'",
         config.get("experiment"))
   tb, mc, oc, sp = config.testbed, config.model, config.oracle, config.selfplay
-  for field, val in (("testbed.vocab_size", tb.vocab_size),
-                     ("testbed.response_length", tb.response_length),
-                     ("testbed.prompt_length", tb.prompt_length),
-                     ("testbed.num_prompts", tb.num_prompts),
-                     ("sft.num_steps", config.sft.num_steps),
-                     ("sft.batch_size", config.sft.batch_size),
-                     ("selfplay.num_rounds", sp.num_rounds),
-                     ("selfplay.prompts_per_round", sp.prompts_per_round),
-                     ("selfplay.epochs", sp.epochs),
-                     ("selfplay.minibatch_size", sp.minibatch_size)):
-    _need(isinstance(val, int) and val >= 1, field, "an integer >= 1", val)
+  _need(is_int(config.seed), "seed", "an integer in [0, 2**31) (the PRNG seed)", config.seed)
+  for field in ("testbed.vocab_size", "testbed.response_length", "testbed.prompt_length",
+                "testbed.num_prompts", "sft.num_steps", "sft.batch_size", "oracle.vocab_size",
+                "oracle.feature_dim", "model.vocab_size", "model.hidden_size",
+                "model.intermediate_size", "model.num_layers", "model.num_heads",
+                "model.num_kv_heads", "model.head_dim", "model.max_position_embeddings",
+                "checkpoint.max_to_keep"):
+    _need(is_int(_field(config, field), 1), field, "an integer >= 1 (below 2**31)",
+          _field(config, field))
   methods_lib.validate_selfplay(sp, _need,
                            num_samples_expected="K >= 2 responses per prompt (pairs need two)")
+  methods_lib.validate_method_params(config, _need)
   _need(mc.dtype == "float32", "model.dtype",
         "'float32' (the exact rounds have their own precision, exact.dtype)", mc.dtype)
-  _need(isinstance(sp.vary_game, bool), "selfplay.vary_game", "True or False", sp.vary_game)
-  _need(sp.logp_reduction in ("sum", "mean"), "selfplay.logp_reduction", "'sum' or 'mean'",
-        sp.logp_reduction)
-  _need(sp.init_from in ("anchor", "policy"), "selfplay.init_from", "'anchor' or 'policy'",
-        sp.init_from)
-  for field, val in (("selfplay.learning_rate", sp.learning_rate),
-                     ("selfplay.temperature", sp.temperature),
-                     ("sft.learning_rate", config.sft.learning_rate),
-                     ("testbed.start_temperature", tb.start_temperature),
-                     ("onpo.eta", config.onpo.eta), ("omd.eta_inpo", config.omd.eta_inpo),
-                     ("inpo.eta_inpo", config.inpo.eta_inpo), ("sppo.beta", config.sppo.beta),
-                     ("dpo.beta", config.dpo.beta), ("online_ipo.beta", config.online_ipo.beta),
-                     ("oracle.strength", oc.strength)):
-    _need(val > 0, field, "a value > 0", val)
-  _need(0 <= config.inpo.tau < config.inpo.eta_inpo, "inpo.tau",
-        f"0 <= τ < inpo.eta_inpo = {config.inpo.eta_inpo}", config.inpo.tau)
-  _need(0 <= config.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "ε in [0, 0.5)",
-        config.dpo.label_smoothing)
-  _need(0 <= config.nash_md.alpha <= 1, "nash_md.alpha", "α in [0, 1]", config.nash_md.alpha)
-  _need(config.nash_md.beta >= 0, "nash_md.beta", "β >= 0", config.nash_md.beta)
+  for field in ("selfplay.vary_game", "eval.nash_reference"):
+    _need(isinstance(_field(config, field), bool), field, "True or False",
+          _field(config, field))
+  _need(isinstance(config.get("allow_config_change", False), bool), "allow_config_change",
+        "True or False", config.get("allow_config_change"))
+  for field in ("sft.learning_rate", "testbed.start_temperature", "oracle.strength"):
+    _need(is_real(_field(config, field)) and _field(config, field) > 0, field,
+          "a finite number > 0", _field(config, field))
   _need(oc.kind in ("synthetic", "bt"), "oracle.kind", "'synthetic' or 'bt'", oc.kind)
-  _need(0 <= oc.cyclic <= 1, "oracle.cyclic", "κ in [0, 1]", oc.cyclic)
+  _need(is_real(oc.cyclic) and 0 <= oc.cyclic <= 1, "oracle.cyclic", "κ in [0, 1]", oc.cyclic)
+  _need(is_real(oc.cyclic_spread) and oc.cyclic_spread >= 0, "oracle.cyclic_spread",
+        "a finite number >= 0", oc.cyclic_spread)
+  _need(is_real(config.log_every_seconds) and config.log_every_seconds >= 0,
+        "log_every_seconds", "a finite number of seconds >= 0", config.log_every_seconds)
+  _need(isinstance(config.get("compilation_cache_dir", ""), str), "compilation_cache_dir",
+        "a directory path ('' = no cache)", config.get("compilation_cache_dir"))
+  _need(mc.num_heads % mc.num_kv_heads == 0, "model.num_kv_heads",
+        f"a divisor of model.num_heads = {mc.num_heads}", mc.num_kv_heads)
+  _need(mc.head_dim % 2 == 0, "model.head_dim", "an even integer (RoPE rotates pairs)",
+        mc.head_dim)
   _need(oc.vocab_size == mc.vocab_size, "oracle.vocab_size",
         f"the policy's vocabulary size model.vocab_size = {mc.vocab_size}", oc.vocab_size)
   _need(tb.vocab_size == mc.vocab_size, "testbed.vocab_size",
@@ -113,12 +122,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "model.max_position_embeddings",
         f">= prompt_length + response_length = {tb.prompt_length + tb.response_length}",
         mc.max_position_embeddings)
-  _need(tb.vocab_size ** tb.response_length <= MAX_RESPONSES, "testbed.response_length",
+  n_y = exact_part.num_responses(tb.vocab_size, tb.response_length, MAX_RESPONSES)
+  _need(n_y <= MAX_RESPONSES, "testbed.response_length",
         f"V^L <= {MAX_RESPONSES} responses for exact evaluation (V = {tb.vocab_size}; "
-        f"the exact tables and P[C, |Y|, |Y|] would need "
-        f"{4 * tb.num_prompts * (tb.vocab_size ** tb.response_length) ** 2 / 2**30:.1f} GiB)",
-        tb.response_length)
-  _need(isinstance(config.seeds, int) and config.seeds >= 2, "seeds",
+        f"the exact tables and P[C, |Y|, |Y|] would need more than "
+        f"{4 * tb.num_prompts * n_y ** 2 / 2**30:.1f} GiB)", tb.response_length)
+  _need(is_int(config.seeds, 2), "seeds",
         "an integer >= 2 (a mean over seeds with a 95% interval needs two)", config.seeds)
   exact_part.validate(config, _need, MAX_RESPONSES)
 
