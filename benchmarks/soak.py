@@ -7,9 +7,9 @@ First the job runs once uninterrupted (`<workdir>/clean`), which gives its
 duration and when each checkpoint step appeared. Then the same command runs in
 `<workdir>/killed` and is killed with SIGKILL `--kills` times, each time
 restarted (so it resumes): odd-numbered kills land at a random moment after the
-restart, a seeded uniform fraction (10-70%) of the work left after the newest
-checkpoint as the clean run took it, so every kill lands before the end however
-far the run has got; even-numbered ones as soon as an orbax checkpoint write is
+restarted run has resumed, a seeded uniform fraction (10-70%) of the work left
+after the newest checkpoint as the clean run took it, so every kill lands in
+work before the end however far the run has got; even-numbered ones as soon as an orbax checkpoint write is
 seen in progress (its `*.orbax-checkpoint-tmp*` directory). The last restart
 runs to the end. A kill that would come after the run has finished does not
 land, and once the run has written its summary.json no more kills are tried;
@@ -95,21 +95,37 @@ def kill_moment(rng: random.Random, duration: float, timeline: dict[int, float],
   return rng.uniform(0.1, 0.7) * max(duration - done_at, 0.0)
 
 
+RESUMED = "resuming from checkpoint"  # what `selfplay.loop.UnitLoop` logs once it has restored
+
+
 def _kill_once(cmd, workdir: str, *, at_seconds: float | None, log) -> str:
-  """Starts `cmd`, kills it at `at_seconds` or inside a checkpoint write; returns what happened."""
+  """Starts `cmd`, kills it at `at_seconds` or inside a checkpoint write; returns what happened.
+
+  With a checkpoint in `workdir`, `at_seconds` counts from the moment the run
+  logs that it resumed (so start-up, which the clean run paid once, is not
+  taken for work); otherwise from the start.
+  """
   left_over = _tmp_checkpoints(workdir)  # from an earlier kill: not a write of this process
+  log.flush()
+  offset = os.path.getsize(log.name)
   start = time.perf_counter()
+  origin = None if _units_done(workdir) >= 0 else start
   proc = subprocess.Popen(cmd, stdout=log, stderr=log)
   while proc.poll() is None:
-    elapsed = time.perf_counter() - start
+    now = time.perf_counter()
     inside = bool(_tmp_checkpoints(workdir) - left_over)
-    if (at_seconds is not None and elapsed >= at_seconds) or (at_seconds is None and inside):
+    if origin is None and at_seconds is not None:
+      with open(log.name, encoding="utf-8", errors="replace") as f:
+        f.seek(offset)
+        origin = now if RESUMED in f.read() else None
+    due = at_seconds is not None and origin is not None and now - origin >= at_seconds
+    if due or (at_seconds is None and inside):
       units = _units_done(workdir)
       proc.send_signal(signal.SIGKILL)
       proc.wait()
       where = "inside a checkpoint write" if inside else "between checkpoint writes"
-      return f"killed at {elapsed:.1f} s ({where}; newest checkpoint step {units})"
-    time.sleep(0.01)
+      return f"killed at {now - start:.1f} s ({where}; newest checkpoint step {units})"
+    time.sleep(0.01 if origin is not None or at_seconds is None else 0.1)
   return f"finished before the kill (rc {proc.returncode}, {time.perf_counter() - start:.1f} s)"
 
 

@@ -21,21 +21,26 @@ time.sleep(60)
 
 
 def test_kills_at_a_time_or_inside_a_checkpoint_write(tmp_path):
+  log_path = str(tmp_path / "log")
   cmd = [sys.executable, "-c", _JOB, str(tmp_path)]
-  with open(os.devnull, "w") as log:
+  with open(log_path, "w") as log:
     what = soak._kill_once(cmd, str(tmp_path), at_seconds=0.1, log=log)
   assert what.startswith("killed at 0.") and "between checkpoint writes" in what
   assert "newest checkpoint step -1" in what
   again = str(tmp_path / "again")
-  with open(os.devnull, "w") as log:
+  with open(log_path, "w") as log:
     what = soak._kill_once([sys.executable, "-c", _JOB, again], again, at_seconds=None, log=log)
   assert "inside a checkpoint write; newest checkpoint step 1" in what
-  # The unfinished write that kill left behind is not taken for a new one.
-  with open(os.devnull, "w") as log:
-    what = soak._kill_once([sys.executable, "-c", "import time; time.sleep(60)"], again,
-                           at_seconds=0.5, log=log)
+  # With a checkpoint the time counts from the resume line (start-up is not work), and
+  # the unfinished write the last kill left behind is not taken for a new one.
+  resumes = ("import time; time.sleep(0.6); print('t: resuming from checkpoint unit 1/2', "
+             "flush=True); time.sleep(60)")
+  with open(log_path, "a") as log:
+    log.write("resuming from checkpoint (an earlier start's line)\n")
+    what = soak._kill_once([sys.executable, "-c", resumes], again, at_seconds=0.3, log=log)
   assert "between checkpoint writes" in what
-  with open(os.devnull, "w") as log:
+  assert float(what.split()[2]) >= 0.9, what
+  with open(log_path, "w") as log:
     what = soak._kill_once([sys.executable, "-c", "pass"], str(tmp_path), at_seconds=30.0,
                            log=log)
   assert what.startswith("finished before the kill (rc 0")
