@@ -29,24 +29,14 @@ import struct
 import gguf
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import event, given, strategies as st
 
 from onpo_jax.models import gguf as gguf_lib
 from onpo_jax.models import hf_io
 from onpo_jax.models import loading
 from onpo_jax.testing import tiny_hf
+from fuzzing import fuzz
 from test_gguf import QTYPES, _write_tiny_gguf, tiny_torch  # noqa: F401 (a fixture)
-
-settings.register_profile(
-    "onpo_fuzz", derandomize=True, deadline=None, database=None, print_blob=False,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                           HealthCheck.data_too_large])
-
-
-def fuzz(max_examples: int) -> settings:
-  """The module's profile with this test's number of cases."""
-  return settings(settings.get_profile("onpo_fuzz"), max_examples=max_examples)
-
 
 # The importers' own errors; checked by exact type, so that a ValueError subclass
 # from a library (UnicodeDecodeError, JSONDecodeError) does not pass for one.

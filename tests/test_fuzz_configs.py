@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 import pytest
 from absl import flags
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import event, given, strategies as st
 
 from configs import common
 from configs import default as testbed_configs
@@ -55,17 +55,7 @@ from onpo_jax.selfplay import methods as methods_lib
 from onpo_jax.testbed import exact_part
 from onpo_jax.testbed import job as testbed_job
 from onpo_jax.testbed import shadow
-
-settings.register_profile(
-    "onpo_fuzz", derandomize=True, deadline=None, database=None, print_blob=False,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                           HealthCheck.filter_too_much])
-
-
-def fuzz(max_examples: int) -> settings:
-  """The module's profile with this test's number of cases."""
-  return settings(settings.get_profile("onpo_fuzz"), max_examples=max_examples)
-
+from fuzzing import fuzz
 
 INT_MAX = 2**31 - 1
 # ------------------------------------------------------------------ field specs

@@ -22,22 +22,12 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import event, given, strategies as st
 
 from onpo_jax.data import prompts
 from onpo_jax.data import sources
+from fuzzing import fuzz
 from test_data import WORDS, _make_tokenizer
-
-settings.register_profile(
-    "onpo_fuzz", derandomize=True, deadline=None, database=None, print_blob=False,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                           HealthCheck.data_too_large, HealthCheck.large_base_example])
-
-
-def fuzz(max_examples: int) -> settings:
-  """The module's profile with this test's number of cases."""
-  return settings(settings.get_profile("onpo_fuzz"), max_examples=max_examples)
-
 
 # Huge lines: a single prompt of up to this many characters (several MB).
 HUGE = 4_000_000
