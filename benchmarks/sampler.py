@@ -10,11 +10,21 @@ directory and imported with `onpo_jax.models.load_hf_checkpoint`. Measured:
     sequence log-prob loss (sum of response-token log-probs) vs the same step
     in PyTorch (eager).
 The first call of each JAX function (compilation) and of each torch function
-(warm-up) is timed separately and excluded from the throughput.
+(warm-up) is timed separately and excluded from the throughput. The train
+rows also give the JAX step's GFLOP/s (XLA's flop count of the compiled step
+over its wall time) next to a float32 GEMM peak measured by the same run
+(the best of a few jitted square matmuls); the sampling latency is wall ms
+per decoding step (one new token for every row of the batch), the prefill
+amortised over the steps.
+With `--gguf` both sides run real weights instead: the GGUF file (default:
+SmolLM2-135M-Instruct, installed by `make install`) is dequantised by
+`onpo_jax.models.load_gguf_checkpoint`, exported with `save_hf_checkpoint`
+and loaded by transformers from that directory.
 
 Run (CPU, defaults: 4 layers, d=256, vocab 32k, batch 32, 64 new tokens):
   python -m benchmarks.sampler
   python -m benchmarks.sampler --layers 2 --batch 8 --new-tokens 16   # quicker
+  python -m benchmarks.sampler --gguf smollm2 --batch 16 --train-batch 4   # real weights
 """
 
 from __future__ import annotations
@@ -34,17 +44,23 @@ from flax import nnx
 
 from onpo_jax import sampler as sampler_lib
 from onpo_jax.models import decoder as decoder_lib
+from onpo_jax.models import gguf as gguf_lib
 from onpo_jax.models import hf_io
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+  """The benchmark model's shape flags (4 layers, d 256, vocab 32k by default)."""
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--kv-heads", type=int, default=4)
   p.add_argument("--intermediate", type=int, default=1024)
   p.add_argument("--vocab", type=int, default=32000)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  add_model_args(p)
   p.add_argument("--batch", type=int, default=32, help="prompts per sampling call")
   p.add_argument("--prompt-len", type=int, default=32, help="longest prompt (left-padded)")
   p.add_argument("--new-tokens", type=int, default=64)
@@ -57,6 +73,13 @@ def parse_args(argv=None):
                   "on a shared, oversubscribed machine multi-threaded torch spin-waits and "
                   "runs >10x slower, which would flatter JAX")
   p.add_argument("--skip-train", action="store_true")
+  p.add_argument("--jax-dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="param and compute dtype of the JAX model (torch stays float32)")
+  p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16"),
+                 help="JAX KV-cache dtype (default: the compute dtype)")
+  p.add_argument("--gguf", default="",
+                 help="real weights from a llama GGUF file ('smollm2': the installed "
+                      "SmolLM2-135M-Instruct); the size flags above are then ignored")
   p.add_argument("--torch-device", default="cpu",
                  help="device of the torch peer ('cuda' on a GPU machine; JAX uses its default "
                       "backend, so run both on the same kind of device)")
@@ -64,7 +87,18 @@ def parse_args(argv=None):
 
 
 def build_models(args, workdir):
-  """A random torch Llama and the same weights in our Decoder (via hf_io)."""
+  """A random torch Llama and the same weights in our Decoder (via hf_io).
+
+  With --gguf: the GGUF weights in our Decoder, exported to HF for torch.
+  """
+  if args.gguf:
+    path = gguf_lib.smollm2_gguf_path() if args.gguf == "smollm2" else args.gguf
+    hf_io.save_hf_checkpoint(gguf_lib.load_gguf_checkpoint(path), workdir)
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+        workdir, local_files_only=True, dtype=torch.float32).eval()
+    jax_model = hf_io.load_hf_checkpoint(workdir, param_dtype=args.jax_dtype,
+                                         dtype=args.jax_dtype)
+    return torch_model.to(args.torch_device), jax_model
   torch.manual_seed(args.seed)
   hf_config = transformers.LlamaConfig(
       vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -73,7 +107,7 @@ def build_models(args, workdir):
       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
   torch_model = transformers.LlamaForCausalLM(hf_config).eval()
   torch_model.save_pretrained(workdir)
-  jax_model = hf_io.load_hf_checkpoint(workdir)
+  jax_model = hf_io.load_hf_checkpoint(workdir, param_dtype=args.jax_dtype, dtype=args.jax_dtype)
   return torch_model.to(args.torch_device), jax_model
 
 
@@ -83,10 +117,10 @@ def _sync(device):
     torch.cuda.synchronize()
 
 
-def make_prompts(args, rng):
+def make_prompts(args, rng, vocab):
   """Left-padded prompts with lengths between prompt_len/2 and prompt_len."""
   lengths = rng.integers(max(1, args.prompt_len // 2), args.prompt_len + 1, size=args.batch)
-  tokens = rng.integers(3, args.vocab, size=(args.batch, args.prompt_len))
+  tokens = rng.integers(3, vocab, size=(args.batch, args.prompt_len))
   mask = np.arange(args.prompt_len)[None, :] >= (args.prompt_len - lengths)[:, None]
   return np.where(mask, tokens, 0).astype(np.int64), mask
 
@@ -109,10 +143,22 @@ def timed(fn, repeats):
   return first, float(np.median(walls)), float(np.median(cpus))
 
 
-def _rates(n_tokens, jax_timing, torch_timing):
+def _rates(n_tokens, jax_timing, torch_timing, steps=1):
   (jf, jw, jc), (tf, tw, tc) = jax_timing, torch_timing
   return dict(jax_first=jf, torch_first=tf, jax_wall=n_tokens / jw, torch_wall=n_tokens / tw,
-              jax_cpu=n_tokens / jc, torch_cpu=n_tokens / tc)
+              jax_cpu=n_tokens / jc, torch_cpu=n_tokens / tc,
+              jax_ms=1e3 * jw / steps, torch_ms=1e3 * tw / steps)
+
+
+def gemm_peak(repeats):
+  """Best float32 GFLOP/s of jitted square matmuls (the CPU's XLA GEMM peak)."""
+  best = 0.0
+  for n in (1024, 2048):
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    _, wall, _ = timed(lambda: jax.block_until_ready(f(x, x)), repeats)
+    best = max(best, 2.0 * n ** 3 / wall / 1e9)
+  return best
 
 
 def check_parity(torch_model, jax_model, tokens, mask):
@@ -130,7 +176,8 @@ def check_parity(torch_model, jax_model, tokens, mask):
 def bench_sampling(args, torch_model, jax_model, tokens, mask):
   n_tokens = args.batch * args.new_tokens
   cfg = sampler_lib.SamplingConfig(max_new_tokens=args.new_tokens, eos_ids=(),
-                                   prompt_buckets=(args.prompt_len,))
+                                   prompt_buckets=(args.prompt_len,),
+                                   cache_dtype=args.cache_dtype)
   graphdef, state = nnx.split(jax_model)
   smp = sampler_lib.Sampler(graphdef, cfg, model_config=jax_model.config)
   keys = iter(jax.random.split(jax.random.key(args.seed), args.repeats + 1))
@@ -150,7 +197,7 @@ def bench_sampling(args, torch_model, jax_model, tokens, mask):
     _sync(torch_model.device)
     assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
 
-  return _rates(n_tokens, jax_timing, timed(torch_generate, args.repeats))
+  return _rates(n_tokens, jax_timing, timed(torch_generate, args.repeats), args.new_tokens)
 
 
 def bench_training(args, torch_model, jax_model, rng):
@@ -161,7 +208,7 @@ def bench_training(args, torch_model, jax_model, rng):
   as the torch step does.
   """
   b, l = args.train_batch, args.train_len
-  tokens = rng.integers(3, args.vocab, size=(b, l))
+  tokens = rng.integers(3, jax_model.config.vocab_size, size=(b, l))
   attn = np.ones((b, l), bool)
   resp = np.zeros((b, l), bool)
   resp[:, l // 2:] = True  # second half plays the response; prompt tokens are masked out
@@ -191,6 +238,9 @@ def bench_training(args, torch_model, jax_model, rng):
     step = jax.jit(step, donate_argnums=(0, 1))
     fresh = jax.tree.map(jnp.copy, params)  # donation must not consume the model's arrays
     carry = [fresh, tx.init(fresh)]
+    cost = step.lower(carry[0], carry[1], j_tokens, j_attn, j_resp).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops[full_logits] = float(cost.get("flops", 0.0)) if cost else 0.0
 
     def jax_step():
       carry[0], carry[1], loss = step(carry[0], carry[1], j_tokens, j_attn, j_resp)
@@ -198,6 +248,7 @@ def bench_training(args, torch_model, jax_model, rng):
 
     return timed(jax_step, args.repeats)
 
+  flops = {}
   timings = {name: jax_timing(name == "full_logits")
              for name in ("token_logprobs", "full_logits")}
 
@@ -217,7 +268,10 @@ def bench_training(args, torch_model, jax_model, rng):
 
   torch_timing = timed(torch_step, args.repeats)
   torch_model.eval()
-  return {name: _rates(n_tokens, t, torch_timing) for name, t in timings.items()}
+  out = {name: _rates(n_tokens, t, torch_timing) for name, t in timings.items()}
+  for name, rates in out.items():
+    rates["gflops"] = flops[name == "full_logits"] * rates["jax_wall"] / n_tokens / 1e9
+  return out
 
 
 def main(argv=None):
@@ -233,12 +287,16 @@ def main(argv=None):
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {len(jax.devices())} devices), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}, cpus={os.cpu_count()}, "
+        f"load average {os.getloadavg()[0]:.1f}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print(f"model: llama {args.layers} layers, d={args.hidden}, heads={args.heads}/{args.kv_heads}, "
-        f"ffn={args.intermediate}, vocab={args.vocab}, float32")
   with tempfile.TemporaryDirectory() as workdir:
     torch_model, jax_model = build_models(args, workdir)
-  tokens, mask = make_prompts(args, rng)
+  c = jax_model.config
+  print(f"model: {c.model_type} {c.num_layers} layers, d={c.hidden_size}, "
+        f"heads={c.num_heads}/{c.num_kv_heads}, ffn={c.intermediate_size}, vocab={c.vocab_size}, "
+        f"jax {c.param_dtype} (cache {args.cache_dtype or c.dtype}), torch float32"
+        + (f", weights {args.gguf}" if args.gguf else ", random weights"))
+  tokens, mask = make_prompts(args, rng, c.vocab_size)
   print(f"parity: max |logits_jax - logits_torch| = "
         f"{check_parity(torch_model, jax_model, tokens, mask):.2e}")
   rows = [("sampling", f"batch {args.batch}, prompt<={args.prompt_len}, "
@@ -259,6 +317,14 @@ def main(argv=None):
     print(f"{name:<11}{setting:<38}{wall:>31}{cpu:>30}{first:>23}")
   print("ratio = jax / torch (> 1: jax faster). 1st call = compilation (jax) / warm-up (torch), "
         f"excluded from tok/s, which come from the median of {args.repeats} calls.")
+  sampling = rows[0][2]
+  print(f"sampling latency: {sampling['jax_ms']:.1f} / {sampling['torch_ms']:.1f} ms per decoding "
+        f"step (jax / torch, wall, batch {args.batch}, prefill amortised)")
+  peak = gemm_peak(args.repeats)
+  for name, setting, r in rows[1:]:
+    print(f"{name} {setting.split(', ')[-1]}: jax {r['gflops']:.1f} GFLOP/s (XLA's flop count "
+          f"of the step / wall) = {100 * r['gflops'] / peak:.0f}% of the float32 GEMM peak "
+          f"{peak:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

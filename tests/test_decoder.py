@@ -472,3 +472,36 @@ def test_chunked_logprobs_never_materialise_full_logits():
   # What remains (~36 MB observed) is a few chunk-sized buffers and the
   # 8 MB embedding / unembedding gradients, independent of L.
   assert chunked < full_bytes / 5, (chunked, full_bytes)
+
+
+def test_single_chunk_logprobs_are_not_rematerialised():
+  # One chunk holds all the logits anyway: the backward pass reuses them
+  # instead of recomputing the unembedding (no checkpoint, no scan); several
+  # chunks keep the rematerialised scan.
+  h = jnp.ones((2, 5, 3))
+  w = jnp.ones((3, 7))
+  tokens = jnp.zeros((2, 5), jnp.int32)
+  mask = jnp.ones((2, 5), bool)
+
+  def jaxpr(chunk):
+    loss = lambda h, w: dec.chunked_token_logprobs(  # noqa: E731
+        h, tokens, mask, lambda x: x @ w, chunk).sum()
+    return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(h, w))
+
+  for chunk in (None, 4, 100):
+    text = jaxpr(chunk)
+    assert "remat" not in text and "checkpoint" not in text and "scan" not in text
+  text = jaxpr(2)
+  assert "scan" in text and ("remat" in text or "checkpoint" in text)
+
+
+def test_token_logprobs_of_ids_outside_the_vocabulary_are_nan():
+  # As a gather out of bounds would: a wrong id must not pass as -logsumexp.
+  rng = np.random.RandomState(5)
+  h = jnp.asarray(rng.randn(1, 4, 3), jnp.float32)
+  w = jnp.asarray(rng.randn(3, 7), jnp.float32)
+  tokens = jnp.asarray([[1, 7, 2, -1]], jnp.int32)
+  for chunk in (None, 2):
+    out = np.asarray(dec.chunked_token_logprobs(
+        h, tokens, jnp.ones((1, 4), bool), lambda x: x @ w, chunk))
+    assert np.isnan(out[0, 1]) and np.isnan(out[0, 3]) and np.isfinite(out[0, 2])

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16", "float64")
+# Kernels of onpo_jax/models/attention.py (IMPLEMENTATIONS there).
+ATTENTION_IMPLS = ("dense", "chunked", "dot_product_attention")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -93,6 +95,13 @@ class DecoderConfig:
       model. float64 needs JAX's x64 mode (`with jax.enable_x64(True):`);
       it is for reference computations such as the testbed's exact rounds.
     remat: rematerialise each block in the backward pass (nnx.remat).
+    attention_impl: attention kernel (onpo_jax/models/attention.py):
+      'dense' (the [B, H, L, S] score matrix, fastest at short lengths),
+      'chunked' (online softmax over blocks, no score matrix: memory O(L)
+      instead of O(L²) per head) or 'dot_product_attention'
+      (jax.nn.dot_product_attention, cuDNN on GPU for bfloat16). A runtime
+      choice like remat: not part of the HF config.json.
+    attention_chunk_size: queries and keys per block of 'chunked'.
     bos_token_id: beginning-of-sequence id, or None.
     eos_token_ids: tuple of end-of-sequence ids (several for chat models).
     pad_token_id: padding id, or None.
@@ -116,6 +125,8 @@ class DecoderConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
+  attention_impl: str = "dense"
+  attention_chunk_size: int = 512
   bos_token_id: int | None = 1
   eos_token_ids: tuple[int, ...] = (2,)
   pad_token_id: int | None = 0
@@ -156,6 +167,13 @@ class DecoderConfig:
       raise ValueError(
           f"sliding_window: expected None or a positive int, "
           f"got {self.sliding_window!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl: expected one of {ATTENTION_IMPLS}, "
+                       f"got {self.attention_impl!r}")
+    if (not isinstance(self.attention_chunk_size, int)
+        or self.attention_chunk_size <= 0):
+      raise ValueError(f"attention_chunk_size: expected a positive int, "
+                       f"got {self.attention_chunk_size!r}")
     # Normalise mutable inputs so the config stays hashable (jit static arg).
     object.__setattr__(self, "rope_scaling",
                        _freeze_rope_scaling(self.rope_scaling))

@@ -63,6 +63,25 @@ def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
   return jnp.clip(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def _target_logprobs(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+  """log softmax(z)[t] = z_t - logsumexp(z) over the last axis of z.
+
+  The [..., V] log-softmax is never built: z_t is read as Σ_v [v = t] z_v, a
+  masked sum that fuses with the pass over z and whose backward, the
+  indicator [v = t], fuses into the softmax gradient [v = t] - softmax(z)_v
+  (one elementwise pass, no scatter as a gather's transpose would need).
+  Ids outside [0, V) give NaN. Float32 at least (float64 stays float64 for
+  reference tests).
+  """
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  vocab = logits.shape[-1]
+  hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == (
+      targets[..., None])
+  picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+  out = picked - jax.nn.logsumexp(logits, axis=-1)
+  return jnp.where((targets >= 0) & (targets < vocab), out, jnp.nan)
+
+
 def chunked_token_logprobs(h: jnp.ndarray, tokens: jnp.ndarray,
                            attention_mask: jnp.ndarray, unembed,
                            chunk_size: int | None = None) -> jnp.ndarray:
@@ -74,9 +93,11 @@ def chunked_token_logprobs(h: jnp.ndarray, tokens: jnp.ndarray,
   left-padded row, which has no real context) are 0 as well.
 
   The sequence is cut into chunks of `chunk_size` predictions; each chunk's
-  logits ([B, chunk, V] float32) are built, log-softmaxed and gathered inside
+  logits ([B, chunk, V] float32) are built, normalised and gathered inside
   a rematerialised scan step, so neither the forward nor the backward pass
-  keeps more than one chunk of logits.
+  keeps more than one chunk of logits. With a single chunk (chunk_size None
+  or ≥ L - 1) there is nothing to save: the logits are computed once,
+  without the scan and without recomputation in the backward pass.
 
   Args:
     h: [B, L, D] final hidden states.
@@ -107,24 +128,20 @@ def chunked_token_logprobs(h: jnp.ndarray, tokens: jnp.ndarray,
   chunk_size = min(chunk_size, n)
   num_chunks = -(-n // chunk_size)
   pad = num_chunks * chunk_size - n
-  h_prev = jnp.pad(h[:, :-1], ((0, 0), (0, pad), (0, 0)))
-  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))
-  h_prev = h_prev.reshape(b, num_chunks, chunk_size, d).swapaxes(0, 1)
-  targets = targets.reshape(b, num_chunks, chunk_size).swapaxes(0, 1)
+  if num_chunks == 1:
+    out = _target_logprobs(unembed(h[:, :-1]), tokens[:, 1:])
+  else:
+    h_prev = jnp.pad(h[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))
+    h_prev = h_prev.reshape(b, num_chunks, chunk_size, d).swapaxes(0, 1)
+    targets = targets.reshape(b, num_chunks, chunk_size).swapaxes(0, 1)
+    one_chunk = jax.checkpoint(lambda hc, tc: _target_logprobs(unembed(hc), tc))
 
-  @jax.checkpoint
-  def one_chunk(hc, tc):
-    logits = unembed(hc)
-    # float32 at least (float64 stays float64 for reference tests).
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, tc[..., None], axis=-1)[..., 0]
+    def step(carry, xs):
+      return carry, one_chunk(*xs)
 
-  def step(carry, xs):
-    return carry, one_chunk(*xs)
-
-  _, out = jax.lax.scan(step, None, (h_prev, targets))
-  out = out.swapaxes(0, 1).reshape(b, num_chunks * chunk_size)[:, :n]
+    _, out = jax.lax.scan(step, None, (h_prev, targets))
+    out = out.swapaxes(0, 1).reshape(b, num_chunks * chunk_size)[:, :n]
   valid = attention_mask[:, 1:] & attention_mask[:, :-1]
   out = jnp.where(valid, out, 0.0)
   return jnp.concatenate([jnp.zeros((b, 1), out.dtype), out], axis=1)
@@ -185,10 +202,11 @@ class Decoder(nnx.Module):
     h = constrain(h, ("batch", "length", None))
     # A constant of the config; kept off the module so it is not nnx state.
     inv_freq = jnp.asarray(_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
+    # The kernels build visibility (causal, valid keys, window) from the query
+    # slots and the key mask, block by block where they avoid the score matrix.
     if cache is None:
-      slots = jnp.arange(l, dtype=jnp.int32)
-      mask = layers.attention_weights_mask(slots, slots, attention_mask,
-                                           c.sliding_window)
+      mask = layers.AttentionMask(jnp.arange(l, dtype=jnp.int32),
+                                  attention_mask)
       cache_k = cache_v = None
       index = jnp.zeros((), jnp.int32)
     else:
@@ -206,9 +224,8 @@ class Decoder(nnx.Module):
       index = jnp.asarray(cache.index, jnp.int32)
       key_mask = jax.lax.dynamic_update_slice(
           cache.mask, attention_mask, (jnp.zeros((), jnp.int32), index))
-      mask = layers.attention_weights_mask(
-          index + jnp.arange(l, dtype=jnp.int32),
-          jnp.arange(s, dtype=jnp.int32), key_mask, c.sliding_window)
+      mask = layers.AttentionMask(index + jnp.arange(l, dtype=jnp.int32),
+                                  key_mask)
       cache_k, cache_v = cache.k, cache.v
 
     for i, block in enumerate(self.layers):

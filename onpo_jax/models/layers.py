@@ -18,13 +18,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from onpo_jax.models import attention as attention_lib
 from onpo_jax.models import rope as rope_lib
 from onpo_jax.models.config import DecoderConfig
 from onpo_jax.models.partitioning import constrain
 
-# Finite mask value: a query with no visible key (a left pad) gets a uniform
-# softmax instead of NaN, so pads never poison gradients.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _INIT_STD = 0.02
 
 
@@ -70,24 +68,9 @@ class RMSNorm(nnx.Module):
     return rms_norm(x, self.scale[...], self.eps)
 
 
-def attention_weights_mask(q_slots: jnp.ndarray, k_slots: jnp.ndarray,
-                           key_mask: jnp.ndarray,
-                           sliding_window: int | None) -> jnp.ndarray:
-  """Which keys each query may see: causal by slot, valid keys, window.
-
-  Args:
-    q_slots: [Lq] slot index of each query.
-    k_slots: [S] slot index of each key.
-    key_mask: [B, S] bool, key slot holds a real token.
-    sliding_window: None, or keep only keys with q_slot - k_slot < window.
-
-  Returns:
-    [B, Lq, S] bool.
-  """
-  visible = k_slots[None, :] <= q_slots[:, None]
-  if sliding_window is not None:
-    visible &= k_slots[None, :] > q_slots[:, None] - sliding_window
-  return visible[None] & key_mask[:, None, :]
+# Re-exported: the decoder and its tests name the mask through this module.
+attention_weights_mask = attention_lib.attention_weights_mask
+AttentionMask = attention_lib.AttentionMask
 
 
 class Attention(nnx.Module):
@@ -125,7 +108,8 @@ class Attention(nnx.Module):
     names = ("batch", "length", "kv_heads", "head_dim")
     return constrain(k, names), constrain(v, names)
 
-  def __call__(self, x, positions, inv_freq, keys, values, mask):
+  def __call__(self, x, positions, inv_freq, keys, values,
+               mask: AttentionMask):
     """Attends the queries of x to keys/values.
 
     Args:
@@ -133,7 +117,8 @@ class Attention(nnx.Module):
       positions: [B, L] RoPE positions.
       inv_freq: [d/2] RoPE inverse frequencies.
       keys, values: [B, S, Hkv, d] (S = L without a cache).
-      mask: [B, L, S] bool visibility.
+      mask: AttentionMask, query slots [L] and valid keys [B, S]; the kernel
+        (config.attention_impl) adds the causal order and the window.
 
     Returns:
       [B, L, D].
@@ -149,13 +134,10 @@ class Attention(nnx.Module):
     groups = c.num_heads // c.num_kv_heads
     # Query head h uses kv head h // groups (HF repeat_kv order).
     q = q.reshape(b, l, c.num_kv_heads, groups, c.head_dim)
-    # Scores in float32 at least (float64 stays float64: exact-mode worlds).
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, keys.astype(dt),
-                        preferred_element_type=jnp.promote_types(dt, jnp.float32))
-    scores = scores * (c.head_dim ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, values.astype(dt))
+    out = attention_lib.attend(
+        c.attention_impl, q, keys.astype(dt), values.astype(dt), mask,
+        sliding_window=c.sliding_window, scale=c.head_dim ** -0.5,
+        chunk_size=c.attention_chunk_size)
     out = out.reshape(b, l, c.num_heads, c.head_dim)
     out = constrain(out, ("batch", "length", "heads", "head_dim"))
     return jnp.einsum("blhk,hkd->bld", out, self.o[...].astype(dt))
@@ -200,7 +182,7 @@ class Block(nnx.Module):
       x: [B, L, D].
       positions: [B, L].
       inv_freq: [d/2].
-      mask: [B, L, S] bool visibility.
+      mask: AttentionMask of the L queries over the S keys.
       cache_k, cache_v: [num_layers, B, S, Hkv, d] caches, or None (then the
         keys are this call's own tokens, S = L).
       layer: int, this block's index into the caches.
