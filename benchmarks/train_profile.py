@@ -132,16 +132,18 @@ def main(argv=None):
   # ----------------------------------------------------- unembed + log-probs
   print("pieces (forward + backward unless noted):")
 
-  def logprob_remat_scan(h, w):
-    """The pre-shortcut path: one chunk, still scanned and rematerialised."""
+  def remat_scan_logprobs(h, w, toks):
+    """The pre-shortcut path: [B, L-1] log-probs in one chunk, still scanned and rematerialised."""
     @jax.checkpoint
     def one_chunk(hc, tc):
       logits = jnp.einsum("...d,dv->...v", hc, w, preferred_element_type=jnp.float32)
       logp = jax.nn.log_softmax(logits, axis=-1)
       return jnp.take_along_axis(logp, tc[..., None], axis=-1)[..., 0]
-    out = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None,
-                       (h[None, :, :-1], tokens[None, :, 1:]))[1][0]
-    return jnp.sum(jnp.where(resp[:, 1:], out, 0.0))
+    return jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None,
+                        (h[None, :, :-1], toks[None, :, 1:]))[1][0]
+
+  def logprob_remat_scan(h, w):
+    return jnp.sum(jnp.where(resp[:, 1:], remat_scan_logprobs(h, w, tokens), 0.0))
 
   def logprob_log_softmax(h, w):
     logits = jnp.einsum("...d,dv->...v", h[:, :-1], w, preferred_element_type=jnp.float32)
@@ -217,15 +219,7 @@ def main(argv=None):
         lp = jnp.pad(lp, ((0, 0), (1, 0)))
       elif variant == "token_logprobs_before":
         hs, _ = m.hidden_states(tokens, pos, attn)
-        w = m.lm_head[...].astype(hs.dtype)
-
-        @jax.checkpoint
-        def one_chunk(hc, tc):
-          logits = jnp.einsum("...d,dv->...v", hc, w, preferred_element_type=jnp.float32)
-          logp = jax.nn.log_softmax(logits, axis=-1)
-          return jnp.take_along_axis(logp, tc[..., None], axis=-1)[..., 0]
-        lp = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None,
-                          (hs[None, :, :-1], tokens[None, :, 1:]))[1][0]
+        lp = remat_scan_logprobs(hs, m.lm_head[...].astype(hs.dtype), tokens)
         lp = jnp.pad(lp, ((0, 0), (1, 0)))
       else:
         lp = m.token_logprobs(tokens, pos, attn)
