@@ -7,7 +7,8 @@ First the job runs once uninterrupted (`<workdir>/clean`), which gives its
 duration and when each checkpoint step appeared. Then the same command runs in
 `<workdir>/killed` and is killed with SIGKILL `--kills` times, each time
 restarted (so it resumes): odd-numbered kills land at a random moment after the
-restarted run has resumed, a seeded uniform fraction (10-70%) of the work left
+restarted run has resumed, a seeded uniform fraction (`--fractions`, default
+10-70%) of the work left
 after the newest checkpoint as the clean run took it, so every kill lands in
 work before the end however far the run has got; even-numbered ones as soon as an orbax checkpoint write is
 seen in progress (its `*.orbax-checkpoint-tmp*` directory). The last restart
@@ -82,7 +83,7 @@ def _timed_run(cmd, workdir: str, log) -> tuple[int, float, dict[int, float]]:
 
 
 def kill_moment(rng: random.Random, duration: float, timeline: dict[int, float],
-                units_done: int) -> float:
+                units_done: int, fractions: tuple[float, float] = (0.1, 0.7)) -> float:
   """Seconds after a restart: a random fraction of what the clean run had left after `units_done`.
 
   Args:
@@ -90,9 +91,11 @@ def kill_moment(rng: random.Random, duration: float, timeline: dict[int, float],
     duration: the clean run's seconds.
     timeline: {checkpoint step: seconds into the clean run when it appeared}.
     units_done: the killed run's newest checkpoint step (-1: none yet).
+    fractions: the range the fraction is drawn from; a smaller upper end
+      leaves more of the run for later kills.
   """
   done_at = max((t for step, t in timeline.items() if step <= units_done), default=0.0)
-  return rng.uniform(0.1, 0.7) * max(duration - done_at, 0.0)
+  return rng.uniform(*fractions) * max(duration - done_at, 0.0)
 
 
 RESUMED = "resuming from checkpoint"  # what `selfplay.loop.UnitLoop` logs once it has restored
@@ -135,10 +138,15 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", required=True, help="holds clean/, killed/ and the logs")
   parser.add_argument("--kills", type=int, default=10, help="SIGKILLs before the final run")
   parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
+  parser.add_argument("--fractions", type=float, nargs=2, default=(0.1, 0.7),
+                      metavar=("LOW", "HIGH"),
+                      help="timed kills land after this fraction of the work left")
   args, extra = parser.parse_known_args(argv)
   extra = [a for a in extra if a != "--"]
   if args.kills < 1:
     raise SystemExit(f"--kills must be >= 1; got {args.kills}")
+  if not 0 < args.fractions[0] <= args.fractions[1] < 1:
+    raise SystemExit(f"--fractions must satisfy 0 < LOW <= HIGH < 1; got {args.fractions}")
   clean, killed = (os.path.join(args.workdir, n) for n in ("clean", "killed"))
   for path in (clean, killed):
     if os.path.exists(path):
@@ -157,7 +165,8 @@ def main(argv=None) -> int:
       if os.path.exists(os.path.join(killed, "summary.json")):
         print(f"kill {i}/{args.kills}: the run has finished; no more kills", flush=True)
         break
-      at = None if i % 2 == 0 else kill_moment(rng, duration, timeline, _units_done(killed))
+      at = None if i % 2 == 0 else kill_moment(rng, duration, timeline, _units_done(killed),
+                                                tuple(args.fractions))
       what = _kill_once(cmd, killed, at_seconds=at, log=log)
       landed += what.startswith("killed")
       inside += "inside a checkpoint write" in what

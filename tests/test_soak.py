@@ -61,6 +61,8 @@ def test_kill_moments_follow_the_work_left():
     for _ in range(50):
       assert 0.1 * left <= soak.kill_moment(rng, 100.0, timeline, units_done) <= 0.7 * left
   assert soak.kill_moment(rng, 5.0, timeline, 2) == 0.0
+  for _ in range(50):
+    assert 5.0 <= soak.kill_moment(rng, 100.0, timeline, 1, (0.1, 0.3)) <= 15.0
 
 
 def test_results_ignore_only_wall_clock_rates_and_the_workdir_path(tmp_path):
