@@ -155,13 +155,25 @@ def test_a_workdir_that_cannot_be_written_is_named(tmp_path):
     _loop(blocker / "run", _config())
 
 
-def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+# A full disk as the OS reports it, and as orbax's array writer (tensorstore) does
+# (its text from a real run on a full tmpfs).
+FULL_DISK = {
+    "os": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    "tensorstore": ValueError(
+        'RESOURCE_EXHAUSTED: Failed writing: "/mnt/small/run/checkpoints/16.orbax-checkpoint-'
+        'tmp/arrays/d/1a2b": Failed to write 1261 bytes to file 9: No space left on device '
+        "[os_error_code='28']"),
+}
+
+
+@pytest.mark.parametrize("reported_as", sorted(FULL_DISK))
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, reported_as):
   loop = _loop(tmp_path, _config(), total_units=3)
   state, _, _ = loop.restore(_state())
   loop.complete(1, state, 1, {"u": 1.0}, "")
 
   def full_disk(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    raise FULL_DISK[reported_as]
 
   loop.ckpt._manager.save = full_disk  # pylint: disable=protected-access
   with pytest.raises(OSError, match=r"the checkpoint of step 2 could not be written in .*"

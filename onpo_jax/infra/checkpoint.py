@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 import zlib
@@ -58,6 +59,8 @@ def _leaves(tree) -> tuple[dict[str, Any], Any]:
 
 
 CHECKSUM_FILE = "onpo_checksums.json"
+# How tensorstore names the errno of a failed write inside its error text.
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
 
 
 def file_sums(folder: str) -> dict[str, list[int]]:
@@ -176,12 +179,24 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, tree, meta: dict) -> None:
-    """Saves `tree` (any pytree of arrays) and JSON-serialisable `meta` as `step`."""
+    """Saves `tree` (any pytree of arrays) and JSON-serialisable `meta` as `step`.
+
+    Raises:
+      OSError: the files could not be written. Orbax's array writer
+        (tensorstore) reports a full disk as a ValueError carrying
+        `os_error_code='28'`; that is raised as the OSError it stands for.
+    """
     arrays, _ = _leaves(tree)
-    with _quiet():
-      self._manager.save(int(step), args=ocp.args.Composite(
-          arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(dict(meta))))
-      self._manager.wait_until_finished()
+    try:
+      with _quiet():
+        self._manager.save(int(step), args=ocp.args.Composite(
+            arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(dict(meta))))
+        self._manager.wait_until_finished()
+    except ValueError as e:
+      code = _OS_ERROR_CODE.search(str(e))
+      if code is None:
+        raise
+      raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
     if jax.process_index() == 0:
       folder = self.step_dir(step)
       tmp = os.path.join(folder, CHECKSUM_FILE + ".tmp")
