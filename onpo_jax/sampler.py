@@ -122,6 +122,73 @@ def _check_int(name, value, *, minimum):
 # ------------------------------------------------------------------ pure functions
 
 
+def _sortable_int(x: jax.Array) -> jax.Array:
+  """Bit pattern of an IEEE-754 float as a signed int with the same order.
+
+  The classic radix-sort key (Herf 2001, "Radix Tricks"): a non-negative float's
+  bits already order like a signed int; a negative float's non-sign bits are
+  flipped so larger magnitudes give smaller ints. The map is its own inverse on
+  ints (see `_float_from_sortable`); -0.0 maps just below +0.0.
+
+  Args:
+    x: float32 or float64 array (no NaN).
+
+  Returns:
+    int32 / int64 array of x's shape, monotone in x.
+  """
+  itype = jnp.int32 if x.dtype == jnp.float32 else jnp.int64
+  bits = jax.lax.bitcast_convert_type(x, itype)
+  return jnp.where(bits < 0, bits ^ jnp.iinfo(itype).max, bits)
+
+
+def _float_from_sortable(key: jax.Array, dtype) -> jax.Array:
+  """Inverse of `_sortable_int`: the float whose sortable key is `key`."""
+  bits = jnp.where(key < 0, key ^ jnp.iinfo(key.dtype).max, key)
+  return jax.lax.bitcast_convert_type(bits, dtype)
+
+
+def _bisect_threshold(x: jax.Array, weights: jax.Array, bound: float | int) -> jax.Array:
+  """Smallest float t with Σ_j weights_j · [x_j > t] < bound, by bisection (no sort).
+
+  With non-negative weights, W(t) = Σ_j weights_j · [x_j > t] is non-increasing
+  in t, so {i : W(x_i) < bound} = {i : x_i ≥ t*} for the t* returned here.
+  Top-k (weights 1, bound k: t* is the k-th largest logit) and top-p (weights
+  softmax(x), bound p: nucleus sampling, Holtzman et al. 2020, arXiv
+  1904.09751) are both of this form. t* is found exactly by bisection over the
+  order-preserving integer keys of the floats (`_sortable_int`): each step is
+  one masked sum over the vocabulary (O(V), vectorised), and 32 (float32) or
+  64 (float64) steps shrink any key interval to adjacent floats, so the search
+  has a static length and needs no sort, gather or scatter. Invariant: W(lo) ≥
+  bound (lo starts just below -inf, a key never evaluated) and W(hi) < bound (hi
+  starts at max x, where W = 0 < bound). The masked sum's order is fixed, so the
+  computed W is monotone too and the bisection is consistent.
+
+  Args:
+    x: [..., V] float32 or float64 logits, -inf allowed (a row of only -inf
+      gets t* = -inf and stays unchanged).
+    weights: non-negative weights broadcastable to x (a scalar for counts).
+    bound: > 0.
+
+  Returns:
+    [..., 1] threshold t* of x's dtype; x_i ≥ t* iff W(x_i) < bound.
+  """
+  nbits = jnp.finfo(x.dtype).bits
+  hi = _sortable_int(jnp.max(x, axis=-1, keepdims=True))
+  lo = jnp.full_like(hi, _sortable_int(jnp.array(-jnp.inf, x.dtype))) - 1
+
+  def step(_, interval):
+    lo, hi = interval
+    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+    t = _float_from_sortable(mid, x.dtype)
+    below = jnp.sum(jnp.where(x > t, weights, 0), axis=-1, keepdims=True) < bound
+    return jnp.where(below, lo, mid), jnp.where(below, mid, hi)
+
+  # hi - lo < 2**nbits, and every step maps it to at most its ceil-half: nbits
+  # steps end at hi = lo + 1 (further steps would leave it unchanged).
+  _, hi = jax.lax.fori_loop(0, nbits, step, (lo, hi))
+  return _float_from_sortable(hi, x.dtype)
+
+
 def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0) -> jax.Array:
   """Temperature, then top-k, then top-p (nucleus) filtering of logits.
@@ -131,6 +198,12 @@ def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0
   (temperature → top-k → top-p); nucleus sampling is Holtzman et al. 2020
   (arXiv 1904.09751): keep the smallest set of most likely tokens whose
   mass is ≥ top_p, i.e. token i survives iff the mass strictly above it is < p.
+  Neither filter sorts the vocabulary: both find their logit threshold by an
+  exact bisection (`_bisect_threshold`, one O(V) masked sum per step, 32 steps
+  in float32, 64 in float64) on the count (top-k) or the probability mass
+  (top-p) strictly above it; XLA's CPU `lax.top_k` was ~15x slower than this at
+  k = 50, V = 49152. Both threshold on the logit value, so ties with the k-th /
+  the last kept token are kept.
 
   Args:
     logits: [..., V] unnormalised log-probabilities (log-probs also work: the
@@ -140,7 +213,7 @@ def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0
     top_p: in (0, 1]; 1.0 is off, static.
 
   Returns:
-    [..., V] float32 filtered logits.
+    [..., V] float32 filtered logits (float64 for float64 input).
 
   Raises:
     ValueError: on a bad hyper-parameter or a scalar `logits`.
@@ -158,19 +231,12 @@ def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0
     x = x / temperature
   neg_inf = jnp.array(-jnp.inf, x.dtype)
   vocab = x.shape[-1]
-  if 0 < top_k < vocab:
-    kth = jax.lax.top_k(x, top_k)[0][..., -1:]
-    x = jnp.where(x < kth, neg_inf, x)
+  if top_k == 1:
+    x = jnp.where(x < jnp.max(x, axis=-1, keepdims=True), neg_inf, x)
+  elif 0 < top_k < vocab:
+    x = jnp.where(x < _bisect_threshold(x, jnp.int32(1), top_k), neg_inf, x)
   if top_p < 1.0:
-    # A threshold on the logit (not a scatter of the sorted mask) keeps ties
-    # together and avoids an inverse permutation.
-    sorted_desc = jnp.flip(jnp.sort(x, axis=-1), axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_above = jnp.cumsum(probs, axis=-1) - probs
-    num_kept = jnp.sum(mass_above < top_p, axis=-1, keepdims=True)
-    num_kept = jnp.maximum(num_kept, 1)  # float rounding can never empty the set
-    threshold = jnp.take_along_axis(sorted_desc, num_kept - 1, axis=-1)
-    x = jnp.where(x < threshold, neg_inf, x)
+    x = jnp.where(x < _bisect_threshold(x, jax.nn.softmax(x, axis=-1), top_p), neg_inf, x)
   return x
 
 

@@ -86,6 +86,46 @@ def np_filtered_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
   return out
 
 
+def np_top_p_margin(logits, temperature, top_k, top_p):
+  """min over rows and distinct kept-by-top-k values v of |M(v) - top_p| / max(M(v), top_p).
+
+  M(v) = mass(z > v), the docstring's definition, computed per distinct value in
+  float64. The top-p decision of every token compares M with top_p, and the
+  rounding error of a float sum of non-negative terms is relative to the sum
+  (an empty sum is exactly 0); a relative margin far above the float32 /
+  float64 rounding of a V-term sum means the expected kept set does not hinge
+  on rounding.
+  """
+  margin = np.inf
+  for row in np.asarray(logits, np.float64).reshape(-1, logits.shape[-1]):
+    z = row / temperature
+    if top_k > 0:
+      z = np.where(z >= np.sort(z)[::-1][min(top_k, z.size) - 1], z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    values, group = np.unique(z[np.isfinite(z)], return_inverse=True)
+    group_mass = np.bincount(group, weights=p[np.isfinite(z)], minlength=values.size)
+    mass_above = np.concatenate([np.cumsum(group_mass[::-1])[::-1][1:], [0.0]])
+    margin = min(margin, (np.abs(mass_above - top_p) / np.maximum(mass_above, top_p)).min())
+  return margin
+
+
+def former_filter_logits(x, temperature, top_k, top_p):
+  """filter_logits before issue #13 (lax.top_k; sort + cumsum + threshold for top-p), kept
+  as a second reference: the bisections must reproduce its kept sets."""
+  x = x / temperature
+  if 0 < top_k < x.shape[-1]:
+    x = jnp.where(x < jax.lax.top_k(x, top_k)[0][..., -1:], -jnp.inf, x)
+  if top_p < 1.0:
+    sorted_desc = jnp.flip(jnp.sort(x, axis=-1), axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_above = jnp.cumsum(probs, axis=-1) - probs
+    num_kept = jnp.maximum(jnp.sum(mass_above < top_p, axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(sorted_desc, num_kept - 1, axis=-1)
+    x = jnp.where(x < threshold, -jnp.inf, x)
+  return x
+
+
 def np_response_mask(tokens, eos_ids):
   tokens = np.asarray(tokens)
   mask = np.zeros(tokens.shape, bool)
@@ -157,6 +197,119 @@ def test_filter_logits_keeps_ties_and_rejects_bad_args():
     sampler_lib.filter_logits(logits, top_k=-1)
   with pytest.raises(ValueError, match="logits"):
     sampler_lib.filter_logits(jnp.float32(1.0))
+
+
+TOP_P_NEAR_ONE = 1 - 1e-7
+
+
+def _top_p_logits(vocab, x64, top_p, seed):
+  """Float32-representable logits with ties, -inf and well-separated nucleus masses.
+
+  Small vocabularies: [2, 3, V] normal(0, 2) logits with a tie and one -inf per
+  row. V = 32000: [3, V] logits on a grid of 0.5 in [-6, 0] (tie groups of
+  ~2500 tokens; top_p = 0.95 ends in the top one) under a head of 20 distinct
+  logits around 6 (most of the mass: top-k and the other top-p values choose
+  among them), plus -inf entries. With top_p = 1 - 1e-7, every finite float32 token must be kept
+  (no head and a grid {-0.5, 0}, so the smallest probability stays well above
+  the float32 rounding of the mass sum), while in float64 a tail at max - 40
+  (mass ~1e-17 each) must be dropped.
+  """
+  rng = np.random.default_rng(seed)
+  near_one = top_p == TOP_P_NEAR_ONE
+  if vocab < 1000:
+    x = rng.normal(size=(2, 3, vocab)) * (1.0 if near_one else 2.0)
+    if vocab >= 3:
+      x[..., 1] = x[..., 2]  # a tie
+      x[..., 0] = -np.inf
+  else:
+    float32_near_one = near_one and not x64
+    x = rng.integers(-1 if float32_near_one else -12, 1, size=(3, vocab)) * 0.5
+    if not float32_near_one:
+      x[:, rng.choice(vocab, 20, replace=False)] = 6.0 + rng.normal(size=(3, 20))
+    x[:, rng.choice(vocab, 50, replace=False)] = -np.inf
+  if near_one and x64 and vocab >= 3:
+    x[..., -1] = np.max(x, axis=-1) - 40.0
+  return x.astype(np.float32).astype(np.float64)
+
+
+TOP_P_CONFIGS = [  # temperature, top_k, top_p
+    (1.0, 0, 0.5), (0.7, 0, 0.9), (1.0, 0, 1e-6), (1.0, 0, TOP_P_NEAR_ONE),
+    (1.3, 5, 0.8), (1.0, 3, TOP_P_NEAR_ONE), (1.0, 1000, 0.95)]
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("x64", [False, True])
+@pytest.mark.parametrize("vocab", [1, 2, 7, 32000])
+@pytest.mark.parametrize("temperature,top_k,top_p", TOP_P_CONFIGS)
+def test_filter_logits_top_p_kept_set_matches_numpy(use_jit, x64, vocab, temperature, top_k,
+                                                      top_p):
+  """Bisection top-p keeps exactly the numpy loop's set (and the old sort version's)."""
+  seed = 10 + TOP_P_CONFIGS.index((temperature, top_k, top_p))
+  logits = _top_p_logits(vocab, x64, top_p, seed)
+  # The expected set must not hinge on rounding: float32 sums of 32000 terms
+  # are off by ~1e-6 relative (pairwise-ish order), float64 ones by ~1e-14.
+  assert np_top_p_margin(logits, temperature, top_k, top_p) > (1e-10 if x64 else 1e-5)
+  ref_kept = np_filtered_probs(logits, temperature, top_k, top_p) > 0
+  with jax.enable_x64(x64):
+    dtype = jnp.float64 if x64 else jnp.float32
+    x = jnp.asarray(logits, dtype)
+    f = _maybe_jit(sampler_lib.filter_logits, use_jit, temperature=temperature, top_k=top_k,
+                   top_p=top_p)
+    got = f(x)
+    assert got.dtype == dtype
+    got = np.asarray(got)
+    old = np.asarray(former_filter_logits(x, temperature, top_k, top_p))
+  np.testing.assert_array_equal(np.isfinite(got), ref_kept)
+  np.testing.assert_array_equal(np.isfinite(old), ref_kept)
+  # Kept tokens keep their tempered logit exactly.
+  np.testing.assert_array_equal(got[ref_kept], old[ref_kept])
+  if top_p == 1e-6:  # only the argmax (and its ties) survives
+    np.testing.assert_array_equal(ref_kept, logits == logits.max(-1, keepdims=True))
+  if top_p == TOP_P_NEAR_ONE and top_k == 0 and vocab >= 3:
+    # float32: every finite token kept; float64: only the max - 40 tail dropped.
+    tail = np.zeros(logits.shape, bool)
+    tail[..., -1] = x64
+    np.testing.assert_array_equal(ref_kept, np.isfinite(logits) & ~tail)
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("x64", [False, True])
+@pytest.mark.parametrize("logits,top_p,kept", [
+    # Masses strictly above: 2 → 0, 1 → 0.486, 0 → 0.844, -1 → 0.976.
+    ([2.0, 1.0, 1.0, 0.0, 0.0, -np.inf, -1.0], 0.5, [1, 1, 1, 0, 0, 0, 0]),  # tie at threshold
+    ([2.0, 1.0, 1.0, 0.0, 0.0, -np.inf, -1.0], 0.4, [1, 0, 0, 0, 0, 0, 0]),
+    ([2.0, 1.0, 1.0, 0.0, 0.0, -np.inf, -1.0], 0.9, [1, 1, 1, 1, 1, 0, 0]),
+    ([2.0, 1.0, 1.0, 0.0, 0.0, -np.inf, -1.0], TOP_P_NEAR_ONE, [1, 1, 1, 1, 1, 0, 1]),
+    ([3.0, -5.0, 3.0], 1e-6, [1, 0, 1]),  # tied argmax: both have mass 0 above
+    ([-1e30, 0.0], 0.5, [0, 1]),
+    ([5.0], 1e-6, [1]),
+    # top-k (top_p = 1): ties with the k-th are kept; fewer finite tokens than k keeps all.
+    ([2.0, 1.0, 1.0, 0.0, 0.0, -np.inf, -1.0], (2, 1.0), [1, 1, 1, 0, 0, 0, 0]),
+    ([2.0, 1.0, 1.0, 0.0, 0.0, -np.inf, -1.0], (4, 1.0), [1, 1, 1, 1, 1, 0, 0]),
+    ([2.0, 1.0, 1.0, 0.0, 0.0, -np.inf, -1.0], (6, 1.0), [1, 1, 1, 1, 1, 0, 1]),
+    ([1.0, -np.inf, -np.inf, 0.0], (3, 1.0), [1, 0, 0, 1]),
+    ([3.0, -5.0, 3.0], (1, 1.0), [1, 0, 1]),
+    ([-0.0, 0.0, -1e-30, 1e-30], (2, 1.0), [1, 1, 0, 1]),  # signed zeros tie
+    # top-k then top-p on the renormalised top-k: 2 → 0, 1 → 0.576 above.
+    ([2.0, 1.0, 1.0, 0.0, 0.0, -np.inf, -1.0], (3, 0.55), [1, 0, 0, 0, 0, 0, 0]),
+    ([2.0, 1.0, 1.0, 0.0, 0.0, -np.inf, -1.0], (3, 0.6), [1, 1, 1, 0, 0, 0, 0]),
+])
+def test_filter_logits_hand_checked(use_jit, x64, logits, top_p, kept):
+  top_k, top_p = top_p if isinstance(top_p, tuple) else (0, top_p)
+  with jax.enable_x64(x64):
+    x = jnp.asarray([logits, logits], jnp.float64 if x64 else jnp.float32)
+    got = _maybe_jit(sampler_lib.filter_logits, use_jit, top_k=top_k, top_p=top_p)(x)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(got)), [kept, kept])
+
+
+def test_filter_logits_does_not_sort():
+  """Issue #13: top-k / top-p must not sort the vocabulary (nor call lax.top_k, a slow
+  custom call on XLA:CPU)."""
+  for top_k in (1, 50):
+    jaxpr = str(jax.make_jaxpr(
+        lambda x, k=top_k: sampler_lib.filter_logits(x, temperature=0.7, top_k=k, top_p=0.9))(
+            jnp.zeros((4, 1000))))
+    assert not any(name in jaxpr for name in ("sort", "cumsum", "top_k", "gather", "scatter"))
 
 
 @pytest.mark.parametrize("use_jit", [False, True])
