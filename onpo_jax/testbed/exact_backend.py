@@ -24,21 +24,27 @@ from onpo_jax.testbed import solver
 from onpo_jax.testbed.world import policy_table
 
 
-def table_jacobian(graphdef, params, prompt_tokens, prompt_mask, responses):
+def table_jacobian(graphdef, params, prompt_tokens, prompt_mask, responses, *,
+                   to_network=None):
   """∂ log π(y | x_c)/∂θ for every table entry: a params tree with a leading [C·|Y|] axis.
 
   Row c·|Y| + y is the gradient of one sequence's log-probability (entries of
   the table do not share sequences), so the Jacobian is a batch of
   per-sequence gradients: one batched backward pass, not C·|Y| of them.
+
+  `to_network` (default: the identity) maps `params` to the network's
+  parameters, so that the Jacobian is taken with respect to another
+  parameterisation of the same network (LoRA factors, `testbed.lora_exact`).
   """
+  net = (lambda p: p) if to_network is None else to_network
   prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
   responses = jnp.asarray(responses)
   c, n_y = prompt_tokens.shape[0], responses.shape[0]
   ci, yi = jnp.repeat(jnp.arange(c), n_y), jnp.tile(jnp.arange(n_y), c)
 
   def one(p, i, j):
-    return evaluation.policy_table(graphdef, p, prompt_tokens[i][None], prompt_mask[i][None],
-                                   responses[j][None])[0, 0]
+    return evaluation.policy_table(graphdef, net(p), prompt_tokens[i][None],
+                                   prompt_mask[i][None], responses[j][None])[0, 0]
 
   return jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, ci, yi)
 
@@ -48,6 +54,18 @@ def batched_table(graphdef, params, prompt_tokens, prompt_mask, responses):
   """[S, C, |Y|] policy tables of S stacked parameter trees in S stacked worlds."""
   one = lambda p, pt, pm, ys: evaluation.policy_table(graphdef, p, pt, pm, ys)
   return jax.vmap(one)(params, prompt_tokens, prompt_mask, responses)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def batched_mapped_table(graphdef, param_map, params, inputs):
+  """[S, C, |Y|] tables of S stacked trees, each mapped to the network by `param_map`.
+
+  `inputs` are the stacked worlds, (prompt_tokens, prompt_mask, responses, ...):
+  `param_map(params, inputs)` of one seed may read the entries after the three a
+  table reads (e.g. the seed's frozen base, `ExactRegression(param_map=...)`).
+  """
+  one = lambda p, i: evaluation.policy_table(graphdef, param_map(p, i), *i[:3])
+  return jax.vmap(one)(params, inputs)
 
 
 class ExactBackend:
@@ -92,19 +110,31 @@ class ExactRegression:
     residual_tol: tolerance on the residual (None: gradient norm only).
     stall_steps: steps in a row without progress that end a regression
       (None: only the tolerances and max_steps do; `solver.solve_regression`).
+    param_map: None (the trained parameters are the network's), or a hashable
+      pure function (params, inputs) -> the network's parameters of one seed,
+      for another parameterisation of the policy (LoRA, `testbed.lora_exact`):
+      the regression then trains `params` through it. `inputs` are then the
+      three arrays a table reads followed by whatever per-seed values the map
+      needs (stacked like them), so that one compiled solve serves every seed.
   """
 
   def __init__(self, config, graphdef, *, tol: float, max_steps: int, residual_tol=None,
-               stall_steps=None):
-    self.config, self.graphdef = config, graphdef
+               stall_steps=None, param_map=None):
+    self.config, self.graphdef, self.param_map = config, graphdef, param_map
     self.tol, self.max_steps = float(tol), int(max_steps)
     self.stall_steps = None if stall_steps is None else int(stall_steps)
     self.residual_tol = None if residual_tol is None else float(residual_tol)
     self.inputs = None  # stacked (prompt_tokens, prompt_mask, responses) of the seeds' worlds
     self._fns = {}
     self._solutions = {}  # (method, phase) -> the last two solutions (stacked params)
-    self._table = lambda p, anchors, data, inputs: policy_table(graphdef, p, *inputs)
-    self._jacobian = lambda p, anchors, data, inputs: table_jacobian(graphdef, p, *inputs)
+    if param_map is None:
+      self._table = lambda p, anchors, data, inputs: policy_table(graphdef, p, *inputs)
+      self._jacobian = lambda p, anchors, data, inputs: table_jacobian(graphdef, p, *inputs)
+    else:
+      self._table = lambda p, anchors, data, inputs: policy_table(
+          graphdef, param_map(p, inputs), *inputs[:3])
+      self._jacobian = lambda p, anchors, data, inputs: table_jacobian(
+          graphdef, p, *inputs[:3], to_network=lambda q: param_map(q, inputs))
 
   def table(self, params, inputs=None):
     """[S, C, |Y|] log π tables of stacked `params` in the seeds' worlds (or `inputs`)."""
@@ -112,6 +142,8 @@ class ExactRegression:
     if inputs is None:
       raise ValueError("ExactRegression.inputs is not set: assign the seeds' stacked "
                        "Testbed.inputs")
+    if self.param_map is not None:
+      return batched_mapped_table(self.graphdef, self.param_map, params, tuple(inputs))
     return batched_table(self.graphdef, params, *inputs)
 
   def _functions(self, name: str):
