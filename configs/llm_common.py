@@ -72,6 +72,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.ref.dtype = "bfloat16"  # frozen π_ref = π_SFT (INPO / DPO anchor, Nash-MD mixture)
   c.ref.offload = False  # keep π_ref in pinned host memory except while it is used
 
+  # LoRA (onpo_jax.models.lora, docs/lora.md): π, ONPO's π' and π_ref as adapter trees
+  # over one frozen base (π_ref = the base); off = full fine-tuning.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.enabled = False
+  c.lora.rank = 16  # r (PEFT `r`)
+  c.lora.alpha = 32.0  # α; updates are scaled by α/r (PEFT `lora_alpha`)
+  # projections to adapt (PEFT names; a tuple, so that a command line can set fewer)
+  c.lora.target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                           "down_proj")
+  c.lora.dropout = 0.0  # must be 0: merged weights never see the adapter's input activations
+  c.lora.adapter_dtype = "float32"  # adapters and their optimizer state
+  c.lora.base_dtype = "bfloat16"  # the frozen base (replaces policy.param_dtype)
+
   c.judge = judge_section()  # the oracle of the self-play rounds
 
   c.data = ml_collections.ConfigDict()
@@ -203,21 +216,41 @@ def shrink_for_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.micro_batch_size = 4
   c.export.dtype = "float32"
   c.export.max_shard_size = "5GB"
+  # A float32 base: LoRA with fresh adapters is then π_SFT bit for bit, as the reference is.
+  c.lora.base_dtype = "float32"
   c.mesh.shape = (1, -1, 1)
   c.log_every_seconds = 0.0
   return c
 
 
+def use_lora(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `:lora` variant: rank-16 adapters on every projection over a bfloat16 base.
+
+  Adapters start at B = 0 and move a low-rank subspace, so the usual practice
+  takes a learning rate about 10x that of full fine-tuning (the LoRA paper's
+  GPT-3 runs: 2e-4 vs 2e-5 class rates); everything else stays as it is.
+  """
+  c.lora.enabled = True
+  c.lora.rank = 16
+  c.lora.alpha = 32.0
+  c.lora.target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                           "down_proj")
+  c.lora.base_dtype = "bfloat16"
+  c.selfplay.learning_rate = 10 * c.selfplay.learning_rate
+  return c
+
+
 def paper_arg_spec(method: str) -> dict:
-  """`parse_arg` spec of the paper configs' suffix: mesh variant, method and 'tiny'.
+  """`parse_arg` spec of the paper configs' suffix: mesh variant, method, 'lora' and 'tiny'.
 
   Args:
     method: the config file's own method (`PAPER_METHODS` key), the default.
   """
-  return dict(mesh=("gpu8", llm_config.MESH_VARIANTS), method=(method, PAPER_METHODS), tiny=False)
+  return dict(mesh=("gpu8", llm_config.MESH_VARIANTS), method=(method, PAPER_METHODS),
+              lora=False, tiny=False)
 
 
-def paper_config(model: str, method: str, *, mesh: str = "gpu8",
+def paper_config(model: str, method: str, *, mesh: str = "gpu8", lora: bool = False,
                  tiny: bool = False) -> ml_collections.ConfigDict:
   """The paper's setup for `model` and `method` on the mesh variant `mesh`.
 
@@ -225,6 +258,7 @@ def paper_config(model: str, method: str, *, mesh: str = "gpu8",
     model: which SFT policy: 'llama3_8b' (RLHFlow/LLaMA3-SFT) or 'mistral_7b'.
     method: 'onpo', 'inpo' or 'idpo' (iterative DPO), a `PAPER_METHODS` key.
     mesh: a `onpo_jax.llm.config.MESH_VARIANTS` key.
+    lora: train LoRA adapters over a frozen base (`use_lora`).
     tiny: the CPU-sized copy for tiny local checkpoints of the same family.
 
   Raises:
@@ -241,6 +275,8 @@ def paper_config(model: str, method: str, *, mesh: str = "gpu8",
   c.judge.hf_config = dict(llm_config.LLAMA3_8B_HF)  # RLHFlow pair-pm is a Llama-3-8B
   c.mesh.shape, _ = llm_config.MESH_VARIANTS[mesh]
   c.mesh.variant = mesh
+  if lora:
+    use_lora(c)
   if tiny:
     shrink_for_cpu(c)
   return c

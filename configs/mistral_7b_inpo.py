@@ -48,8 +48,10 @@ finished round), export/inpo/ (HF checkpoint in bfloat16 + tokenizer)
 and summary.json.
 
 Suffixes, comma-separated: a mesh variant (above; default gpu8), a method
-(onpo | inpo | idpo; default inpo) and/or `tiny`, the CPU-sized copy for
-tiny local checkpoints of the same family, e.g. `:v5p-64,inpo` or `:tiny`.
+(onpo | inpo | idpo; default inpo), `lora` (rank-16
+adapters on every projection over a bfloat16 base, LR x10: `llm_common.use_lora`)
+and/or `tiny`, the CPU-sized copy for tiny local checkpoints of the same family,
+e.g. `:v5p-64,inpo`, `:lora` or `:lora,tiny`.
 """
 
 from configs import common
@@ -57,6 +59,7 @@ from configs import llm_common
 
 
 def get_config(arg=None):
-  """The paper config; `arg` picks the mesh variant, the method and/or 'tiny'."""
+  """The paper config; `arg` picks the mesh variant, the method, 'lora' and/or 'tiny'."""
   args = common.parse_arg(arg, **llm_common.paper_arg_spec("inpo"))
-  return llm_common.paper_config("mistral_7b", args.method, mesh=args.mesh, tiny=args.tiny)
+  return llm_common.paper_config("mistral_7b", args.method, mesh=args.mesh,
+                                 lora=args.lora, tiny=args.tiny)

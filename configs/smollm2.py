@@ -22,8 +22,10 @@ lengths; a few answers before and after in the log; AlpacaEval-format outputs.
 At the end, an HF export (safetensors + tokenizer) of each trained policy.
 
 Suffixes, comma-separated: a method (onpo | inpo | dpo; default onpo), a judge
-(verifiable | self; default verifiable) and/or `tiny` (one short round on four
-prompts, for tests), e.g. `:inpo,self` or `:dpo,tiny`.
+(verifiable | self; default verifiable), `lora` (rank-16 adapters on every
+projection over the frozen float32 base, LR x10; the export then holds the PEFT
+adapters and the merged model) and/or `tiny` (one short round on four prompts,
+for tests), e.g. `:inpo,self`, `:lora` or `:dpo,tiny`.
 """
 
 from configs import common
@@ -34,11 +36,11 @@ JUDGES = ("verifiable", "self")
 
 
 def get_config(arg=None):
-  """SmolLM2 self-play; `arg` picks the method, the judge and/or 'tiny'."""
+  """SmolLM2 self-play; `arg` picks the method, the judge, 'lora' and/or 'tiny'."""
   from onpo_jax.data import instructions  # pylint: disable=g-import-not-at-top
   from onpo_jax.models import gguf  # pylint: disable=g-import-not-at-top
   args = common.parse_arg(arg, method=("onpo", METHODS), judge=("verifiable", JUDGES),
-                          tiny=False)
+                          lora=False, tiny=False)
   c = llm_common.default_config()
   c.selfplay.methods = METHODS[args.method]
   model = gguf.smollm2_gguf_path()
@@ -83,6 +85,10 @@ def get_config(arg=None):
   c.export.dtype = "float32"
   c.mesh.shape = (1, -1, 1)
   c.log_every_seconds = 0.0
+
+  if args.lora:
+    llm_common.use_lora(c)
+    c.lora.base_dtype = "float32"  # CPUs run float32 matmuls fastest; π_ref = π_1 exactly
 
   if args.tiny:
     c.data.max_prompt_length = 128

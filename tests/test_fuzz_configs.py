@@ -50,6 +50,7 @@ from onpo_jax import main as onpo_main
 from onpo_jax import pairs as pairs_lib
 from onpo_jax.infra import run_record
 from onpo_jax.llm import config as llm_config
+from onpo_jax.models import lora
 from onpo_jax.selfplay import loop as loop_lib
 from onpo_jax.selfplay import methods as methods_lib
 from onpo_jax.testbed import exact_part
@@ -276,6 +277,14 @@ def specs_of_llm(base, paths) -> dict[str, Spec]:
       "policy.dtype": CHOICE(llm_config.RUN_DTYPES), "policy.remat": BOOL,
       "policy.logprob_chunk_size": INT(0), "policy.hf_config": HF_CONFIG,
       "ref.dtype": CHOICE(llm_config.RUN_DTYPES), "ref.offload": BOOL,
+      "lora.enabled": BOOL, "lora.rank": INT(1), "lora.alpha": POSITIVE,
+      "lora.target_modules": Spec(
+          lambda v: v == "all-linear" or NAMES(lora.ALL_LINEAR).accepts(v),
+          st.just("all-linear") | NAMES(lora.ALL_LINEAR).good,
+          ("all_linear", "q_proj", ("q_proj", "lm_head"), ("embed_tokens",), ())),
+      "lora.dropout": Spec(lambda v: _real(v) and v == 0, st.just(0.0), (0.1, 1.0, 1e-9)),
+      "lora.adapter_dtype": CHOICE(llm_config.RUN_DTYPES),
+      "lora.base_dtype": CHOICE(llm_config.RUN_DTYPES),
       "data.source": CHOICE(llm_config.PROMPT_SOURCES),
       "data.paths": Spec(
           lambda v: (v == paths["prompts"] or (isinstance(v, (tuple, list)) and len(v) >= 1

@@ -182,6 +182,20 @@ def test_validate_config_names_the_evaluation_judge_field(assets, section, match
     llm_config.validate_config(c)
 
 
+@pytest.mark.parametrize("content, match", [
+    (b'{"id": "a", "prompt": "hello"}\n\xff\xfe\n', r"bad\.jsonl:2"),
+    (b'{"id": "a", "prompt": "hello"}\n', r"has 1 usable prompts; .* needs 4"),
+])
+def test_bad_prompt_files_are_named_before_the_workdir_exists(assets, tmp_path, content, match):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_bytes(content)
+  c = _tiny("llama3_8b_onpo", assets, "llama")
+  c.data.paths = str(bad)
+  with pytest.raises(ValueError, match=match):
+    job.run(c, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
 def test_evaluation_judges_need_an_evaluation_file(assets):
   c = _tiny("llama3_8b_onpo", assets, "llama")
   c.eval.judges.extra = llm_common.judge_section(kind="verifiable")

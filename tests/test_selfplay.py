@@ -207,7 +207,7 @@ def test_nash_md_takes_one_update_per_fresh_sample_set(world):
                               oracle_key=jax.random.key(2))
     calls = []
     step = engine._train_step[name]
-    engine._train_step[name] = lambda *a, step=step: calls.append(1) or step(*a)
+    engine._train_step[name] = lambda *a, step=step, **kw: calls.append(1) or step(*a, **kw)
     engine.train(name, state, w.init_params, batch, jax.random.key(3), 1)
     num = int(batch.weight.shape[0])
     expected = steps or c.selfplay.epochs * -(-num // c.selfplay.minibatch_size)

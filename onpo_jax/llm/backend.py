@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from onpo_jax import logprobs
 from onpo_jax import sampler as sampler_lib
+from onpo_jax.llm import adapted as adapted_lib
 from onpo_jax.llm.export import host_gather
 from onpo_jax.models.decoder import positions_from_mask
 from onpo_jax.selfplay import examples as examples_lib
@@ -153,11 +154,18 @@ class LLMBackend:
     config: the llm config (`configs/llm_common.py`).
     eos_ids: token ids that end a response.
     pad_id: id written after EOS.
+    adapted: how a trained tree becomes the decoder's parameters
+      (`onpo_jax.llm.adapted`: full weights, the default, or LoRA adapters over
+      a frozen base, with `None` standing for π_ref = the base).
   """
 
-  def __init__(self, graphdef, model_config, oracle, config, *, eos_ids, pad_id: int):
+  def __init__(self, graphdef, model_config, oracle, config, *, eos_ids, pad_id: int,
+               adapted=None):
     sp, sc = config.selfplay, config.sampling
     self.graphdef, self.oracle = graphdef, oracle
+    self.adapted = adapted or adapted_lib.FullParams()
+    # The engine passes it to every jitted train step as an argument.
+    self.frozen = self.adapted.frozen
     self.eos_ids, self.pad_id = tuple(int(e) for e in eos_ids), int(pad_id)
     self.reduction = sp.logp_reduction
     self.tournament_mode = sp.get("tournament_mode", "deterministic")
@@ -178,11 +186,13 @@ class LLMBackend:
     self._seq_logps = jax.jit(self.sequence_logprobs)
 
   def sample(self, params, prompt_tokens, prompt_mask, key) -> Samples:
-    return self.sampler(params, prompt_tokens, prompt_mask, key)
+    return self.sampler(self.adapted.materialize(params), prompt_tokens, prompt_mask, key)
 
   def sample_mixture(self, params, ref_params, prompt_tokens, prompt_mask, key,
                      alpha: float) -> Samples:
-    return self.mixture_sampler(params, ref_params, prompt_tokens, prompt_mask, key, alpha)
+    return self.mixture_sampler(self.adapted.materialize(params),
+                                self.adapted.materialize(ref_params), prompt_tokens,
+                                prompt_mask, key, alpha)
 
   def build_examples(self, data, pairing, prompt_tokens, prompt_mask, responses, response_mask,
                      opponents, opponent_mask, key):
@@ -192,20 +202,21 @@ class LLMBackend:
                                        oracle=self.oracle, pad_id=self.pad_id,
                                        tournament_mode=self.tournament_mode)
 
-  def sequence_logprobs(self, params, tokens, attn, resp):
-    model = nnx.merge(self.graphdef, params)
+  def sequence_logprobs(self, params, tokens, attn, resp, frozen=None):
+    model = nnx.merge(self.graphdef, self.adapted.state(params, frozen))
     token_lp = model.token_logprobs(tokens, positions_from_mask(attn), attn,
                                     chunk_size=self.chunk_size)
     return logprobs.reduce_logprobs(token_lp, resp, self.reduction)
 
   def anchor_logprobs(self, params, batch):
     """Anchor log-probs in micro-batches of `selfplay.minibatch_size` examples."""
-    params = roles.fetch(params, self.ref_placement)
+    if params is not None:  # None: the base of LoRA adapters, never offloaded
+      params = roles.fetch(params, self.ref_placement)
     mb = self.micro
 
     def lp(tok, attn, resp):
       return jnp.concatenate([self._seq_logps(params, tok[i:i + mb], attn[i:i + mb],
-                                              resp[i:i + mb])
+                                              resp[i:i + mb], self.frozen)
                               for i in range(0, tok.shape[0], mb)])
 
     if isinstance(batch, PairBatch):

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from onpo_jax.llm import optim
+from onpo_jax.models import lora as lora_lib
 from onpo_jax.selfplay import methods as methods_lib
 
 MESH_VARIANTS = {
@@ -142,6 +143,48 @@ def _validate_judge(judge, prefix: str) -> None:
       k: v for k, v in optional.items() if k in judge})
 
 
+def _validate_lora(config) -> None:
+  """Checks the `lora` section (optional: configs older than it train full weights).
+
+  What depends on the model (a module it lacks, a rank above a kernel's
+  min(in, out)) is checked against the checkpoint's shapes in `check_lora`.
+  """
+  lo = config.get("lora")
+  if lo is None:
+    return
+  _check(lo, "lora", {
+      "enabled": _BOOL, "rank": _INT1, "alpha": _POSITIVE,
+      "target_modules": (lambda v: v == "all-linear" or (
+          isinstance(v, (tuple, list)) and len(v) >= 1 and len(set(v)) == len(v)
+          and all(isinstance(m, str) and m in lora_lib.ALL_LINEAR for m in v)),
+                         f"'all-linear' or distinct names among {lora_lib.ALL_LINEAR}"),
+      "dropout": (lambda v: _is_real(v) and v == 0,
+                  "0.0: adapters are merged into the weights (W0 + (α/r)·a@b), which never see "
+                  "the adapter's input activations that dropout acts on"),
+      "adapter_dtype": _choice(RUN_DTYPES), "base_dtype": _choice(RUN_DTYPES)})
+  _need(not (lo.enabled and config.ref.offload), "ref.offload",
+        "False when lora.enabled (π_ref is the frozen base, which the policy's adapters read "
+        "in every pass)", config.ref.offload)
+
+
+def check_lora(config, model_config) -> None:
+  """Raises `lora.LoraConfigError` (a ValueError) when `config.lora` cannot apply to the model.
+
+  On abstract shapes only (`nnx.eval_shape`), so it runs before any weight loads.
+
+  Args:
+    config: the llm config (validated).
+    model_config: the policy's DecoderConfig (`loading.checkpoint_config`).
+  """
+  if config.get("lora") is None or not config.lora.enabled:
+    return
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from onpo_jax.llm import adapted  # pylint: disable=g-import-not-at-top
+  from onpo_jax.models.decoder import Decoder  # pylint: disable=g-import-not-at-top
+  abstract = nnx.state(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(params=0))))
+  lora_lib.targets(abstract, adapted.lora_config(config.lora))
+
+
 def validate_config(config) -> None:
   """Raises ValueError naming the config field that is missing or wrong.
 
@@ -167,6 +210,7 @@ def validate_config(config) -> None:
   _need_path(config.policy.tokenizer_path, "policy.tokenizer_path", checkpoint=True,
              optional=True, expected="a local path ('' = policy.path)")
   _check(config.ref, "ref", {"dtype": _choice(RUN_DTYPES), "offload": _BOOL})
+  _validate_lora(config)
   data = config.data
   _check(data, "data", {
       "source": _choice(PROMPT_SOURCES), "split": (lambda v: isinstance(v, str) and bool(v),

@@ -15,7 +15,10 @@ Roles (`onpo_jax.selfplay.roles`): the policy π (trained, `policy.param_dtype`)
 the auxiliary π' (inside `onpo_step`'s state), the reference π_ref = SFT
 (frozen, `ref.dtype`, INPO / DPO anchor) and the judge (frozen, `judge.dtype`).
 `ref.offload` and `judge.offload` keep those two in pinned host memory except
-while they are used.
+while they are used. With `lora.enabled` (docs/lora.md) π and π' are adapter
+trees over the frozen base, which is π_ref itself (`onpo_jax.llm.adapted`);
+checkpoints then hold the adapters and the base's fingerprint, and the export
+adds the adapters in PEFT's format (`export/<method>/adapter/`).
 
 Multi-host: `experiments/run.py` calls `jax.distributed.initialize` when
 `config.distributed.enabled`. Every process computes the same prompt batches
@@ -47,6 +50,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from onpo_jax.llm import adapted as adapted_lib
 from onpo_jax.llm import alpaca_eval
 from onpo_jax.llm import backend as backend_lib
 from onpo_jax.llm import config as config_lib
@@ -54,6 +58,8 @@ from onpo_jax.llm import evaluation
 from onpo_jax.llm import export as export_lib
 from onpo_jax.llm import memory as memory_lib
 from onpo_jax.llm import optim
+from onpo_jax.models import lora as lora_lib
+from onpo_jax.oracles import verifiable
 from onpo_jax.selfplay import loop as loop_lib
 from onpo_jax.selfplay import roles
 from onpo_jax.selfplay.engine import Engine
@@ -74,12 +80,8 @@ def build_oracle(config, policy_tokenizer, mesh, rules, judge=None):
   from onpo_jax.oracles import reward_model as reward_lib  # pylint: disable=g-import-not-at-top
   jc = config.judge if judge is None else judge
   if jc.kind == "verifiable":
-    from onpo_jax.oracles import verifiable  # pylint: disable=g-import-not-at-top
-    paths = [config.data.paths] if isinstance(config.data.paths, str) else list(config.data.paths)
-    if config.eval.prompt_file:
-      paths.append(config.eval.prompt_file)
     return backend_lib.ScopedOracle(verifiable.VerifiableOracle(
-        policy_tokenizer, verifiable.constraints_from_files(paths)), mesh, rules)
+        policy_tokenizer, _constraints(config)), mesh, rules)
   overrides = {"dtype": jc.dtype, "param_dtype": jc.dtype}
   tok_path = jc.tokenizer_path or jc.path
   if jc.kind == "pairwise":
@@ -97,6 +99,14 @@ def build_oracle(config, policy_tokenizer, mesh, rules, judge=None):
         template=jc.template or None, max_length=int(jc.max_length),
         micro_batch_size=int(jc.micro_batch_size))
   return backend_lib.ScopedOracle(oracle, mesh, rules, offload=bool(jc.offload))
+
+
+def _constraints(config) -> dict:
+  """The checkable constraints of every prompt the verifiable judge will see (prompt files)."""
+  paths = [config.data.paths] if isinstance(config.data.paths, str) else list(config.data.paths)
+  if config.eval.prompt_file:
+    paths.append(config.eval.prompt_file)
+  return verifiable.constraints_from_files(paths)
 
 
 def _mesh(config):
@@ -118,6 +128,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate_config(config)
   methods = tuple(config.selfplay.methods)
   sp = config.selfplay
+  # The inputs that are cheap to read come before the workdir: a bad prompt file,
+  # tokenizer or checkpoint header is named before anything is written.
+  tokenizer = tok_lib.load_tokenizer(config.policy.tokenizer_path or config.policy.path)
+  header = loading.checkpoint_config(config.policy.path)
+  config_lib.check_context(config, header, config.policy.path)
+  config_lib.check_lora(config, header)
+  if "verifiable" in {config.judge.kind, *(j.kind for j in config.eval.judges.values())}:
+    _constraints(config)  # a prompt without constraints is named here
+  records = data_lib.load_prompt_records(
+      config.data.source, config.data.paths, split=config.data.split,
+      data_dir=config.data.tfds_data_dir or None)
+  prompts = data_lib.PromptSet.from_records(
+      records, tokenizer, max_prompt_length=int(config.data.max_prompt_length),
+      overlong=config.data.overlong, use_chat_template=bool(config.data.use_chat_template))
+  if prompts.num_rounds(int(sp.prompts_per_round)) < int(sp.num_rounds):
+    raise ValueError(f"config.data.paths={config.data.paths!r} has {len(prompts)} usable prompts; "
+                     f"selfplay.num_rounds={sp.num_rounds} x selfplay.prompts_per_round="
+                     f"{sp.prompts_per_round} needs {sp.num_rounds * sp.prompts_per_round}")
   loop = loop_lib.UnitLoop(workdir, label="llm", total_units=int(sp.num_rounds) * len(methods),
                            max_to_keep=config.checkpoint.max_to_keep,
                            log_every_seconds=config.log_every_seconds, config=config)
@@ -130,50 +158,54 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Models are loaded outside the activation context (nnx.eval_shape inside
   # jax.set_mesh would resolve logical names as mesh axes).
-  tokenizer = tok_lib.load_tokenizer(config.policy.tokenizer_path or config.policy.path)
   judge_mesh = mesh
   if jax.process_count() > 1:
     judge_mesh = sharding_lib.make_mesh((1, jax.local_device_count(), 1),
                                         devices=jax.local_devices())
-  # The checks first (from the checkpoint's metadata), then the judges: a bad
-  # judge path or prompt file fails before the policy loads.
-  config_lib.check_context(config, loading.checkpoint_config(config.policy.path),
-                           config.policy.path)
+  # The judges before the policy: a bad judge checkpoint fails before the big load.
   oracle = build_oracle(config, tokenizer, judge_mesh, rules)
   eval_judges = {name: build_oracle(config, tokenizer, judge_mesh, rules, judge=section)
                  for name, section in config.eval.judges.items()}
-  policy = loading.load_checkpoint(config.policy.path, mesh=mesh, rules=rules,
-                                  param_dtype=config.policy.param_dtype,
-                                  dtype=config.policy.dtype, remat=bool(config.policy.remat))
+  lora_on = config.get("lora") is not None and bool(config.lora.enabled)
+  policy = loading.load_checkpoint(
+      config.policy.path, mesh=mesh, rules=rules,
+      param_dtype=config.lora.base_dtype if lora_on else config.policy.param_dtype,
+      dtype=config.policy.dtype, remat=bool(config.policy.remat))
   model_config = policy.config
   graphdef, sft_params = nnx.split(policy)
   eos_ids = tok_lib.eos_token_ids(tokenizer, model_config)
   pad_id = int(tokenizer.pad_token_id)
-  placements = roles.role_placements(config, mesh, judge_mesh)
-  ref_params = roles.park(
-      jax.tree.map(lambda x: x.astype(jnp.dtype(config.ref.dtype)), sft_params),
-      placements[roles.Role.REF])
-  records = data_lib.load_prompt_records(
-      config.data.source, config.data.paths, split=config.data.split,
-      data_dir=config.data.tfds_data_dir or None)
-  prompts = data_lib.PromptSet.from_records(
-      records, tokenizer, max_prompt_length=int(config.data.max_prompt_length),
-      overlong=config.data.overlong, use_chat_template=bool(config.data.use_chat_template))
-  if prompts.num_rounds(int(sp.prompts_per_round)) < int(sp.num_rounds):
-    raise ValueError(f"config.data.paths={config.data.paths!r} has {len(prompts)} usable prompts; "
-                     f"selfplay.num_rounds={sp.num_rounds} x selfplay.prompts_per_round="
-                     f"{sp.prompts_per_round} needs {sp.num_rounds * sp.prompts_per_round}")
+  # What the engine trains: the weights, or adapters over the frozen base
+  # (`adapted`), whose fresh tree is π_SFT; with adapters π_ref is the base (None).
+  adapted, init_params = adapted_lib.adapted_params(config, sft_params, mesh=mesh, rules=rules)
+  ref_params = None
+  if not lora_on:
+    placements = roles.role_placements(config, mesh, judge_mesh)
+    ref_params = roles.park(
+        jax.tree.map(lambda x: x.astype(jnp.dtype(config.ref.dtype)), sft_params),
+        placements[roles.Role.REF])
   if hasattr(oracle.oracle, "register_conversations"):
     # The judge reads each prompt's conversation, not the policy's chat-template text.
     messages = {r.id: r.messages for r in records}
     oracle.oracle.register_conversations(prompts.tokens, [messages[i] for i in prompts.ids])
   backend = backend_lib.LLMBackend(graphdef, model_config, oracle, config, eos_ids=eos_ids,
-                                   pad_id=pad_id)
+                                   pad_id=pad_id, adapted=adapted)
   engine = Engine(backend, config, mesh=mesh, inner_optimizer=lambda name: (
       optim.make_inner_optimizer(config, optim.updates_per_regression(config, name))))
-  plan = memory_lib.estimate_memory(config, dims)
+  plan = memory_lib.estimate_memory(
+      config, dims, lora=adapted.lora, base_dtype=config.lora.base_dtype if lora_on else None)
   loop.log(f"llm: {len(prompts)} prompts ({prompts.stats}); eos {eos_ids}; memory "
            f"{plan.summary()}")
+
+  state = {"methods": {m: engine.init_state(m, init_params) for m in methods}}
+  state, unit, meta = loop.restore(state)
+  # Adapters mean nothing on another base: a checkpoint records the one it trained on.
+  base = {"lora_base_fingerprint": adapted.fingerprint()} if lora_on else {}
+  if lora_on and unit and meta.get("lora_base_fingerprint") != base["lora_base_fingerprint"]:
+    raise lora_lib.BaseMismatchError(
+        f"{loop.workdir}/checkpoints: its adapters were trained on a base with fingerprint "
+        f"{meta.get('lora_base_fingerprint')!r}; config.policy.path={config.policy.path!r} "
+        f"now holds {base['lora_base_fingerprint']!r} (other weights at the same path)")
 
   evaluator = None
   run_key = jax.random.key(int(config.seed))
@@ -186,8 +218,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if sft_records is not None and loop.is_main:
       alpaca_eval.write_outputs(os.path.join(workdir, "alpaca_eval", "sft.json"), sft_records)
 
-  state = {"methods": {m: engine.init_state(m, sft_params) for m in methods}}
-  state, unit, meta = loop.restore(state)
   loop.writer.write_json("memory.json", plan.as_dict())
   history: dict[str, list] = meta.get("history", {m: [] for m in methods})
 
@@ -211,7 +241,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if evaluator is not None:
       generator = config.eval.generator or f"{name}-round{t + 1}"
       with sharding_lib.activation_sharding(mesh, rules):
-        recs, win_rates, mean_len = evaluator.evaluate(new_state["params"], eval_key, generator)
+        recs, win_rates, mean_len = evaluator.evaluate(adapted.materialize(new_state["params"]),
+                                                       eval_key, generator)
       texts = [r["output"] for r in recs]
       if loop.is_main:
         alpaca_eval.write_outputs(
@@ -234,16 +265,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress += f" ({judge_name}: {out[f'{name}/eval/{judge_name}/win_rate']:.3f})"
     return state, out, t + 1, progress
 
-  state = loop.run(state, unit, step, methods=list(methods), history=history)
-  exports = {}
+  state = loop.run(state, unit, step, methods=list(methods), history=history, **base)
+  exports, adapters = {}, {}
   for name in methods:
-    exports[name] = export_lib.export_policy(
-        graphdef, state["methods"][name]["params"], os.path.join(workdir, "export", name),
-        dtype=config.export.dtype, max_shard_size=config.export.max_shard_size,
-        tokenizer=tokenizer)
+    params, path = state["methods"][name]["params"], os.path.join(workdir, "export", name)
+    kw = dict(dtype=config.export.dtype, max_shard_size=config.export.max_shard_size,
+              tokenizer=tokenizer)
+    if lora_on:
+      exports[name] = export_lib.export_merged_policy(graphdef, sft_params, params, adapted.lora,
+                                                      path, **kw)
+      adapters[name] = export_lib.export_peft_adapters(
+          params, adapted.lora, os.path.join(path, "adapter"),
+          base_model_name_or_path=config.policy.path)
+    else:
+      exports[name] = export_lib.export_policy(graphdef, params, path, **kw)
   summary = {"methods": list(methods), "export": exports, "memory": plan.as_dict(),
              "eval": history, "mesh": list(dims), "process_count": jax.process_count()}
+  if lora_on:
+    summary["export_adapters"] = adapters
   if evaluator is not None:
     summary["eval_reference"] = evaluator.reference_metrics()
-  loop.finish(state, summary, methods=list(methods), history=history)
+  loop.finish(state, summary, methods=list(methods), history=history, **base)
   return summary

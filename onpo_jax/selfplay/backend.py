@@ -33,7 +33,15 @@ class Samples(NamedTuple):
 
 
 class Backend(Protocol):
-  """The parts of a round that depend on the models and the oracle."""
+  """The parts of a round that depend on the models and the oracle.
+
+  Attributes:
+    frozen: arrays every log-prob pass reads but nothing trains (LoRA's base,
+      `onpo_jax.llm.adapted`), or None. The engine passes them to its jitted
+      train step as an argument, so they are not embedded in the executable.
+  """
+
+  frozen: Any
 
   def sample(self, params, prompt_tokens, prompt_mask, key: jax.Array) -> Samples:
     """One response per row from the policy `params` (rows are prompts repeated K times)."""
@@ -49,8 +57,11 @@ class Backend(Protocol):
     """Training examples of a round (`onpo_jax.selfplay.examples.build_examples`)."""
     ...
 
-  def sequence_logprobs(self, params, tokens, attn, resp) -> jax.Array:
-    """lp(y | x) [B] of full sequences; pure and traceable (runs inside the train step)."""
+  def sequence_logprobs(self, params, tokens, attn, resp, frozen=None) -> jax.Array:
+    """lp(y | x) [B] of full sequences; pure and traceable (runs inside the train step).
+
+    `frozen` is the backend's `frozen`, as the traced argument of the step.
+    """
     ...
 
   def anchor_logprobs(self, params, batch: Batch) -> Logps:

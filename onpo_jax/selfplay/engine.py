@@ -52,15 +52,15 @@ def _pinned_sharding(mesh, x):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def _policy_logps(backend, params, batch):
+def _policy_logps(backend, params, batch, frozen):
   """The trained policy's log-probs of a minibatch (one forward over both pair sides)."""
   if isinstance(batch, PairBatch):
     b = batch.tok_w.shape[0]
     lp = backend.sequence_logprobs(params, jnp.concatenate([batch.tok_w, batch.tok_l]),
                                    jnp.concatenate([batch.attn_w, batch.attn_l]),
-                                   jnp.concatenate([batch.resp_w, batch.resp_l]))
+                                   jnp.concatenate([batch.resp_w, batch.resp_l]), frozen)
     return PairLogps(lp[:b], lp[b:])
-  return backend.sequence_logprobs(params, batch.tok, batch.attn, batch.resp)
+  return backend.sequence_logprobs(params, batch.tok, batch.attn, batch.resp, frozen)
 
 
 class Engine:
@@ -142,8 +142,12 @@ class Engine:
       return pairs_lib.tournament_num_comparisons(self.k)
     return 1 if pairing == "lambda_p" else self.k * (self.k - 1) // 2
 
-  def _train_step_impl(self, name, params, opt_state, batch, anchors, idx, valid, scale):
+  def _train_step_impl(self, name, params, opt_state, batch, anchors, idx, valid, scale,
+                       frozen=None):
     """One gradient step on the minibatch `idx` (entries with valid=False weigh 0).
+
+    `frozen` is the backend's frozen arrays (LoRA's base; None), an argument
+    rather than a constant so the executable does not embed them.
 
     `scale` turns the minibatch's weighted mean into its share of the weighted
     mean over the whole accumulation group (see `_accumulation_scales`).
@@ -154,8 +158,8 @@ class Engine:
     target = getattr(mb, "target", None)
 
     def loss_fn(p):
-      loss, metrics = METHODS[name].loss(self.config, _policy_logps(self.backend, p, mb), anchors,
-                                         target, mb.weight)
+      loss, metrics = METHODS[name].loss(self.config, _policy_logps(self.backend, p, mb, frozen),
+                                         anchors, target, mb.weight)
       return loss * scale, (loss, metrics)
 
     (_, (loss, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -245,7 +249,7 @@ class Engine:
         sl = slice(s * mb, (s + 1) * mb)
         params, opt_state, metrics = self._train_step[name](
             params, opt_state, batch, anchors, jnp.asarray(perm[sl]), jnp.asarray(valid[sl]),
-            jnp.asarray(scales[s]))
+            jnp.asarray(scales[s]), frozen=getattr(self.backend, "frozen", None))
         params, opt_state = self._pin(name, params, opt_state)
         history.append(metrics)
     history = jax.device_get(history)

@@ -35,6 +35,8 @@ class TestbedBackend:
     tournament_mode: how tournament games are decided (`pairs.COMPARISON_MODES`).
   """
 
+  frozen = None  # every parameter of the policy is trained
+
   def __init__(self, graphdef, model_config, oracle, *, response_length: int,
                prompt_length: int, temperature: float, reduction: str,
                tournament_mode: str = "deterministic"):
@@ -80,7 +82,8 @@ class TestbedBackend:
     return self._build(data, pairing, prompt_tokens, prompt_mask, responses, response_mask,
                        opponents, opponent_mask, key)
 
-  def sequence_logprobs(self, params, tokens, attn, resp):
+  def sequence_logprobs(self, params, tokens, attn, resp, frozen=None):
+    del frozen  # None here
     return env.sequence_logprobs(self.graphdef, params, tokens, attn, resp, self.reduction)
 
   def anchor_logprobs(self, params, batch):
