@@ -38,12 +38,8 @@ import numpy as np
 from flax import nnx
 
 from onpo_jax.models import lora
-from onpo_jax.selfplay.engine import Engine
-from onpo_jax.testbed import exact
 from onpo_jax.testbed import shadow
-from onpo_jax.testbed import solver
-from onpo_jax.testbed.exact_backend import ExactBackend
-from onpo_jax.testbed.exact_backend import ExactRegression
+from onpo_jax.testbed import trajectories
 
 
 def _is_var(x) -> bool:
@@ -181,20 +177,10 @@ class TableRounds:
   def __init__(self, config, graphdef, *, lora_config=None, train_rest: bool = False,
                tol: float, max_steps: int, residual_tol=None, stall_steps=None):
     self.config, self.lora_config, self.train_rest = config, lora_config, bool(train_rest)
-    param_map = None if lora_config is None else LoraMap(lora_config)
-    self.regression = ExactRegression(config, graphdef, tol=tol, max_steps=max_steps,
-                                      residual_tol=residual_tol, stall_steps=stall_steps,
-                                      param_map=param_map)
-    self.engine = Engine(ExactBackend(self.regression.table), config,
-                         inner_optimizer=solver.default_gauss_newton(),
-                         regression=self.regression)
-    self._data = {}
-
-  def _data_fn(self, name: str):
-    if name not in self._data:
-      cfg = self.config
-      self._data[name] = jax.jit(jax.vmap(lambda lp, pref: exact.exact_data(name, cfg, lp, pref)))
-    return self._data[name]
+    self.exact = trajectories.ExactRounds(
+        config, graphdef, tol=tol, max_steps=max_steps, residual_tol=residual_tol,
+        stall_steps=stall_steps, param_map=None if lora_config is None else LoraMap(lora_config))
+    self.regression, self.engine = self.exact.regression, self.exact.engine
 
   def initial(self, starts, key=None):
     """(stacked trained tree, stacked regression inputs) at the seeds' SFT starts."""
@@ -224,20 +210,8 @@ class TableRounds:
     params0, inputs = self.initial(starts, key)
     pref = jnp.stack([s.world.pref for s in starts])
     self.regression.inputs = inputs
-    self.regression.reset()
-    state = self.engine.init_state(name, params0)
-    tables = [self.regression.table(params0)]
-    per_round = {k: np.zeros((len(starts), num_rounds)) for k in ("residual", "grad_norm",
-                                                                  "steps")}
-    for t in range(num_rounds):
-      data = self._data_fn(name)(tables[-1], pref)
-      # The reference of a LoRA run is its start (b = 0: the base), as for full training.
-      state, metrics = self.engine.train(name, state, params0, data, jax.random.key(0), t + 1)
-      tables.append(self.regression.table(state["params"]))
-      pick = lambda suffix: [v for k, v in metrics.items() if k.endswith(suffix)]
-      per_round["residual"][:, t] = np.max(pick("/residual"), axis=0)
-      per_round["grad_norm"][:, t] = np.max(pick("/grad_norm"), axis=0)
-      per_round["steps"][:, t] = np.sum(pick("/steps"), axis=0)
+    tables, per_round, _ = self.exact.train_rounds(name, params0, self.regression.table(params0),
+                                                   pref, num_rounds)
     logp = np.asarray(jnp.stack(tables, axis=1))  # [S, T+1, C, |Y|]
     outs = []
     for i, s in enumerate(starts):

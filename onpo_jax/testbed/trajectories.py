@@ -89,13 +89,16 @@ class ExactRounds:
     residual_tol: residual tolerance of each regression (None: gradient only).
     stall_steps: steps in a row without progress that end a regression (None:
       never).
+    param_map: another parameterisation of the policy (`ExactRegression`'s;
+      LoRA: `testbed.lora_exact`); None: the network's own parameters.
   """
 
   def __init__(self, config, graphdef, *, tol: float, max_steps: int, residual_tol=None,
-               stall_steps=None):
+               stall_steps=None, param_map=None):
     self.config = config
     self.regression = ExactRegression(config, graphdef, tol=tol, max_steps=max_steps,
-                                      residual_tol=residual_tol, stall_steps=stall_steps)
+                                      residual_tol=residual_tol, stall_steps=stall_steps,
+                                      param_map=param_map)
     self.backend = ExactBackend(self.regression.table)
     self.engine = Engine(self.backend, config, inner_optimizer=solver.default_gauss_newton(),
                          regression=self.regression)
@@ -107,6 +110,41 @@ class ExactRounds:
       cfg = self.config
       self._data[name] = jax.jit(jax.vmap(lambda lp, pref: exact.exact_data(name, cfg, lp, pref)))
     return self._data[name]
+
+  def train_rounds(self, name: str, params, table, pref, num_rounds: int):
+    """T rounds of `name` from the stacked trained trees `params` (`regression.inputs` set).
+
+    The reference of every round is the start, `params` (b = 0 for LoRA: the base).
+
+    Args:
+      name: the method.
+      params: stacked trained trees of the seeds at round 0.
+      table: [S, C, |Y|] their log π tables.
+      pref: [S, C, |Y|, |Y|] the seeds' games.
+      num_rounds: T.
+
+    Returns:
+      (T+1 stacked tables, {'residual', 'grad_norm', 'steps'}: [S, T] the worst
+      regression's residual and gradient norm and the total steps of each round,
+      the T rounds' engine metrics).
+    """
+    self.regression.reset()
+    state = self.engine.init_state(name, params)
+    tables = [table]
+    per_round = {k: np.zeros((pref.shape[0], num_rounds)) for k in ("residual", "grad_norm",
+                                                                     "steps")}
+    rounds = []
+    for t in range(num_rounds):
+      data = self.data_fn(name)(tables[-1], pref)
+      state, metrics = self.engine.train(name, state, params, data, jax.random.key(0), t + 1)
+      tables.append(self.regression.table(state["params"]))
+      # The worst of the round's regressions (ONPO two_step has two), per seed.
+      pick = lambda suffix: [v for k, v in metrics.items() if k.endswith(suffix)]
+      per_round["residual"][:, t] = np.max(pick("/residual"), axis=0)
+      per_round["grad_norm"][:, t] = np.max(pick("/grad_norm"), axis=0)
+      per_round["steps"][:, t] = np.sum(pick("/steps"), axis=0)
+      rounds.append(metrics)
+    return tables, per_round, rounds
 
   def run(self, starts: list[Start], name: str, num_rounds: int, *,
           with_shadow: bool = True) -> list[dict]:
@@ -122,22 +160,7 @@ class ExactRounds:
     sft_table = jnp.stack([s.sft_table for s in starts])
     pref = jnp.stack([s.world.pref for s in starts])
     self.regression.inputs = _stack([s.world.inputs for s in starts])
-    self.regression.reset()
-    state = self.engine.init_state(name, sft_params)
-    tables = [sft_table]
-    per_round = {k: np.zeros((len(starts), num_rounds)) for k in ("residual", "grad_norm",
-                                                                  "steps")}
-    rounds = []
-    for t in range(num_rounds):
-      data = self.data_fn(name)(tables[-1], pref)
-      state, metrics = self.engine.train(name, state, sft_params, data, jax.random.key(0), t + 1)
-      tables.append(self.regression.table(state["params"]))
-      # The worst of the round's regressions (ONPO two_step has two), per seed.
-      pick = lambda suffix: [v for k, v in metrics.items() if k.endswith(suffix)]
-      per_round["residual"][:, t] = np.max(pick("/residual"), axis=0)
-      per_round["grad_norm"][:, t] = np.max(pick("/grad_norm"), axis=0)
-      per_round["steps"][:, t] = np.sum(pick("/steps"), axis=0)
-      rounds.append(metrics)
+    tables, per_round, rounds = self.train_rounds(name, sft_params, sft_table, pref, num_rounds)
     logp = jnp.stack(tables, axis=1)  # [S, T+1, C, |Y|]
     outs = []
     for i, start in enumerate(starts):
