@@ -52,7 +52,7 @@ def _pinned_sharding(mesh, x):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def _policy_logps(backend, params, batch, frozen):
+def _policy_logps(backend, params, batch, frozen=None):
   """The trained policy's log-probs of a minibatch (one forward over both pair sides)."""
   if isinstance(batch, PairBatch):
     b = batch.tok_w.shape[0]
