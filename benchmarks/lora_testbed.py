@@ -1,4 +1,4 @@
-"""LoRA vs full-parameter ONPO in the testbed's exact mode, over seeds (issue #16, part 3).
+"""LoRA vs full-parameter ONPO in the testbed's exact mode, over seeds.
 
 Each seed plays its own exact-mode game (`exact_part.exact_config`: V = 2,
 L = 3, 2 prompts) from its SFT start; ONPO two_step runs T exact rounds with

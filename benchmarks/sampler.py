@@ -168,7 +168,7 @@ def gemm_peak(repeats):
 
 
 def _former_filter_logits(x, top_k, top_p):
-  """filter_logits before issue #13: lax.top_k, then sort + cumsum + threshold for top-p."""
+  """the former filter_logits: lax.top_k, then sort + cumsum + threshold for top-p."""
   if top_k:
     x = jnp.where(x < jax.lax.top_k(x, top_k)[0][..., -1:], -jnp.inf, x)
   sorted_desc = jnp.flip(jnp.sort(x, axis=-1), axis=-1)

@@ -1,4 +1,4 @@
-"""LoRA in the testbed's exact mode reproduces full-parameter ONPO (issue #16, part 3).
+"""LoRA in the testbed's exact mode reproduces full-parameter ONPO.
 
 World: the default config's exact world (V = 2, L = 3, |Y| = 8, 2 prompts, game
 0, float64), as `test_tracking.py`. ONPO two_step runs T = 3 exact rounds on

@@ -1,8 +1,8 @@
 """MetricWriter's TensorBoard file: its format read back independently, and a full disk.
 
-Issue #14: tensorboardX's SummaryWriter flushed from a background thread and an
-atexit hook, which printed tracebacks of their own after the run's real error
-when the disk was full. MetricWriter now writes the event file synchronously.
+tensorboardX's SummaryWriter flushes from a background thread and an atexit
+hook, which print tracebacks of their own after the run's real error when the
+disk is full; MetricWriter writes the event file synchronously instead.
 """
 
 import errno

@@ -111,7 +111,7 @@ def np_top_p_margin(logits, temperature, top_k, top_p):
 
 
 def former_filter_logits(x, temperature, top_k, top_p):
-  """filter_logits before issue #13 (lax.top_k; sort + cumsum + threshold for top-p), kept
+  """the former filter_logits (lax.top_k; sort + cumsum + threshold for top-p), kept
   as a second reference: the bisections must reproduce its kept sets."""
   x = x / temperature
   if 0 < top_k < x.shape[-1]:
@@ -303,7 +303,7 @@ def test_filter_logits_hand_checked(use_jit, x64, logits, top_p, kept):
 
 
 def test_filter_logits_does_not_sort():
-  """Issue #13: top-k / top-p must not sort the vocabulary (nor call lax.top_k, a slow
+  """Top-k / top-p must not sort the vocabulary (nor call lax.top_k, a slow
   custom call on XLA:CPU)."""
   for top_k in (1, 50):
     jaxpr = str(jax.make_jaxpr(
