@@ -79,6 +79,11 @@ class LoraParams:
     return lora_io.base_fingerprint(self.frozen)
 
 
+def lora_enabled(config) -> bool:
+  """Whether the llm config trains LoRA adapters (configs older than `config.lora` do not)."""
+  return config.get("lora") is not None and bool(config.lora.enabled)
+
+
 def adapted_params(config, base, *, mesh=None, rules=None):
   """(FullParams or LoraParams, the initial trained tree) for the llm config.
 
@@ -87,10 +92,9 @@ def adapted_params(config, base, *, mesh=None, rules=None):
     base: the loaded policy's parameter state (π_SFT).
     mesh, rules: where the adapters go (sharded like the kernels they adapt).
   """
-  section = config.get("lora")
-  if section is None or not section.enabled:
+  if not lora_enabled(config):
     return FullParams(), base
-  cfg = lora_config(section)
+  cfg = lora_config(config.lora)
   policy = LoraParams(base, cfg, config.policy.dtype)
   # A stream of its own: the adapters' init must not move any other draw of the run.
   key = jax.random.fold_in(jax.random.key(int(config.seed)), 2**21)

@@ -176,10 +176,10 @@ def check_lora(config, model_config) -> None:
     config: the llm config (validated).
     model_config: the policy's DecoderConfig (`loading.checkpoint_config`).
   """
-  if config.get("lora") is None or not config.lora.enabled:
+  from onpo_jax.llm import adapted  # pylint: disable=g-import-not-at-top
+  if not adapted.lora_enabled(config):
     return
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from onpo_jax.llm import adapted  # pylint: disable=g-import-not-at-top
   from onpo_jax.models.decoder import Decoder  # pylint: disable=g-import-not-at-top
   abstract = nnx.state(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(params=0))))
   lora_lib.targets(abstract, adapted.lora_config(config.lora))

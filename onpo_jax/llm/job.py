@@ -65,7 +65,7 @@ from onpo_jax.selfplay import roles
 from onpo_jax.selfplay.engine import Engine
 
 
-def build_oracle(config, policy_tokenizer, mesh, rules, judge=None):
+def build_oracle(config, policy_tokenizer, mesh, rules, judge=None, constraints=None):
   """An oracle from a judge section (frozen, `dtype`, optionally offloaded).
 
   Args:
@@ -74,6 +74,8 @@ def build_oracle(config, policy_tokenizer, mesh, rules, judge=None):
     mesh: should span this host's devices only (see `backend.ScopedOracle`).
     rules: logical -> mesh axis rules.
     judge: the judge section; None: `config.judge`, the rounds' oracle.
+    constraints: the prompts' constraints for a 'verifiable' judge, already
+      read (`verifiable.constraints_from_files`); None: read them here.
   """
   from onpo_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   from onpo_jax.oracles import judge as judge_lib  # pylint: disable=g-import-not-at-top
@@ -81,7 +83,8 @@ def build_oracle(config, policy_tokenizer, mesh, rules, judge=None):
   jc = config.judge if judge is None else judge
   if jc.kind == "verifiable":
     return backend_lib.ScopedOracle(verifiable.VerifiableOracle(
-        policy_tokenizer, _constraints(config)), mesh, rules)
+        policy_tokenizer, _constraints(config) if constraints is None else constraints),
+        mesh, rules)
   overrides = {"dtype": jc.dtype, "param_dtype": jc.dtype}
   tok_path = jc.tokenizer_path or jc.path
   if jc.kind == "pairwise":
@@ -134,8 +137,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   header = loading.checkpoint_config(config.policy.path)
   config_lib.check_context(config, header, config.policy.path)
   config_lib.check_lora(config, header)
+  constraints = None
   if "verifiable" in {config.judge.kind, *(j.kind for j in config.eval.judges.values())}:
-    _constraints(config)  # a prompt without constraints is named here
+    constraints = _constraints(config)  # a prompt without constraints is named here
   records = data_lib.load_prompt_records(
       config.data.source, config.data.paths, split=config.data.split,
       data_dir=config.data.tfds_data_dir or None)
@@ -163,10 +167,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     judge_mesh = sharding_lib.make_mesh((1, jax.local_device_count(), 1),
                                         devices=jax.local_devices())
   # The judges before the policy: a bad judge checkpoint fails before the big load.
-  oracle = build_oracle(config, tokenizer, judge_mesh, rules)
-  eval_judges = {name: build_oracle(config, tokenizer, judge_mesh, rules, judge=section)
+  oracle = build_oracle(config, tokenizer, judge_mesh, rules, constraints=constraints)
+  eval_judges = {name: build_oracle(config, tokenizer, judge_mesh, rules, judge=section,
+                                    constraints=constraints)
                  for name, section in config.eval.judges.items()}
-  lora_on = config.get("lora") is not None and bool(config.lora.enabled)
+  lora_on = adapted_lib.lora_enabled(config)
   policy = loading.load_checkpoint(
       config.policy.path, mesh=mesh, rules=rules,
       param_dtype=config.lora.base_dtype if lora_on else config.policy.param_dtype,

@@ -153,10 +153,6 @@ class LoraMap:
     return to_network(tree, inputs[3], self.config)
 
 
-def _stack(trees):
-  return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
-
-
 class TableRounds:
   """T exact rounds of one method on the engine, keeping every round's policy table.
 
@@ -185,12 +181,13 @@ class TableRounds:
   def initial(self, starts, key=None):
     """(stacked trained tree, stacked regression inputs) at the seeds' SFT starts."""
     inputs = [tuple(s.world.inputs) for s in starts]
+    stack = trajectories.stack_trees
     if self.lora_config is None:
-      return _stack([s.sft_params for s in starts]), _stack(inputs)
+      return stack([s.sft_params for s in starts]), stack(inputs)
     key = jax.random.key(0) if key is None else key
     trees = [init_params(s.sft_params, self.lora_config, jax.random.fold_in(key, i),
                          train_rest=self.train_rest) for i, s in enumerate(starts)]
-    return _stack(trees), _stack([x + (s.sft_params,) for x, s in zip(inputs, starts)])
+    return stack(trees), stack([x + (s.sft_params,) for x, s in zip(inputs, starts)])
 
   def run(self, starts, name: str, num_rounds: int, *, key=None) -> list[dict]:
     """T rounds of `name` from each seed's SFT start, all seeds at once.

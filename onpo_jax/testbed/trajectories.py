@@ -73,7 +73,8 @@ def sampled(engine: Engine, start: Start, name: str, method_index: int, run_key:
   return out
 
 
-def _stack(trees):
+def stack_trees(trees):
+  """The seeds' trees stacked leaf by leaf on a new leading axis."""
   return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
 
 
@@ -156,10 +157,10 @@ class ExactRounds:
       regressions' worst 'residual', 'grad_norm' and total 'steps' per round,
       and 'rounds' (per-round metrics).
     """
-    sft_params = _stack([s.sft_params for s in starts])
+    sft_params = stack_trees([s.sft_params for s in starts])
     sft_table = jnp.stack([s.sft_table for s in starts])
     pref = jnp.stack([s.world.pref for s in starts])
-    self.regression.inputs = _stack([s.world.inputs for s in starts])
+    self.regression.inputs = stack_trees([s.world.inputs for s in starts])
     tables, per_round, rounds = self.train_rounds(name, sft_params, sft_table, pref, num_rounds)
     logp = jnp.stack(tables, axis=1)  # [S, T+1, C, |Y|]
     outs = []
