@@ -15,7 +15,9 @@ rows also give the JAX step's GFLOP/s (XLA's flop count of the compiled step
 over its wall time) next to a float32 GEMM peak measured by the same run
 (the best of a few jitted square matmuls); the sampling latency is wall ms
 per decoding step (one new token for every row of the batch), the prefill
-amortised over the steps.
+amortised over the steps, and then without the prefill (the time of the same
+call with one new token subtracted) against a bound: the time to read every
+weight once at the read bandwidth measured by the same run.
 With `--gguf` both sides run real weights instead: the GGUF file (default:
 SmolLM2-135M-Instruct, installed by `make install`) is dequantised by
 `onpo_jax.models.load_gguf_checkpoint`, exported with `save_hf_checkpoint`
@@ -213,20 +215,21 @@ def check_parity(torch_model, jax_model, tokens, mask):
   return float(np.abs(np.asarray(ours[:, -1]) - ref.numpy()).max())
 
 
-def bench_sampling(args, torch_model, jax_model, tokens, mask):
-  n_tokens = args.batch * args.new_tokens
-  cfg = sampler_lib.SamplingConfig(max_new_tokens=args.new_tokens, eos_ids=(),
+def _jax_sampling_time(args, jax_model, tokens, mask, new_tokens):
+  cfg = sampler_lib.SamplingConfig(max_new_tokens=new_tokens, eos_ids=(),
                                    prompt_buckets=(args.prompt_len,),
                                    cache_dtype=args.cache_dtype)
   graphdef, state = nnx.split(jax_model)
   smp = sampler_lib.Sampler(graphdef, cfg, model_config=jax_model.config)
   keys = iter(jax.random.split(jax.random.key(args.seed), args.repeats + 1))
-  jax_timing = timed(
-      lambda: jax.block_until_ready(smp(state, tokens, mask, next(keys))), args.repeats)
+  return timed(lambda: jax.block_until_ready(smp(state, tokens, mask, next(keys))),
+               args.repeats)
 
+
+def _torch_sampling_time(args, torch_model, tokens, mask, new_tokens):
   gen_cfg = transformers.GenerationConfig(
-      do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
-      min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=2, use_cache=True)
+      do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+      min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=2, use_cache=True)
   t_tokens = torch.from_numpy(tokens).to(torch_model.device)
   t_mask = torch.from_numpy(mask.astype(np.int64)).to(torch_model.device)
 
@@ -235,9 +238,70 @@ def bench_sampling(args, torch_model, jax_model, tokens, mask):
       out = torch_model.generate(input_ids=t_tokens, attention_mask=t_mask,
                                  generation_config=gen_cfg)
     _sync(torch_model.device)
-    assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
+    assert out.shape == (args.batch, args.prompt_len + new_tokens), out.shape
 
-  return _rates(n_tokens, jax_timing, timed(torch_generate, args.repeats), args.new_tokens)
+  return timed(torch_generate, args.repeats)
+
+
+def bench_sampling(args, torch_model, jax_model, tokens, mask):
+  """Sampling rates of both sides, plus both sides' one-token runs for `decode_bound`."""
+  n_tokens = args.batch * args.new_tokens
+  rates = _rates(n_tokens,
+                 _jax_sampling_time(args, jax_model, tokens, mask, args.new_tokens),
+                 _torch_sampling_time(args, torch_model, tokens, mask, args.new_tokens),
+                 args.new_tokens)
+  if args.new_tokens > 1:
+    # One new token = prefill + sampling the first token: subtracting it from
+    # the N-token time leaves the N - 1 cached decoding steps.
+    jax_one = _jax_sampling_time(args, jax_model, tokens, mask, 1)[1]
+    torch_one = _torch_sampling_time(args, torch_model, tokens, mask, 1)[1]
+    steps = args.new_tokens - 1
+    rates["jax_decode_ms"] = 1e3 * (args.new_tokens / rates["jax_wall"] * args.batch
+                                    - jax_one) / steps
+    rates["torch_decode_ms"] = 1e3 * (args.new_tokens / rates["torch_wall"] * args.batch
+                                      - torch_one) / steps
+  return rates
+
+
+def read_bandwidth(repeats, gigabytes=0.5):
+  """Best GB/s of a jitted float32 sum over an array far larger than the caches."""
+  x = jnp.ones((int(gigabytes * 2 ** 30) // 4,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  _, wall, _ = timed(lambda: jax.block_until_ready(f(x)), repeats)
+  walls = [wall]
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x))
+    walls.append(time.perf_counter() - t0)
+  return x.nbytes / min(walls) / 1e9
+
+
+def decode_bound(args, jax_model, sampling):
+  """Prints each side's decoding step against the time to read every weight once.
+
+  A decoding step must read every parameter at least once (the unembedding
+  included; the embedding lookup reads B rows, counted as the whole tied
+  table or not at all when untied), so parameter bytes / read bandwidth is a
+  lower bound on its time; KV-cache reads come on top and are left out, which
+  keeps the bound optimistic. The best jax / torch ratio a decoder could then
+  reach is torch's step over the bound.
+  """
+  if "jax_decode_ms" not in sampling:
+    return
+  params = nnx.state(jax_model, nnx.Param)
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  c = jax_model.config
+  if not c.tie_word_embeddings:
+    weight_bytes -= c.vocab_size * c.hidden_size * jnp.dtype(c.param_dtype).itemsize
+  bandwidth = read_bandwidth(args.repeats)
+  bound_ms = 1e3 * weight_bytes / 1e9 / bandwidth
+  jax_ms, torch_ms = sampling["jax_decode_ms"], sampling["torch_decode_ms"]
+  print(f"decoding step (prefill and first token excluded, batch {args.batch}): jax "
+        f"{jax_ms:.1f} ms, torch {torch_ms:.1f} ms; reading the {weight_bytes / 1e6:.0f} MB of "
+        f"weights once at the measured {bandwidth:.1f} GB/s (jitted sum) takes "
+        f"{bound_ms:.1f} ms: jax at {100 * bound_ms / jax_ms:.0f}% and torch at "
+        f"{100 * bound_ms / torch_ms:.0f}% of that bound; a decoder at the bound would be "
+        f"{torch_ms / bound_ms:.2f}x torch")
 
 
 def bench_training(args, torch_model, jax_model, rng):
@@ -363,6 +427,7 @@ def main(argv=None):
   sampling = rows[0][2]
   print(f"sampling latency: {sampling['jax_ms']:.1f} / {sampling['torch_ms']:.1f} ms per decoding "
         f"step (jax / torch, wall, batch {args.batch}, prefill amortised)")
+  decode_bound(args, jax_model, sampling)
   peak = gemm_peak(args.repeats)
   for name, setting, r in rows[1:]:
     print(f"{name} {setting.split(', ')[-1]}: jax {r['gflops']:.1f} GFLOP/s (XLA's flop count "

@@ -21,3 +21,23 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 assert jax.device_count() == 8, (
     "tests need 8 fake CPU devices; XLA_FLAGS was set too late: "
     f"{jax.devices()}")
+
+# pytest-xdist (`--dist loadfile`; pytest.ini turns off its reordering by test
+# count) hands whole files to the workers in
+# collection order. Starting with the slowest files and letting the quick ones
+# fill in at the end (longest-processing-time-first scheduling) keeps one
+# worker from running a 5-minute file alone while the other sits idle. Listed
+# slowest first (per-file seconds of one 2-worker run); the rest keep their
+# order.
+_SLOW_FILES = (
+    "test_train.py", "test_smollm2.py", "test_attention.py", "test_tracking.py",
+    "test_selfplay.py", "test_lora_job.py", "test_lora_testbed.py",
+    "test_notebooks.py", "test_gguf.py", "test_lora.py", "test_llm.py",
+    "test_resume.py", "test_multihost.py", "test_exact_mode.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_SLOW_FILES)}
+  # A stable sort: the tests of one file keep their order.
+  items.sort(key=lambda item: rank.get(item.path.name, len(_SLOW_FILES)))
