@@ -1,0 +1,133 @@
+"""Where one cached decoding step's time goes, thunk by thunk (XLA:CPU).
+
+Builds a decoder of SmolLM2-135M's shapes (random weights; `--layers` of its
+30), fills a KV cache of `--cache-len` slots half way, and traces 20 jitted
+decoding steps (one token per row, the cache donated as in the sampler's loop)
+with `jax.profiler`. XLA:CPU reports every thunk (fusion, dot, custom call)
+when `--xla_cpu_enable_xprof_traceme=true` is in XLA_FLAGS, which this script
+adds; the trace's per-thunk durations are summed by kind: the attention's
+batched dots, the copies that lay the cache out for them, the projection and
+MLP GEMMs, and the rest. Pass other XLA flags (e.g. the dot library) through
+the environment to compare them.
+
+  python -m benchmarks.decode_profile --cache-len 1024
+  XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type= \
+      --xla_cpu_experimental_xnn_fusion_type=dot" \
+      python -m benchmarks.decode_profile --cache-len 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_cpu_enable_xprof_traceme=true").strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from onpo_jax.models import decoder as decoder_lib  # noqa: E402
+from onpo_jax.models.config import DecoderConfig  # noqa: E402
+
+_STEPS = 20
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--layers", type=int, default=30)
+  p.add_argument("--cache-len", type=int, default=128, help="KV-cache slots (prompt + new)")
+  return p.parse_args(argv)
+
+
+def _thunk_kinds(hlo: str) -> dict:
+  """Thunk name -> what it does, read from the compiled HLO text.
+
+  A dot, or a library fusion (YNNPACK / XNNPACK custom fusions) whose body holds
+  a dot, is a GEMM; the attention's have batch dims (B, kv heads), so outputs of
+  rank 4 and more. Library fusions without a dot are reductions.
+  """
+  bodies = dict(re.findall(r"^(%?[\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S))
+  kinds = {}
+  for name, dims, op, rest in re.findall(
+      r"^\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w[\w\-]*)\((.*)$", hlo, re.M):
+    called = re.search(r"calls=(%[\w.\-]+)", rest)
+    body = bodies.get(called.group(1), "") if called else ""
+    rank = len(dims.split(",")) if dims else 0
+    if op == "dot" or " dot(" in body:
+      kinds[name] = "attention dots" if rank >= 4 else "projection / MLP GEMMs"
+    elif name.startswith(("ynn_fusion", "xnn_fusion")):
+      kinds[name] = "library reductions (norms, softmax)"
+    elif "transpose" in name or name.startswith("copy"):
+      kinds[name] = "copies / transposes (cache layout)"
+    elif "dynamic-update-slice" in name:
+      kinds[name] = "cache writes"
+    else:
+      kinds[name] = "other fusions (norms, RoPE, softmax, residuals)"
+  return kinds
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  b = args.batch
+  cfg = DecoderConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                      num_layers=args.layers, num_heads=9, num_kv_heads=3, head_dim=64,
+                      tie_word_embeddings=True, max_position_embeddings=8192)
+  model = decoder_lib.Decoder(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  s = args.cache_len
+  cache = decoder_lib.init_cache(cfg, b, s)._replace(
+      index=jnp.asarray(s // 2, jnp.int32), mask=jnp.ones((b, s), bool))
+  token = jnp.ones((b, 1), jnp.int32)
+
+  def step(state, token, cache):
+    h, cache = nnx.merge(graphdef, state).hidden_states(
+        token, jnp.full((b, 1), s // 2), jnp.ones((b, 1), bool), cache)
+    # Write the same slot again next time: every traced step sees the same cache length.
+    return h, cache._replace(index=cache.index - 1)
+
+  f = jax.jit(step, donate_argnums=(2,))
+  hlo = f.lower(state, token, cache).compile().as_text()
+  kinds = _thunk_kinds(hlo)
+  for _ in range(3):
+    h, cache = f(state, token, cache)
+  jax.block_until_ready(h)
+  walls = []
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(_STEPS):
+        t0 = time.perf_counter()
+        h, cache = f(state, token, cache)
+        jax.block_until_ready(h)
+        walls.append(time.perf_counter() - t0)
+    (path,) = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    with gzip.open(path) as fh:
+      trace = json.load(fh)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  per_kind = collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") == "X" and name in kinds:
+      per_kind[kinds[name]] += e.get("dur", 0) / 1e3 / _STEPS
+  wall = 1e3 * float(np.median(walls))
+  print(f"jax {jax.__version__}, XLA_FLAGS={os.environ['XLA_FLAGS']!r}, load average "
+        f"{os.getloadavg()[0]:.1f}")
+  print(f"decoding step, batch {b}, {args.layers} layers of SmolLM2-135M's shapes, cache "
+        f"{s} slots (half full): {wall:.1f} ms wall (median of {_STEPS}, traced)")
+  for kind, ms in per_kind.most_common():
+    print(f"  {kind:<48}{ms:8.2f} ms  ({ms / args.layers:.3f} ms per layer)")
+  print(f"  {'thunks, total':<48}{sum(per_kind.values()):8.2f} ms")
+
+
+if __name__ == "__main__":
+  main()
