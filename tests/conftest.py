@@ -23,12 +23,11 @@ assert jax.device_count() == 8, (
     f"{jax.devices()}")
 
 # pytest-xdist (`--dist loadfile`; pytest.ini turns off its reordering by test
-# count) hands whole files to the workers in
-# collection order. Starting with the slowest files and letting the quick ones
-# fill in at the end (longest-processing-time-first scheduling) keeps one
-# worker from running a 5-minute file alone while the other sits idle. Listed
-# slowest first (per-file seconds of one 2-worker run); the rest keep their
-# order.
+# count) hands whole files to the workers in collection order. Starting with
+# the slowest files and letting the quick ones fill in at the end
+# (longest-processing-time-first scheduling) keeps one worker from running a
+# 5-minute file alone while the other sits idle. Listed slowest first
+# (per-file seconds of one 2-worker run); the rest keep their order.
 _SLOW_FILES = (
     "test_train.py", "test_smollm2.py", "test_attention.py", "test_tracking.py",
     "test_selfplay.py", "test_lora_job.py", "test_lora_testbed.py",
