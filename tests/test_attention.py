@@ -45,6 +45,9 @@ ATTN_DEPTH = D_HEAD + 3 * MAX_S
 ATTN_GRAD_DEPTH = 2 * ATTN_DEPTH + 13 + MAX_S
 EPS = {np.float32: tolerances.F32_EPS, np.float64: float(np.finfo(np.float64).eps)}
 NEW_IMPLS = ("chunked", "dot_product_attention")
+# Pallas's splash kernel is tested on its own in test_splash_attention.py
+# (it runs interpreted on CPU) and here inside a whole decoder.
+DECODER_IMPLS = NEW_IMPLS + ("splash",)
 
 
 def _x64(dtype):
@@ -274,7 +277,7 @@ def test_decoder_with_each_kernel(sliding_window):
                                        sliding_window=sliding_window, attention_chunk_size=4)
   tokens, pos, mask = _batch(128, l=9, pad=(3, 0))
   results = {}
-  for impl in ("dense",) + NEW_IMPLS:
+  for impl in ("dense",) + DECODER_IMPLS:
     # The kernel is static model config; the same seed gives the same weights.
     g, s = nnx.split(_make(base.replace(attention_impl=impl), 1))
 
@@ -294,7 +297,7 @@ def test_decoder_with_each_kernel(sliding_window):
     results[impl] = run(s)
   real = np.asarray(mask)
   ref_logits, _, ref_grads = results["dense"]
-  for impl in NEW_IMPLS:
+  for impl in DECODER_IMPLS:
     logits, cached, grads = results[impl]
     tolerances.assert_close_rel(np.asarray(logits), np.asarray(ref_logits), mask=real,
                                 rtol=tolerances.DECODER_RTOL, what=f"{impl} logits")

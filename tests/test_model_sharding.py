@@ -93,8 +93,12 @@ def test_create_sharded_model_specs(mesh):
   _check_param_specs(model)
 
 
-def test_sharded_logits_and_grads_match_single_device(mesh):
-  cfg = config_lib.DecoderConfig.tiny()
+@pytest.mark.parametrize("attention_impl", ["dense", "chunked", "splash"])
+def test_sharded_logits_and_grads_match_single_device(mesh, attention_impl):
+  # chunked: blocks of 2 over 6 positions; splash runs in shard_map, one
+  # shard of batch rows and kv heads per device.
+  cfg = config_lib.DecoderConfig.tiny(attention_impl=attention_impl,
+                                      attention_chunk_size=2)
   model = sharding.create_sharded_model(cfg, mesh, rngs=_rbg(1))
   graphdef, state = nnx.split(model)
   single_state = jax.device_put(jax.tree.map(np.asarray, state),
@@ -120,6 +124,7 @@ def test_sharded_logits_and_grads_match_single_device(mesh):
     logits, grads = fn(state)
   # The logical activation constraints reach the compiled program.
   assert hlo.count("sharding_constraint") + hlo.count("@Sharding") > 0
+  assert ("manual_computation" in hlo) == (attention_impl == "splash")
   real = np.asarray(mask)
   tolerances.assert_close_rel(np.asarray(logits), np.asarray(ref_logits),
                               mask=real, rtol=tolerances.DECODER_RTOL,

@@ -27,6 +27,9 @@ Scores are float32 at least (float64 inputs stay float64).
 * `sdpa_attention` calls `jax.nn.dot_product_attention`: cuDNN's fused kernel
   on GPU for bfloat16/float16 inputs, XLA's reference path (which
   materialises the scores) everywhere else.
+* `splash_attention` (in `splash_attention.py`) runs Pallas's block-sparse
+  FlashAttention kernel for TPU; `attend` sends it self-attention over a whole
+  sequence, and cached decoding steps to `chunked_attention`.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import numpy as np
 # softmax instead of NaN, so pads never poison gradients.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
-IMPLEMENTATIONS = ("dense", "chunked", "dot_product_attention")
+IMPLEMENTATIONS = ("dense", "chunked", "dot_product_attention", "splash")
 
 
 class AttentionMask(NamedTuple):
@@ -84,7 +87,8 @@ def _accum_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _check_shapes(q, k, v, mask: AttentionMask):
+def check_shapes(q, k, v, mask: AttentionMask):
+  """Raises ValueError unless q, k, v and mask have the shapes kernels take."""
   if q.ndim != 5 or k.ndim != 4 or k.shape != v.shape:
     raise ValueError(
         f"q / k / v: expected [B, Lq, Hkv, G, d] and two [B, S, Hkv, d], got "
@@ -115,7 +119,7 @@ def dense_attention(q, k, v, mask: AttentionMask, *, sliding_window,
   Returns:
     [B, Lq, Hkv, G, d] in the compute dtype.
   """
-  _check_shapes(q, k, v, mask)
+  check_shapes(q, k, v, mask)
   dt = q.dtype
   visible = attention_weights_mask(
       mask.q_slots, jnp.arange(k.shape[1], dtype=jnp.int32), mask.key_mask,
@@ -385,17 +389,29 @@ def chunked_attention(q, k, v, mask: AttentionMask, *, sliding_window,
   Returns:
     [B, Lq, Hkv, G, d] in the compute dtype.
   """
-  _check_shapes(q, k, v, mask)
+  check_shapes(q, k, v, mask)
   if chunk_size <= 0:
     raise ValueError(f"chunk_size: expected a positive int, got {chunk_size}")
   lq, s_len = q.shape[1], k.shape[1]
   out = _flash(q, k, v, mask.q_slots.astype(jnp.int32),
                mask.key_mask.astype(bool), sliding_window, float(scale),
                min(chunk_size, lq), min(chunk_size, s_len))
-  # A query with no visible key: the uniform average of all S values, as the
-  # softmax over S equal masked scores gives in `dense_attention`.
+  return fill_unseen(out, v, has_visible_key(mask, sliding_window))
+
+
+def fill_unseen(out, v, seen):
+  """out where the query sees a key, else the uniform average of all values.
+
+  That average is what the softmax over S equal masked scores gives a query
+  with no visible key (a left pad) in `dense_attention`; kernels that skip
+  masked blocks leave such queries at an arbitrary finite value instead.
+
+  Args:
+    out: [B, Lq, Hkv, G, d] kernel output.
+    v: [B, S, Hkv, d] values.
+    seen: [B, Lq] bool, from `has_visible_key`.
+  """
   mean_v = jnp.mean(v.astype(_accum_dtype(v.dtype)), axis=1).astype(v.dtype)
-  seen = has_visible_key(mask, sliding_window)
   return jnp.where(seen[:, :, None, None, None], out, mean_v[:, None, :, None])
 
 
@@ -427,7 +443,7 @@ def sdpa_attention(q, k, v, mask: AttentionMask, *, sliding_window,
   Returns:
     [B, Lq, Hkv, G, d] in the compute dtype.
   """
-  _check_shapes(q, k, v, mask)
+  check_shapes(q, k, v, mask)
   if jnp.dtype(q.dtype) == jnp.dtype(jnp.float64):
     # jax.nn.dot_product_attention takes its softmax in float32 whatever the
     # input; float64 (exact-mode reference) models keep float64 throughout.
@@ -461,5 +477,21 @@ def attend(impl: str, q, k, v, mask: AttentionMask, *, sliding_window,
   if impl == "dot_product_attention":
     return sdpa_attention(q, k, v, mask, sliding_window=sliding_window,
                           scale=scale)
+  if impl == "splash":
+    if q.shape[1] != k.shape[1]:
+      # Cached decoding: a few queries against a longer cache, which the
+      # splash kernel (self-attention over one sequence) does not cover.
+      return chunked_attention(q, k, v, mask, sliding_window=sliding_window,
+                               scale=scale, chunk_size=chunk_size)
+    if jnp.dtype(q.dtype) == jnp.dtype(jnp.float64):
+      # TPUs have no float64; exact-mode reference models stay dense.
+      return dense_attention(q, k, v, mask, sliding_window=sliding_window,
+                             scale=scale)
+    # Imported here: Pallas's TPU kernels are only loaded by models that
+    # choose them.
+    from onpo_jax.models import splash_attention  # pylint: disable=g-import-not-at-top
+    return splash_attention.splash_attention(
+        q, k, v, mask, sliding_window=sliding_window, scale=scale,
+        chunk_size=chunk_size)
   raise ValueError(f"attention_impl: expected one of {IMPLEMENTATIONS}, "
                    f"got {impl!r}")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16", "float64")
 # Kernels of onpo_jax/models/attention.py (IMPLEMENTATIONS there).
-ATTENTION_IMPLS = ("dense", "chunked", "dot_product_attention")
+ATTENTION_IMPLS = ("dense", "chunked", "dot_product_attention", "splash")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -99,9 +99,12 @@ class DecoderConfig:
       'dense' (the [B, H, L, S] score matrix, fastest at short lengths),
       'chunked' (online softmax over blocks, no score matrix: memory O(L)
       instead of O(L²) per head) or 'dot_product_attention'
-      (jax.nn.dot_product_attention, cuDNN on GPU for bfloat16). A runtime
-      choice like remat: not part of the HF config.json.
-    attention_chunk_size: queries and keys per block of 'chunked'.
+      (jax.nn.dot_product_attention, cuDNN on GPU for bfloat16) or 'splash'
+      (Pallas's TPU FlashAttention kernel for training and scoring, in
+      Pallas's slow interpreter on other backends; cached decoding steps use
+      'chunked'). A runtime choice like remat: not part of the HF config.json.
+    attention_chunk_size: queries and keys per block of 'chunked' and
+      'splash' (on TPU rounded up to a multiple of 128).
     bos_token_id: beginning-of-sequence id, or None.
     eos_token_ids: tuple of end-of-sequence ids (several for chat models).
     pad_token_id: padding id, or None.

@@ -116,9 +116,14 @@ def activation_sharding(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
     _ACTIVE_RULES.reset(token)
 
 
+def active_sharding() -> tuple[jax.sharding.Mesh, tuple] | None:
+  """(mesh, rules) of the enclosing `activation_sharding`, or None."""
+  return _ACTIVE_RULES.get()
+
+
 def constrain(x: jnp.ndarray, names: Sequence[str | None]) -> jnp.ndarray:
   """with_sharding_constraint by logical names, when a context is active."""
-  active = _ACTIVE_RULES.get()
+  active = active_sharding()
   if active is None:
     return x
   mesh, rules = active
