@@ -1,4 +1,4 @@
-"""Pallas's splash kernel (onpo_jax/models/splash_attention.py) on CPU.
+"""Pallas's splash kernel (attention.splash_attention) on CPU.
 
 Off TPU the kernel runs in Pallas's interpreter: the kernel code a TPU would
 compile, evaluated op by op, so these tests check our use of it (mask and
@@ -104,7 +104,7 @@ def test_attend_routes_decoding_and_float64_and_rejects_bad_input():
   args = (q, k, v, jnp.arange(offset, offset + lq, dtype=jnp.int32), jnp.asarray(key_mask))
   np.testing.assert_array_equal(_fn("splash", window, 4)(*args), _fn("chunked", window, 4)(*args))
   with pytest.raises(ValueError, match="key slots"):
-    splash_attention.splash_attention(
+    attn.splash_attention(
         q, k, v, attn.AttentionMask(args[3], args[4]), sliding_window=window,
         scale=SCALE, chunk_size=128)
   # float64 (exact-mode reference models) stays on the dense kernel.
@@ -115,7 +115,7 @@ def test_attend_routes_decoding_and_float64_and_rejects_bad_input():
     assert got.dtype == jnp.float64
     np.testing.assert_array_equal(got, _fn("dense", window, chunk)(*args64))
   with pytest.raises(ValueError, match="chunk_size"):
-    splash_attention.splash_attention(
+    attn.splash_attention(
         q, q[:, :, :, 0], q[:, :, :, 0], attn.AttentionMask(jnp.arange(lq), jnp.ones((2, lq), bool)),
         sliding_window=None, scale=SCALE, chunk_size=0)
 

@@ -27,8 +27,8 @@ Scores are float32 at least (float64 inputs stay float64).
 * `sdpa_attention` calls `jax.nn.dot_product_attention`: cuDNN's fused kernel
   on GPU for bfloat16/float16 inputs, XLA's reference path (which
   materialises the scores) everywhere else.
-* `splash_attention` (in `splash_attention.py`) runs Pallas's block-sparse
-  FlashAttention kernel for TPU; `attend` sends it self-attention over a whole
+* `splash_attention` runs Pallas's block-sparse FlashAttention kernel for TPU
+  (the glue is in `splash_attention.py`; interpreted off TPU); `attend` sends it self-attention over a whole
   sequence, and cached decoding steps to `chunked_attention`.
 """
 
@@ -465,6 +465,53 @@ def sdpa_attention(q, k, v, mask: AttentionMask, *, sliding_window,
   return out.reshape(b, lq, hkv, g, d)
 
 
+# -------------------------------------------------------------- Pallas splash
+
+
+def splash_attention(q, k, v, mask: AttentionMask, *, sliding_window,
+                     scale: float, chunk_size: int,
+                     interpret: bool | None = None):
+  """Self-attention through Pallas's splash kernel (`splash_attention.py`).
+
+  Same value as `dense_attention` up to rounding, for keys and queries over
+  the same L slots; memory per head O(block² + L·d), in the backward pass too.
+
+  Args:
+    q: [B, L, Hkv, G, d] queries (compute dtype, float32 or bfloat16).
+    k, v: [B, L, Hkv, d] keys and values.
+    mask: the AttentionMask; its query slots must be 0 .. L - 1, which holds
+      whenever keys and queries have the same length (a cache write starts at
+      slot index with index + L ≤ S).
+    sliding_window: None or the window w.
+    scale: the score scale.
+    chunk_size: queries and keys per block, rounded up to a multiple of 128.
+    interpret: run the kernel in Pallas's interpreter; None means "unless
+      the default backend is TPU".
+
+  Returns:
+    [B, L, Hkv, G, d] in the compute dtype.
+
+  Raises:
+    ValueError: keys and queries of different lengths (cached decoding, which
+      `attend` sends to the chunked kernel instead), or a bad chunk_size.
+  """
+  check_shapes(q, k, v, mask)
+  if k.shape[1] != q.shape[1]:
+    raise ValueError(
+        f"splash attention: expected as many key slots as queries "
+        f"(self-attention without a cache), got {k.shape[1]} keys for "
+        f"{q.shape[1]} queries")
+  if chunk_size <= 0:
+    raise ValueError(f"chunk_size: expected a positive int, got {chunk_size}")
+  # Imported here: Pallas's TPU kernels load only for models that choose them.
+  from onpo_jax.models import splash_attention as splash_lib  # pylint: disable=g-import-not-at-top
+  seen = has_visible_key(mask, sliding_window)
+  out = splash_lib.self_attention(
+      q, k, v, mask.key_mask, seen, sliding_window=sliding_window,
+      scale=scale, chunk_size=chunk_size, interpret=interpret)
+  return fill_unseen(out, v, seen)
+
+
 def attend(impl: str, q, k, v, mask: AttentionMask, *, sliding_window,
            scale: float, chunk_size: int):
   """Dispatches to the kernel named by `impl` (see IMPLEMENTATIONS)."""
@@ -487,11 +534,7 @@ def attend(impl: str, q, k, v, mask: AttentionMask, *, sliding_window,
       # TPUs have no float64; exact-mode reference models stay dense.
       return dense_attention(q, k, v, mask, sliding_window=sliding_window,
                              scale=scale)
-    # Imported here: Pallas's TPU kernels are only loaded by models that
-    # choose them.
-    from onpo_jax.models import splash_attention  # pylint: disable=g-import-not-at-top
-    return splash_attention.splash_attention(
-        q, k, v, mask, sliding_window=sliding_window, scale=scale,
-        chunk_size=chunk_size)
+    return splash_attention(q, k, v, mask, sliding_window=sliding_window,
+                            scale=scale, chunk_size=chunk_size)
   raise ValueError(f"attention_impl: expected one of {IMPLEMENTATIONS}, "
                    f"got {impl!r}")

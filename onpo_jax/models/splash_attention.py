@@ -1,21 +1,21 @@
 """Self-attention through Pallas's splash kernel (TPU; interpreted elsewhere).
 
-Same value as `attention.dense_attention` (see that module for the masking
-convention) for self-attention over a whole sequence: training, scoring, and
-a prefill that writes a cache from slot 0. The kernel is JAX's block-sparse
-FlashAttention for TPU (`jax.experimental.pallas.ops.tpu.splash_attention`):
-it never stores the score matrix, in the forward or the backward pass, and
-skips the blocks the causal / sliding-window mask hides.
+`attention.splash_attention` is the entry point (shape checks, the queries
+without a visible key); this module maps our masks and layout onto the
+kernel, JAX's block-sparse FlashAttention for TPU
+(`jax.experimental.pallas.ops.tpu.splash_attention`): it never stores the
+score matrix, in the forward or the backward pass, and skips the blocks the
+causal / sliding-window mask hides. It covers self-attention over a whole
+sequence (training, scoring, a prefill that writes a cache from slot 0).
 
-How our mask maps onto the kernel's:
+How the mask of `attention.py` maps onto the kernel's:
 * causal by slot, and the window w as its local mask (keys q - w + 1 .. q);
 * valid keys as segment ids: key slot s has segment 1 if it holds a real
   token, else 0; a query that sees at least one valid key has segment 1, so it
   sees exactly the valid keys of its causal window;
 * a query that sees no valid key (a left pad) gets segment 0: its own slot is
   then a pad, so it sees at least itself and the kernel's softmax stays
-  finite; its output is replaced by the uniform average of all values, the
-  value `dense_attention` gives such a query.
+  finite; the caller replaces its output.
 
 Grouped-query attention runs the kernel's multi-query form once per kv head
 (its G query heads over one key/value head), vmapped over batch rows and kv
@@ -40,7 +40,6 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_mask as splash_mask)
 
-from onpo_jax.models import attention as attention_lib
 from onpo_jax.models import partitioning
 
 # Mosaic tiles the sequence axes of a block by TPU lanes.
@@ -114,17 +113,15 @@ def _sharded(fn, q, k, v, q_segments, kv_segments):
                            q, k, v, q_segments, kv_segments)
 
 
-def splash_attention(q, k, v, mask: attention_lib.AttentionMask, *,
-                     sliding_window, scale: float, chunk_size: int,
-                     interpret: bool | None = None):
-  """Softmax self-attention through the splash kernel.
+def self_attention(q, k, v, key_mask, seen, *, sliding_window, scale: float,
+                   chunk_size: int, interpret: bool | None = None):
+  """The kernel's softmax self-attention; see `attention.splash_attention`.
 
   Args:
     q: [B, L, Hkv, G, d] queries (compute dtype).
     k, v: [B, L, Hkv, d] keys and values, the same L slots as the queries.
-    mask: the AttentionMask; its query slots must be 0 .. L - 1, which holds
-      whenever keys and queries have the same length (a cache write starts at
-      slot index with index + L ≤ S).
+    key_mask: [B, L] bool, slot holds a real token.
+    seen: [B, L] bool, the query sees at least one valid key.
     sliding_window: None or the window w.
     scale: the score scale.
     chunk_size: queries and keys per block (see `block_size`).
@@ -132,31 +129,18 @@ def splash_attention(q, k, v, mask: attention_lib.AttentionMask, *,
       the default backend is TPU".
 
   Returns:
-    [B, L, Hkv, G, d] in the compute dtype.
-
-  Raises:
-    ValueError: keys and queries of different lengths (cached decoding,
-      which `attention.attend` sends to the chunked kernel instead).
+    [B, L, Hkv, G, d] in the compute dtype; rows where `seen` is False hold
+    an arbitrary finite value.
   """
-  attention_lib.check_shapes(q, k, v, mask)
-  b, length, hkv, g, d = q.shape
-  if k.shape[1] != length:
-    raise ValueError(
-        f"splash attention: expected as many key slots as queries "
-        f"(self-attention without a cache), got {k.shape[1]} keys for "
-        f"{length} queries")
-  if chunk_size <= 0:
-    raise ValueError(f"chunk_size: expected a positive int, got {chunk_size}")
+  _, length, _, g, _ = q.shape
   if interpret is None:
     interpret = jax.default_backend() != "tpu"
   block = block_size(length, chunk_size)
   padded = _round_up(length, block)
   extra = padded - length
-
-  seen = attention_lib.has_visible_key(mask, sliding_window)
   # Padded slots are pads: segment 0 both as keys and as queries.
   q_segments = jnp.pad(seen.astype(jnp.int32), ((0, 0), (0, extra)))
-  kv_segments = jnp.pad(mask.key_mask.astype(jnp.int32), ((0, 0), (0, extra)))
+  kv_segments = jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, extra)))
   qh = jnp.pad((q * scale).astype(q.dtype).transpose(0, 2, 3, 1, 4),
                ((0, 0),) * 3 + ((0, extra), (0, 0)))
   kh, vh = (jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, extra),
@@ -165,5 +149,4 @@ def splash_attention(q, k, v, mask: attention_lib.AttentionMask, *,
   out = _sharded(functools.partial(_run_kernel, kernel), qh, kh, vh,
                  q_segments, kv_segments)
   # [B, Hkv, G, L', d] -> [B, L, Hkv, G, d]
-  out = out[:, :, :, :length].transpose(0, 3, 1, 2, 4).astype(q.dtype)
-  return attention_lib.fill_unseen(out, v, seen)
+  return out[:, :, :, :length].transpose(0, 3, 1, 2, 4).astype(q.dtype)
