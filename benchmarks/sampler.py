@@ -83,12 +83,20 @@ def parse_args(argv=None):
   p.add_argument("--filter-logits", action="store_true",
                  help="only time filter_logits (bisections) against the former top_k + full sort")
   p.add_argument("--jax-dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="param and compute dtype of the JAX model (torch stays float32)")
+                 help="param and compute dtype of the JAX model")
+  p.add_argument("--torch-dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="param and compute dtype of the torch model (pass the same as "
+                      "--jax-dtype to compare like with like)")
   p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16"),
                  help="JAX KV-cache dtype (default: the compute dtype)")
   p.add_argument("--gguf", default="",
                  help="real weights from a llama GGUF file ('smollm2': the installed "
                       "SmolLM2-135M-Instruct); the size flags above are then ignored")
+  p.add_argument("--matmul-precision", default="highest", choices=("highest", "high"),
+                 help="float32 matmul precision, set on both sides: 'highest' = full float32 "
+                      "(jax_default_matmul_precision='highest', torch 'highest'); 'high' = "
+                      "TF32 on GPUs that have it (JAX's own GPU default, torch 'high'). "
+                      "No effect on CPU")
   p.add_argument("--torch-device", default="cpu",
                  help="device of the torch peer ('cuda' on a GPU machine; JAX uses its default "
                       "backend, so run both on the same kind of device)")
@@ -107,7 +115,7 @@ def build_models(args, workdir):
         workdir, local_files_only=True, dtype=torch.float32).eval()
     jax_model = hf_io.load_hf_checkpoint(workdir, param_dtype=args.jax_dtype,
                                          dtype=args.jax_dtype)
-    return torch_model.to(args.torch_device), jax_model
+    return _place(torch_model, args), jax_model
   torch.manual_seed(args.seed)
   hf_config = transformers.LlamaConfig(
       vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -117,7 +125,12 @@ def build_models(args, workdir):
   torch_model = transformers.LlamaForCausalLM(hf_config).eval()
   torch_model.save_pretrained(workdir)
   jax_model = hf_io.load_hf_checkpoint(workdir, param_dtype=args.jax_dtype, dtype=args.jax_dtype)
-  return torch_model.to(args.torch_device), jax_model
+  return _place(torch_model, args), jax_model
+
+
+def _place(torch_model, args):
+  """The torch peer on --torch-device in --torch-dtype (saved weights stay float32)."""
+  return torch_model.to(device=args.torch_device, dtype=getattr(torch, args.torch_dtype))
 
 
 def _sync(device):
@@ -210,7 +223,7 @@ def check_parity(torch_model, jax_model, tokens, mask):
   with torch.no_grad():
     ref = torch_model(input_ids=torch.from_numpy(tokens).to(device),
                       attention_mask=torch.from_numpy(mask.astype(np.int64)).to(device)
-                      ).logits[:, -1].cpu()
+                      ).logits[:, -1].float().cpu()
   m = jnp.asarray(mask)
   ours, _ = jax_model(jnp.asarray(tokens, jnp.int32), decoder_lib.positions_from_mask(m), m)
   return float(np.abs(np.asarray(ours[:, -1]) - ref.numpy()).max())
@@ -404,7 +417,15 @@ def main(argv=None):
                                f" --xla_cpu_multi_thread_eigen={multi}"
                                f" intra_op_parallelism_threads={args.threads}")
     torch.set_num_threads(args.threads)
+  # Left alone, JAX multiplies float32 on GPUs in TF32 and torch in full float32: set
+  # both, so a GPU ratio compares the same arithmetic.
+  jax.config.update("jax_default_matmul_precision",
+                    {"highest": "float32", "high": "tensorfloat32"}[args.matmul_precision])
+  torch.set_float32_matmul_precision(args.matmul_precision)
   rng = np.random.default_rng(args.seed)
+  print(f"float32 matmul precision: {args.matmul_precision} (jax "
+        f"{jax.config.jax_default_matmul_precision!r}, torch "
+        f"{torch.get_float32_matmul_precision()!r})")
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {len(jax.devices())} devices), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}, cpus={os.cpu_count()}, "
@@ -418,7 +439,7 @@ def main(argv=None):
   c = jax_model.config
   print(f"model: {c.model_type} {c.num_layers} layers, d={c.hidden_size}, "
         f"heads={c.num_heads}/{c.num_kv_heads}, ffn={c.intermediate_size}, vocab={c.vocab_size}, "
-        f"jax {c.param_dtype} (cache {args.cache_dtype or c.dtype}), torch float32"
+        f"jax {c.param_dtype} (cache {args.cache_dtype or c.dtype}), torch {args.torch_dtype}"
         + (f", weights {args.gguf}" if args.gguf else ", random weights"))
   tokens, mask = make_prompts(args, rng, c.vocab_size)
   print(f"parity: max |logits_jax - logits_torch| = "

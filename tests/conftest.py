@@ -32,6 +32,7 @@ _SLOW_FILES = (
     "test_train.py", "test_smollm2.py", "test_attention.py", "test_tracking.py",
     "test_selfplay.py", "test_lora_job.py", "test_lora_testbed.py",
     "test_notebooks.py", "test_gguf.py", "test_lora.py", "test_llm.py",
+    "test_splash_attention.py",
     "test_resume.py", "test_multihost.py", "test_exact_mode.py",
 )
 
