@@ -1,4 +1,4 @@
-"""Grouped-query attention kernels: dense, chunked (online softmax), jax.nn.
+"""Grouped-query attention kernels: dense, chunked, jax.nn, Pallas splash.
 
 Every kernel computes, for batch row b, query i (at cache slot q_i) and the
 key slots s = 0 .. S-1,
@@ -28,8 +28,9 @@ Scores are float32 at least (float64 inputs stay float64).
   on GPU for bfloat16/float16 inputs, XLA's reference path (which
   materialises the scores) everywhere else.
 * `splash_attention` runs Pallas's block-sparse FlashAttention kernel for TPU
-  (the glue is in `splash_attention.py`; interpreted off TPU); `attend` sends it self-attention over a whole
-  sequence, and cached decoding steps to `chunked_attention`.
+  (the glue is in `splash_attention.py`; interpreted off TPU). `attend`
+  sends it self-attention over a whole sequence, and cached decoding steps
+  to `chunked_attention`.
 """
 
 from __future__ import annotations

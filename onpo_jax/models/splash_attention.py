@@ -102,9 +102,8 @@ def _sharded(fn, q, k, v, q_segments, kv_segments):
   mesh_shape = dict(mesh.shape)
   # Batch and kv heads split as the activations' logical names say; a
   # name whose mesh axes do not divide its dimension stays whole.
-  spec = partitioning.logical_to_spec(
+  batch_axes, head_axes = partitioning.logical_to_spec(
       ("batch", "kv_heads"), rules, mesh_shape, q.shape[:2])
-  batch_axes, head_axes = tuple(spec) + (None,) * (2 - len(spec))
   p = jax.sharding.PartitionSpec
   heads = p(batch_axes, head_axes)
   rows = p(batch_axes)
