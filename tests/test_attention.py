@@ -103,7 +103,12 @@ CASES = {
 
 
 def _case(name, dtype, seed=0):
-  lq, s_len, offset, window, hkv, g, invalid = CASES[name]
+  return random_case(CASES[name], dtype, seed)
+
+
+def random_case(spec, dtype, seed=0):
+  """Random q, k, v, cotangent and the mask of a case given as in CASES."""
+  lq, s_len, offset, window, hkv, g, invalid = spec
   rng = np.random.RandomState(seed)
   b = 2
   q = rng.randn(b, lq, hkv, g, D_HEAD).astype(dtype)
