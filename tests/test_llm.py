@@ -151,6 +151,31 @@ def test_device_fingerprint_is_sharding_invariant_and_bit_sensitive():
   assert not np.array_equal(fp, fingerprint.fingerprint(swapped))
 
 
+def _numpy_fingerprint(leaves):
+  """Σ u_j and Σ u_j·(j + 1)·(2i + 1) mod 2^32 over leaves i, u = the bits as uint32."""
+  total, weighted = 0, 0
+  for i, x in enumerate(leaves):
+    x = np.asarray(x)
+    u = x.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[x.itemsize]) if (
+        x.dtype.kind == "f" or x.dtype.name == "bfloat16") else x
+    u = [int(v) % 2**32 for v in u.ravel()]
+    total += sum(u)
+    weighted += sum(v * (j + 1) * (2 * i + 1) for j, v in enumerate(u))
+  return np.asarray([total % 2**32, weighted % 2**32], np.int64)
+
+
+def test_device_fingerprint_matches_numpy_and_tells_same_shaped_leaves_apart():
+  rng = np.random.default_rng(1)
+  a = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+  c = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+  tree = {"a": a, "b": a.astype(jnp.bfloat16), "c": c, "d": jnp.arange(5, dtype=jnp.int32)}
+  np.testing.assert_array_equal(fingerprint.fingerprint(tree),
+                                _numpy_fingerprint(jax.tree.leaves(tree)))
+  # Two leaves of one shape exchanged: same bits overall, other leaf indices.
+  assert not np.array_equal(fingerprint.fingerprint(tree),
+                            fingerprint.fingerprint(dict(tree, a=c, c=a)))
+
+
 def test_validate_config_names_the_field(assets):
   c = _tiny("llama3_8b_onpo", assets, "llama")
   c.policy.path = ""
