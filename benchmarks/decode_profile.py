@@ -20,16 +20,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
-import re
-import tempfile
-import time
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_cpu_enable_xprof_traceme=true").strip()
+from benchmarks import xla_trace
+
+xla_trace.enable_thunk_events()
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
@@ -50,31 +45,21 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def _thunk_kinds(hlo: str) -> dict:
-  """Thunk name -> what it does, read from the compiled HLO text.
+def _kind(t: xla_trace.Thunk) -> str:
+  """What a decoding step's thunk does.
 
-  A dot, or a library fusion (YNNPACK / XNNPACK custom fusions) whose body holds
-  a dot, is a GEMM; the attention's have batch dims (B, kv heads), so outputs of
-  rank 4 and more. Library fusions without a dot are reductions.
+  The attention's GEMMs have batch dims (B, kv heads), so outputs of rank 4 and
+  more. Library fusions without a dot are reductions.
   """
-  bodies = dict(re.findall(r"^(%?[\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S))
-  kinds = {}
-  for name, dims, op, rest in re.findall(
-      r"^\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w[\w\-]*)\((.*)$", hlo, re.M):
-    called = re.search(r"calls=(%[\w.\-]+)", rest)
-    body = bodies.get(called.group(1), "") if called else ""
-    rank = len(dims.split(",")) if dims else 0
-    if op == "dot" or " dot(" in body:
-      kinds[name] = "attention dots" if rank >= 4 else "projection / MLP GEMMs"
-    elif name.startswith(("ynn_fusion", "xnn_fusion")):
-      kinds[name] = "library reductions (norms, softmax)"
-    elif "transpose" in name or name.startswith("copy"):
-      kinds[name] = "copies / transposes (cache layout)"
-    elif "dynamic-update-slice" in name:
-      kinds[name] = "cache writes"
-    else:
-      kinds[name] = "other fusions (norms, RoPE, softmax, residuals)"
-  return kinds
+  if t.gemm:
+    return "attention dots" if len(t.dims) >= 4 else "projection / MLP GEMMs"
+  if t.name.startswith(("ynn_fusion", "xnn_fusion")):
+    return "library reductions (norms, softmax)"
+  if "transpose" in t.name or t.name.startswith("copy"):
+    return "copies / transposes (cache layout)"
+  if "dynamic-update-slice" in t.name:
+    return "cache writes"
+  return "other fusions (norms, RoPE, softmax, residuals)"
 
 
 def main(argv=None):
@@ -98,34 +83,28 @@ def main(argv=None):
 
   f = jax.jit(step, donate_argnums=(2,))
   hlo = f.lower(state, token, cache).compile().as_text()
-  kinds = _thunk_kinds(hlo)
+  kinds = {name: _kind(t) for name, t in xla_trace.thunks(hlo).items()}
   for _ in range(3):
     h, cache = f(state, token, cache)
   jax.block_until_ready(h)
-  walls = []
-  with tempfile.TemporaryDirectory() as trace_dir:
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      for _ in range(_STEPS):
-        t0 = time.perf_counter()
-        h, cache = f(state, token, cache)
-        jax.block_until_ready(h)
-        walls.append(time.perf_counter() - t0)
-    (path,) = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
-    with gzip.open(path) as fh:
-      trace = json.load(fh)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+
+  def run():
+    nonlocal h, cache
+    h, cache = f(state, token, cache)
+    jax.block_until_ready(h)
+
+  ms, walls = xla_trace.thunk_ms(run, _STEPS)
   per_kind = collections.Counter()
-  for e in events:
-    name = e.get("name", "")
-    if e.get("ph") == "X" and name in kinds:
-      per_kind[kinds[name]] += e.get("dur", 0) / 1e3 / _STEPS
+  for name, t in ms.items():
+    if name in kinds:
+      per_kind[kinds[name]] += t
   wall = 1e3 * float(np.median(walls))
   print(f"jax {jax.__version__}, XLA_FLAGS={os.environ['XLA_FLAGS']!r}, load average "
         f"{os.getloadavg()[0]:.1f}")
   print(f"decoding step, batch {b}, {args.layers} layers of SmolLM2-135M's shapes, cache "
         f"{s} slots (half full): {wall:.1f} ms wall (median of {_STEPS}, traced)")
-  for kind, ms in per_kind.most_common():
-    print(f"  {kind:<48}{ms:8.2f} ms  ({ms / args.layers:.3f} ms per layer)")
+  for kind, t in per_kind.most_common():
+    print(f"  {kind:<48}{t:8.2f} ms  ({t / args.layers:.3f} ms per layer)")
   print(f"  {'thunks, total':<48}{sum(per_kind.values()):8.2f} ms")
 
 
