@@ -49,6 +49,7 @@ import torch
 import transformers
 from flax import nnx
 
+from benchmarks import train_step
 from onpo_jax import sampler as sampler_lib
 from onpo_jax.models import decoder as decoder_lib
 from onpo_jax.models import gguf as gguf_lib
@@ -352,24 +353,7 @@ def bench_training(args, torch_model, jax_model, rng):
   j_tokens, j_attn, j_resp = jnp.asarray(tokens, jnp.int32), jnp.asarray(attn), jnp.asarray(resp)
 
   def jax_timing(full_logits):
-    def loss_fn(params, tokens, attn, resp):
-      model = nnx.merge(graphdef, params)
-      positions = decoder_lib.positions_from_mask(attn)
-      if full_logits:
-        logits, _ = model(tokens, positions, attn)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), tokens[:, 1:, None],
-                                 axis=-1)[..., 0]
-        lp = jnp.pad(lp, ((0, 0), (1, 0)))
-      else:
-        lp = model.token_logprobs(tokens, positions, attn)
-      return -jnp.mean(jnp.sum(jnp.where(resp, lp, 0.0), axis=-1))
-
-    def step(params, opt_state, tokens, attn, resp):
-      loss, grads = jax.value_and_grad(loss_fn)(params, tokens, attn, resp)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-    step = jax.jit(step, donate_argnums=(0, 1))
+    step = train_step.make_step(graphdef, tx, full_logits)
     fresh = jax.tree.map(jnp.copy, params)  # donation must not consume the model's arrays
     carry = [fresh, tx.init(fresh)]
     cost = step.lower(carry[0], carry[1], j_tokens, j_attn, j_resp).compile().cost_analysis()

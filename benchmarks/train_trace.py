@@ -1,10 +1,10 @@
 """Where a train step of SmolLM2-135M's shapes spends its time (XLA:CPU thunks).
 
 Builds a decoder of SmolLM2-135M's shapes (random weights, tied 49152-token
-unembedding), jits the train step of `sampler.py` (token log-probs of the
-second half of each row, `Decoder.token_logprobs`, backward, Adam; parameters
-and optimizer state donated), and traces a few steps with `jax.profiler`. Each
-thunk's time is summed by what it does (GEMMs of the unembedding, GEMMs of the
+unembedding), jits the train step `sampler.py` times (`train_step.py`: token
+log-probs of the second half of each row, `Decoder.token_logprobs`, backward,
+Adam; parameters and optimizer state donated), and traces a few steps with
+`jax.profiler`. Each thunk's time is summed by what it does (GEMMs of the unembedding, GEMMs of the
 blocks, attention dots, layout copies and transposes, the rest) and by the
 pass it belongs to (the JAX operation in its metadata: forward, backward,
 Adam, or a copy of a parameter XLA makes to lay it out for a GEMM). Pass
@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import train_step  # noqa: E402
 from onpo_jax.models import decoder as decoder_lib  # noqa: E402
 from onpo_jax.models.config import DecoderConfig  # noqa: E402
 
@@ -80,27 +81,18 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(3, _VOCAB, size=(b, l)), jnp.int32)
   attn = jnp.ones((b, l), bool)
-  resp = jnp.arange(l)[None, :] >= l // 2  # the second half plays the response
+  # The second half of each row plays the response.
+  resp = jnp.broadcast_to(jnp.arange(l) >= l // 2, (b, l))
   tx = optax.adam(1e-5)
 
-  def loss_fn(params):
-    lp = nnx.merge(graphdef, params).token_logprobs(
-        tokens, decoder_lib.positions_from_mask(attn), attn)
-    return -jnp.mean(jnp.sum(jnp.where(resp, lp, 0.0), axis=-1))
-
-  def step(params, opt_state):
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  f = jax.jit(step, donate_argnums=(0, 1))
+  f = train_step.make_step(graphdef, tx, full_logits=False)
   carry = [params, tx.init(params)]
-  compiled = f.lower(*carry).compile()
+  compiled = f.lower(*carry, tokens, attn, resp).compile()
   hlo = compiled.as_text()
   table = xla_trace.thunks(hlo)
 
   def run():
-    carry[0], carry[1], loss = f(*carry)
+    carry[0], carry[1], loss = f(*carry, tokens, attn, resp)
     jax.block_until_ready(loss)
 
   for _ in range(2):

@@ -31,12 +31,11 @@ def enable_thunk_events() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Thunk:
-  """One instruction of the compiled HLO's entry computation.
+  """One instruction of the compiled HLO (the trace names those XLA:CPU runs).
 
   Attributes:
     name: the instruction (and trace event) name.
     dims: its output dimensions.
-    op: the HLO opcode ('fusion', 'dot', ...).
     gemm: a dot, or a fusion (YNNPACK / XNNPACK library fusions included) whose
       body holds a dot.
     op_name: the JAX operation in its metadata ('jit(step)/jvp(...)/dot_general'):
@@ -46,7 +45,6 @@ class Thunk:
   """
   name: str
   dims: tuple[int, ...]
-  op: str
   gemm: bool
   op_name: str
   sizes: frozenset[int]
@@ -67,7 +65,7 @@ def thunks(hlo: str) -> dict[str, Thunk]:
              for d in shape.split(",") if d}
     for operand in re.findall(r"%([\w.\-]+)", rest.split(")")[0]):
       sizes.update(dims_of.get(operand, ()))
-    out[name] = Thunk(name, dims_of[name], op, op == "dot" or " dot(" in body,
+    out[name] = Thunk(name, dims_of[name], op == "dot" or " dot(" in body,
                       op_name.group(1) if op_name else "",
                       frozenset(sizes.union(dims_of[name])))
   return out
