@@ -171,15 +171,86 @@ def geometric_mixture_logprobs(logits_policy: jax.Array, logits_ref: jax.Array,
   return jax.nn.log_softmax(mixed, axis=-1)
 
 
-def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
-  """One sample per row of softmax(logits) by the Gumbel-max trick, [..., V] -> [...] int32.
+# Tokens per block of the two-stage inverse-CDF sampler: the block stage and
+# the in-block stage each scan ~sqrt(V) cumulative sums (V = 32k-150k).
+SAMPLING_BLOCK = 256
 
-  Same noise and tie rule (first maximal index) as `jax.random.categorical`, so
-  the samples are identical; written as max-then-first-index because XLA:CPU
-  fuses the random-number generation into argmax's variadic reduction, which
-  then runs ~2.5x slower (measured at [32, 32000]).
+
+def _first_above(weights: jax.Array, u: jax.Array) -> jax.Array:
+  """Inverse CDF of one discrete law: first i with w_i > 0 and Σ_{j<=i} w_j > u · Σ_j w_j.
+
+  Requiring w_i > 0 keeps zero-weight entries out even where a parallel
+  cumulative sum rounds differently at neighbouring entries.
+
+  Args:
+    weights: [..., n] non-negative, unnormalised weights.
+    u: [...] uniforms in [0, 1).
+
+  Returns:
+    [...] int32 index of a positive weight (the last one if rounding leaves
+    none above the target); 0 for a row with no positive weight.
   """
-  y = logits + jax.random.gumbel(key, logits.shape, logits.dtype)
-  is_max = y == jnp.max(y, axis=-1, keepdims=True)
-  iota = jax.lax.broadcasted_iota(jnp.int32, y.shape, y.ndim - 1)
-  return jnp.min(jnp.where(is_max, iota, y.shape[-1]), axis=-1)
+  cumulative = jnp.cumsum(weights, axis=-1)
+  positive = weights > 0
+  above = (cumulative > (u * cumulative[..., -1])[..., None]) & positive
+  last_positive = weights.shape[-1] - 1 - jnp.argmax(positive[..., ::-1], axis=-1)
+  index = jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), last_positive)
+  return jnp.where(jnp.any(positive, axis=-1), index, 0).astype(jnp.int32)
+
+
+def categorical_from_uniforms(u: jax.Array, logits: jax.Array, *,
+                              block: int = SAMPLING_BLOCK) -> jax.Array:
+  """One sample per row of softmax(logits) from two uniforms per row, [..., V] -> [...] int32.
+
+  Two-stage inverse-CDF sampling: with p = exp(logits - max), the vocabulary is
+  cut into blocks of `block` tokens; u[0] picks a block b with probability
+  Σ_{i∈b} p_i / Σ_i p_i, then u[1] picks a token i of b with probability
+  p_i / Σ_{j∈b} p_j. The product is softmax(logits)_i, and the work is two passes
+  over the logits (exp, block sums) plus cumulative sums of ~sqrt(V) entries,
+  against V random numbers for the Gumbel-max trick (4-8x the time per draw
+  on CPU at V = 49152: `benchmarks/README.md`).
+
+  Probabilities are exact up to the uniforms' resolution (2^-23 in float32,
+  2^-52 in float64) and the rounding of the cumulative sums; -inf logits are
+  never sampled.
+
+  Args:
+    u: [2, ...] uniforms in [0, 1); u[0] chooses the block, u[1] the token.
+    logits: [..., V] float logits (-inf for excluded tokens).
+    block: tokens per block (static).
+
+  Returns:
+    [...] int32 token indices; 0 for a row whose logits are all -inf.
+  """
+  dtype = jnp.result_type(logits.dtype, jnp.float32)
+  z = logits.astype(dtype)
+  vocab = z.shape[-1]
+  block = min(block, vocab)
+  num_blocks = -(-vocab // block)
+  top = jnp.max(z, axis=-1, keepdims=True)
+  p = jnp.exp(z - jnp.where(jnp.isfinite(top), top, 0))
+  p = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, num_blocks * block - vocab)])
+  p = p.reshape(*p.shape[:-1], num_blocks, block)
+  u = u.astype(dtype)
+  chosen = _first_above(jnp.sum(p, axis=-1), u[0])
+  in_block = jnp.take_along_axis(p, chosen[..., None, None], axis=-2)[..., 0, :]
+  return chosen * block + _first_above(in_block, u[1])
+
+
+def categorical(key: jax.Array, logits: jax.Array, *, block: int = SAMPLING_BLOCK) -> jax.Array:
+  """One sample per row of softmax(logits), [..., V] -> [...] int32.
+
+  Draws the two uniforms per row of `categorical_from_uniforms` from `key`
+  (float64 uniforms for float64 logits).
+
+  Args:
+    key: PRNG key.
+    logits: [..., V] float logits (-inf for excluded tokens).
+    block: tokens per block of the two-stage sampler (static).
+
+  Returns:
+    [...] int32 token indices.
+  """
+  dtype = jnp.result_type(logits.dtype, jnp.float32)
+  u = jax.random.uniform(key, (2, *logits.shape[:-1]), dtype)
+  return categorical_from_uniforms(u, logits, block=block)
