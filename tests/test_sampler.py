@@ -354,34 +354,33 @@ def test_response_mask_from_tokens_matches_numpy(use_jit, eos_ids):
     assert not ref.all()  # the fixture really exercises stopping
 
 
-def np_two_stage_inverse_cdf(u, logits, block):
-  """Reference of the two-stage sampler in float64 with `searchsorted`.
+def np_inverse_cdf(w, u):
+  """First index whose float64 cumulative weight exceeds u · total (`searchsorted`).
 
-  Returns the indices and, per row, the smallest distance between a stage's
-  target u · total and a cumulative sum, relative to the total: where that is
-  within rounding, float32 sums may rightly pick a neighbour.
+  Returns (index, distance from the target to the nearest cumulative sum, relative
+  to the total): where that distance is within rounding, float32 sums may rightly
+  pick a neighbour.
   """
+  cum = np.cumsum(w)
+  target = u * cum[-1]
+  i = min(np.searchsorted(cum, target, side="right"), np.flatnonzero(w > 0).max())
+  return i, np.abs(cum - target).min() / cum[-1]
+
+
+def np_two_stage_inverse_cdf(u, logits, block):
+  """Reference of the two-stage sampler: a block by its mass (u[0]), a token in it (u[1])."""
   z = np.asarray(logits, np.float64)
-  top = z.max(-1, keepdims=True)
-  p = np.exp(z - np.where(np.isfinite(top), top, 0.0))
+  p = np.exp(z - z.max(-1, keepdims=True))
   vocab = z.shape[-1]
   block = min(block, vocab)
   num_blocks = -(-vocab // block)
   p = np.concatenate([p, np.zeros((len(p), num_blocks * block - vocab))], -1)
   p = p.reshape(len(p), num_blocks, block)
-  out, margin = np.zeros(len(p), np.int64), np.full(len(p), np.inf)
+  out, margin = np.zeros(len(p), np.int64), np.zeros(len(p))
   for r in range(len(p)):
-    stages = [p[r].sum(-1), None]
-    idx = []
-    for s in range(2):
-      w = stages[s] if s == 0 else p[r, idx[0]]
-      cum = np.cumsum(w)
-      target = u[s, r] * cum[-1]
-      i = np.searchsorted(cum, target, side="right")
-      i = min(i, np.flatnonzero(w > 0).max())  # u · total rounded onto the end
-      idx.append(i)
-      margin[r] = min(margin[r], np.abs(cum - target).min() / cum[-1])
-    out[r] = idx[0] * block + idx[1]
+    b, margin_b = np_inverse_cdf(p[r].sum(-1), u[0, r])
+    i, margin_i = np_inverse_cdf(p[r, b], u[1, r])
+    out[r], margin[r] = b * block + i, min(margin_b, margin_i)
   return out, margin
 
 
