@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.sampler import timed
+from benchmarks.sampler import set_xla_threads, timed
 from onpo_jax import next_token
 
 
@@ -50,14 +50,9 @@ def main(argv=None):
   p.add_argument("--batches", type=int, nargs="+", default=[16, 64])
   p.add_argument("--steps", type=int, default=32, help="draws per jitted call")
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--threads", type=int, default=0, help="XLA CPU threads (0 = default)")
+  p.add_argument("--threads", type=int, default=0, help="XLA:CPU threads: 1 = one, > 1 = one per core, 0 = default")
   args = p.parse_args(argv)
-  if args.threads > 0:
-    # The flags benchmarks.sampler sets (read when the CPU backend starts).
-    multi = "true" if args.threads > 1 else "false"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_cpu_multi_thread_eigen={multi}"
-                               f" intra_op_parallelism_threads={args.threads}")
+  set_xla_threads(args.threads)
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}), load average "
         f"{os.getloadavg()[0]:.1f}; ms per draw of [batch, {args.vocab}] float32, median of "
         f"{args.repeats} calls of {args.steps} draws (cpu ms in brackets)")

@@ -66,6 +66,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--vocab", type=int, default=32000)
 
 
+def set_xla_threads(threads: int) -> None:
+  """Sets XLA:CPU's threading in XLA_FLAGS (0: leave the default).
+
+  Read when the XLA CPU backend starts, i.e. at the first JAX computation, so
+  call it before any. XLA:CPU has no thread-count flag: threads > 1 uses its
+  default pool (one thread per core), 1 turns intra-op threading off.
+  """
+  if threads > 0:
+    multi = "true" if threads > 1 else "false"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_cpu_multi_thread_eigen={multi}")
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   add_model_args(p)
@@ -395,11 +408,7 @@ def bench_training(args, torch_model, jax_model, rng):
 def main(argv=None):
   args = parse_args(argv)
   if args.threads > 0:
-    # Read when the XLA CPU backend starts, i.e. at the first JAX computation below.
-    multi = "true" if args.threads > 1 else "false"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_cpu_multi_thread_eigen={multi}"
-                               f" intra_op_parallelism_threads={args.threads}")
+    set_xla_threads(args.threads)
     torch.set_num_threads(args.threads)
   # Left alone, JAX multiplies float32 on GPUs in TF32 and torch in full float32: set
   # both, so a GPU ratio compares the same arithmetic.

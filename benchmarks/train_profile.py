@@ -50,24 +50,12 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def _set_threads(threads):
-  # Read when the XLA CPU backend starts, i.e. at the first JAX computation.
-  # XLA:CPU has no thread-count flag: threads > 1 uses its default pool (one
-  # thread per core), 1 turns intra-op threading off. A bare
-  # `intra_op_parallelism_threads=N` token (as benchmarks.sampler appends) is
-  # no XLA flag, and flags written after it are not parsed.
-  if threads > 0:
-    multi = "true" if threads > 1 else "false"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_cpu_multi_thread_eigen={multi}")
-
-
 timed = sampler_bench.timed  # (first call s, median wall s, median process-CPU s) of fn()
 
 
 def main(argv=None):
   args = parse_args(argv)
-  _set_threads(args.threads)
+  sampler_bench.set_xla_threads(args.threads)
   import jax
   import jax.numpy as jnp
   import optax

@@ -397,7 +397,7 @@ def test_categorical_from_uniforms_matches_numpy(use_jit, x64, block):
   logits[2, :28] = -np.inf  # whole blocks without mass (block 4 and 7)
   u = rng.uniform(size=(2, 64))
   u[:, 3] = 0.0
-  u[:, 4] = np.nextafter(1.0, 0.0, dtype=np.float32)  # target rounds onto the total
+  u[:, 4] = np.nextafter(1.0, 0.0, dtype=np.float32)  # the largest float32 below 1
   u[0, 5], u[1, 6] = 0.0, np.nextafter(1.0, 0.0, dtype=np.float32)
   ref, margin = np_two_stage_inverse_cdf(u, logits, block)
   with jax.enable_x64(x64):
@@ -433,8 +433,9 @@ def test_categorical_frequencies_chi_square(x64):
   with jax.enable_x64(x64):
     dtype = jnp.float64 if x64 else jnp.float32
     x = jnp.broadcast_to(jnp.asarray(logits, dtype), (n, vocab))
-    got = np.asarray(jax.jit(sampler_lib.categorical)(jax.random.key(5), x))
-    again = np.asarray(jax.jit(sampler_lib.categorical)(jax.random.key(5), x))
+    draw = jax.jit(sampler_lib.categorical)
+    got = np.asarray(draw(jax.random.key(5), x))
+    again = np.asarray(draw(jax.random.key(5), x))
   np.testing.assert_array_equal(got, again)
   probs = np_softmax(logits)
   counts = np.bincount(got, minlength=vocab)
