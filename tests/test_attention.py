@@ -7,6 +7,8 @@ query without visible keys averaging all values), and the new kernels with
 the dense one, values and gradients, under jit and without, in float32 and
 float64: causal self-attention with left padding, a sliding window, GQA, and
 KV-cache decoding (one and three queries at a slot offset, unwritten slots).
+Every kernel is also run through `attend_cache` on keys and values laid out
+as the decoder's cache ([B, Hkv, S, d]).
 
 Tolerances (tests/tolerances.py conventions: eps × accumulation depth,
 relative to the largest reference entry). Along the path to one output entry
@@ -130,6 +132,16 @@ def _kernel(impl, window, chunk_size):
   return fn
 
 
+def _cache_kernel(impl, window, chunk_size):
+  """`attend_cache` on k, v laid out [B, Hkv, S, d], as the decoder's cache."""
+  def fn(q, k_heads, v_heads, q_slots, key_mask):
+    return attn.attend_cache(impl, q, k_heads, v_heads,
+                             attn.AttentionMask(q_slots, key_mask),
+                             sliding_window=window, scale=D_HEAD ** -0.5,
+                             chunk_size=chunk_size)
+  return fn
+
+
 def _variants(case, use_jit):
   """(kernel, block size) pairs to run, dense first.
 
@@ -163,6 +175,16 @@ def test_kernels_match_numpy_and_dense(case, dtype, use_jit):
       assert got.dtype == dtype and got.shape == q.shape
       outs[impl, chunk] = got
       tolerances.assert_close_rel(got, want, rtol=rtol, what=f"{case} {impl}/{chunk} vs numpy")
+    # The same attention over a head-major cache: `cache_attention` for the
+    # dense kernel and single queries, `attend` on the transposed cache else.
+    heads = [jnp.asarray(np.swapaxes(x, 1, 2)) for x in (k, v)]
+    for impl, chunk in _variants(case, use_jit):
+      fn = _cache_kernel(impl, window, chunk)
+      got = np.asarray((jax.jit(fn) if use_jit else fn)(args[0], *heads, *args[3:]))
+      assert got.dtype == dtype and got.shape == q.shape
+      outs["cache " + impl, chunk] = got
+      tolerances.assert_close_rel(got, want, rtol=rtol,
+                                  what=f"{case} cache {impl}/{chunk} vs numpy")
   for key, got in outs.items():
     tolerances.assert_close_rel(got, outs["dense", 512], rtol=rtol,
                                 what=f"{case} {key} vs dense")
@@ -221,6 +243,22 @@ def test_chunked_eager_gradients_and_bfloat16():
   for impl in ("chunked", "dot_product_attention"):
     tolerances.assert_close_rel(fwd[impl], fwd["dense"], rtol=4 * tolerances.BF16_EPS,
                                 what=f"bfloat16 {impl} vs dense")
+
+
+def test_cache_attention_bfloat16():
+  # A decoding step over a bfloat16 cache: the output stays bfloat16 and
+  # differs from the dense kernel by a few bf16 roundings (the dense kernel
+  # rounds the probabilities to bf16, the single-query sum keeps them
+  # float32): 4 · eps_bf16 relative, as for the other kernels.
+  q, k, v, q_slots, key_mask, window, _ = _case("decode_one", np.float32, seed=3)
+  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+  mask = attn.AttentionMask(jnp.asarray(q_slots), jnp.asarray(key_mask))
+  kw = dict(sliding_window=window, scale=D_HEAD ** -0.5)
+  got = attn.cache_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, **kw)
+  want = attn.dense_attention(q, k, v, mask, **kw)
+  assert got.dtype == jnp.bfloat16 and got.shape == q.shape
+  tolerances.assert_close_rel(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                              rtol=4 * tolerances.BF16_EPS, what="bfloat16 cache vs dense")
 
 
 def test_has_visible_key_and_bad_inputs():

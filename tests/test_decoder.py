@@ -327,10 +327,14 @@ def test_sliding_window_changes_logits():
 def test_init_cache_and_donation():
   cfg = config_lib.DecoderConfig.tiny(vocab_size=128)
   cache = dec.init_cache(cfg, 3, 6)
-  assert cache.k.shape == (2, 3, 6, 2, 8) and cache.k.dtype == jnp.float32
+  # One [B, kv heads, slots, head_dim] buffer per layer, none shared (donated).
+  leaves = cache.k + cache.v
+  assert len(cache.k) == len(cache.v) == 2
+  assert all(x.shape == (3, 2, 6, 8) and x.dtype == jnp.float32 for x in leaves)
+  assert len({id(x) for x in leaves}) == 4
   assert cache.mask.shape == (3, 6) and cache.mask.dtype == jnp.bool_
   assert cache.index.dtype == jnp.int32 and int(cache.index) == 0
-  assert dec.init_cache(cfg, 1, 2, jnp.bfloat16).v.dtype == jnp.bfloat16
+  assert dec.init_cache(cfg, 1, 2, jnp.bfloat16).v[1].dtype == jnp.bfloat16
   m = _make(cfg)
   graphdef, state = nnx.split(m)
   step = jax.jit(lambda s, t, p, mk, c: nnx.merge(graphdef, s)(t, p, mk, c),
@@ -343,6 +347,13 @@ def test_init_cache_and_donation():
       jnp.ones((3, 5), bool), cache)
   with pytest.raises(ValueError, match="batch"):
     m(t[:2], t[:2], jnp.ones((2, 2), bool), cache)
+  # A cache of another model, or laid out [layers, B, S, kv heads, d].
+  other = dec.init_cache(cfg.replace(num_layers=3), 3, 6)
+  with pytest.raises(ValueError, match=r"cache\.k: expected 2 arrays of shape"):
+    m(t, t, jnp.ones((3, 2), bool), other)
+  stacked = cache._replace(v=jnp.stack(cache.v).transpose(0, 1, 3, 2, 4))
+  with pytest.raises(ValueError, match=r"cache\.v: expected 2 arrays"):
+    m(t, t, jnp.ones((3, 2), bool), stacked)
 
 
 def test_bad_inputs():

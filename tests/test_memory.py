@@ -81,7 +81,7 @@ def test_estimates_equal_bytes_allocated_on_a_sharded_mesh():
 def test_kv_cache_bytes():
   got = memory.kv_cache_bytes_per_device(TINY, batch_size=8, max_length=20, mesh_shape=MESH,
                                          dtype=jnp.bfloat16)
-  # k and v: [layers, B/(data·fsdp), S, kv_heads/tensor, head_dim] bf16; mask [B/4, S] bool.
+  # k and v, per layer: [B/(data·fsdp), kv_heads/tensor, S, head_dim] bf16; mask [B/4, S] bool.
   per = TINY.num_layers * (8 // 4) * 20 * (TINY.num_kv_heads // 2) * TINY.head_dim * 2
   assert got == 2 * per + (8 // 4) * 20 + 4
 

@@ -185,8 +185,8 @@ def test_sharded_decode_with_sharded_cache(mesh):
   graphdef, state = nnx.split(model)
   cache = dec.init_cache(cfg, 4, 8)
   shardings = sharding.cache_shardings(cache, mesh)
-  assert _spec(shardings.k.spec, 5) == (None, ("data", "fsdp"), None,
-                                        "tensor", None)
+  for s in shardings.k + shardings.v:
+    assert _spec(s.spec, 4) == (("data", "fsdp"), "tensor", None, None)
   cache = jax.device_put(cache, shardings)
   tokens = jnp.asarray(np.random.RandomState(1).randint(3, 128, (4, 5)),
                        jnp.int32)
@@ -197,7 +197,8 @@ def test_sharded_decode_with_sharded_cache(mesh):
                    out_shardings=(None, shardings), donate_argnums=4)
     logits, cache = step(state, tokens[:, :4], pos[:, :4], mask[:, :4], cache)
     last, cache = step(state, tokens[:, 4:], pos[:, 4:], mask[:, 4:], cache)
-  assert _spec(cache.k.sharding.spec, 5) == _spec(shardings.k.spec, 5)
+  for x, s in zip(cache.k + cache.v, shardings.k + shardings.v):
+    assert _spec(x.sharding.spec, 4) == _spec(s.spec, 4)
   full = jax.jit(lambda s: nnx.merge(graphdef, s)(tokens, pos, mask)[0])(
       jax.device_put(jax.tree.map(np.asarray, state), jax.devices()[0]))
   tolerances.assert_close_rel(np.asarray(last[:, 0]), np.asarray(full[:, 4]),

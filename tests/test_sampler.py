@@ -565,8 +565,10 @@ def test_cache_dtype_and_shapes(policy):
   smp, state = _sampler(policy, fresh=True, max_new_tokens=3, cache_dtype="bfloat16")
   toks, mask = jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 4), bool)
   caches, logits = jax.eval_shape(smp.prefill, (state,), toks, mask)  # traces, no compile
-  # [layers, B, prompt bucket + max_new_tokens, kv heads, head_dim]
-  assert caches[0].k.shape == (2, 2, 4 + 3, 1, 8) and caches[0].k.dtype == jnp.bfloat16
+  # per layer: [B, kv heads, prompt bucket + max_new_tokens, head_dim]
+  assert len(caches[0].k) == len(caches[0].v) == 2
+  for x in caches[0].k + caches[0].v:
+    assert x.shape == (2, 1, 4 + 3, 8) and x.dtype == jnp.bfloat16
   assert logits[0].shape == (2, VOCAB) and logits[0].dtype == jnp.float32
 
 

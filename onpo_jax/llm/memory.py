@@ -59,9 +59,9 @@ from onpo_jax.models.decoder import init_cache
 from onpo_jax.onpo_step import onpo_step
 from onpo_jax.selfplay import methods as methods_lib
 
-# Logical names of the KV cache [layers, B, S, kv_heads, head_dim]: batch over
+# Logical names of a layer's KV cache [B, kv_heads, S, head_dim]: batch over
 # the data axes and heads over 'tensor', as the activation rules place them.
-KV_CACHE_AXES = (None, "batch", "length", "kv_heads", "head_dim")
+KV_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 GIB = 1024 ** 3
 
 
@@ -190,9 +190,10 @@ def kv_cache_bytes_per_device(config: DecoderConfig, batch_size: int, max_length
   if batch_size < 1 or max_length < 1:
     raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
   cache = jax.eval_shape(lambda: init_cache(config, batch_size, max_length, dtype))
+  leaves = [(KV_CACHE_AXES, x) for x in cache.k + cache.v]
+  leaves += [(("batch", "length"), cache.mask), ((), cache.index)]
   total = 0
-  for name, x in zip(cache._fields, cache):
-    names = KV_CACHE_AXES if name in ("k", "v") else ("batch", "length")[:x.ndim]
+  for names, x in leaves:
     spec = sharding_lib.logical_to_spec(names, rules, dict(mesh_shape), x.shape)
     total += shard_bytes(x.shape, x.dtype, spec, mesh_shape)
   return total

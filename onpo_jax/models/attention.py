@@ -23,6 +23,9 @@ Scores are float32 at least (float64 inputs stay float64).
   (the glue is in `splash_attention.py`; interpreted off TPU). `attend`
   sends it self-attention over a whole sequence, and cached decoding steps
   to `chunked_attention`.
+* `cache_attention` is the dense kernel over the decoder's KV cache, laid
+  out [B, Hkv, S, d]; `attend_cache` sends decoding steps to it whatever the
+  configured kernel.
 """
 
 from __future__ import annotations
@@ -68,6 +71,52 @@ def dense_attention(q, k, v, mask: AttentionMask, *, sliding_window,
   scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
   return jnp.einsum("bkgls,bskd->blkgd", probs, v)
+
+
+# ------------------------------------------------------- head-major KV cache
+
+
+def cache_attention(q, k, v, mask: AttentionMask, *, sliding_window,
+                    scale: float):
+  """Dense attention of a few queries over a head-major KV cache.
+
+  The same value as `dense_attention` with k, v transposed to [B, S, Hkv, d].
+  The cache keeps each kv head's S slots contiguous, so the score dot reads
+  the keys in place (a [B, S, Hkv, d] cache makes XLA:CPU copy every layer's
+  keys and values into this layout at every decoding step); with a single
+  query the weighted sum of values is a multiply-and-reduce. On a 2-core CPU
+  this took about 45% of the work besides the projection and MLP GEMMs out
+  of SmolLM2-135M's decoding step, and 14% of the sampler's CPU time at
+  batch 64 (benchmarks/README.md, `decode_profile.py`).
+
+  Args:
+    q: [B, Lq, Hkv, G, d] queries (compute dtype).
+    k, v: [B, Hkv, S, d] cached keys and values (same dtype).
+    mask: the AttentionMask of the Lq queries over the S slots.
+    sliding_window: None or the window w.
+    scale: the score scale.
+
+  Returns:
+    [B, Lq, Hkv, G, d] in the compute dtype.
+  """
+  check_shapes(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
+  dt = q.dtype
+  visible = attention_weights_mask(
+      mask.q_slots, jnp.arange(k.shape[2], dtype=jnp.int32), mask.key_mask,
+      sliding_window)
+  scores = jnp.einsum("blkgd,bksd->bklgs", q, k,
+                      preferred_element_type=accum_dtype(dt))
+  scores = scores * scale
+  scores = jnp.where(visible[:, None, :, None], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if q.shape[1] > 1:
+    return jnp.einsum("bklgs,bksd->blkgd", probs.astype(dt), v)
+  # One query per row: as a dot, XLA:CPU runs Σ_s p_s v_s as B·Hkv tiny
+  # GEMMs; as a multiply-and-reduce over the slots it becomes one fusion
+  # (with the output projection).
+  out = jnp.sum(probs[..., None] * v[:, :, None, None].astype(probs.dtype),
+                axis=-2)
+  return jnp.swapaxes(out, 1, 2).astype(dt)
 
 
 # --------------------------------------------------------------- jax.nn sdpa
@@ -193,3 +242,20 @@ def attend(impl: str, q, k, v, mask: AttentionMask, *, sliding_window,
                             scale=scale, chunk_size=chunk_size)
   raise ValueError(f"attention_impl: expected one of {IMPLEMENTATIONS}, "
                    f"got {impl!r}")
+
+
+def attend_cache(impl: str, q, k, v, mask: AttentionMask, *, sliding_window,
+                 scale: float, chunk_size: int):
+  """Attention over a head-major [B, Hkv, S, d] KV cache.
+
+  Decoding steps (one query per row) and the dense kernel read the cache in
+  place (`cache_attention`); a single query's scores are no larger than its
+  output, so no kernel saves memory there. A longer block of queries with
+  another kernel (a prefill) gets the cache as [B, S, Hkv, d] and `attend`.
+  """
+  if impl == "dense" or q.shape[1] == 1:
+    return cache_attention(q, k, v, mask, sliding_window=sliding_window,
+                           scale=scale)
+  return attend(impl, q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask,
+                sliding_window=sliding_window, scale=scale,
+                chunk_size=chunk_size)

@@ -101,8 +101,10 @@ class DecoderConfig:
       instead of O(L²) per head) or 'dot_product_attention'
       (jax.nn.dot_product_attention, cuDNN on GPU for bfloat16) or 'splash'
       (Pallas's TPU FlashAttention kernel for training and scoring, in
-      Pallas's slow interpreter on other backends; cached decoding steps use
-      'chunked'). A runtime choice like remat: not part of the HF config.json.
+      Pallas's slow interpreter on other backends). Whatever the choice,
+      decoding steps (one query per row over the KV cache) use
+      `attention.cache_attention`, whose scores are no larger than its
+      output. A runtime choice like remat: not part of the HF config.json.
     attention_chunk_size: queries and keys per block of 'chunked' and
       'splash' (on TPU rounded up to a multiple of 128).
     bos_token_id: beginning-of-sequence id, or None.

@@ -29,7 +29,10 @@ class KVCache(NamedTuple):
   """Key/value cache, a plain pytree (donatable under jit).
 
   Attributes:
-    k, v: [num_layers, B, S, num_kv_heads, head_dim], compute dtype.
+    k, v: one [B, num_kv_heads, S, head_dim] array per layer (a tuple),
+      compute dtype. Each layer's cache is its own buffer, and each kv head's
+      slots are contiguous, so a decoding step's attention reads them in
+      place (see `attention.cache_attention`).
     mask: [B, S] bool, slot holds a real token.
     index: int32 scalar, next slot to write.
   """
@@ -47,10 +50,13 @@ def init_cache(config: DecoderConfig, batch_size: int, max_length: int,
         f"batch_size and max_length: expected positive ints, got "
         f"{batch_size}, {max_length}")
   dtype = jnp.dtype(dtype or config.dtype)
-  shape = (config.num_layers, batch_size, max_length, config.num_kv_heads,
-           config.head_dim)
+  shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
+  # Distinct buffers for every layer, keys and values: the sampler donates
+  # the cache, and a buffer cannot be donated twice.
+  empty = lambda: tuple(jnp.zeros(shape, dtype)
+                        for _ in range(config.num_layers))
   return KVCache(
-      k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+      k=empty(), v=empty(),
       mask=jnp.zeros((batch_size, max_length), bool),
       index=jnp.zeros((), jnp.int32))
 
@@ -207,13 +213,20 @@ class Decoder(nnx.Module):
     if cache is None:
       mask = layers.AttentionMask(jnp.arange(l, dtype=jnp.int32),
                                   attention_mask)
-      cache_k = cache_v = None
+      cache_k = cache_v = (None,) * c.num_layers
       index = jnp.zeros((), jnp.int32)
     else:
       if cache.mask.shape[0] != b:
         raise ValueError(
             f"cache: batch size {cache.mask.shape[0]} != tokens batch {b}")
       s = cache.mask.shape[1]
+      expected = (b, c.num_kv_heads, s, c.head_dim)
+      for name, arrays in (("k", cache.k), ("v", cache.v)):
+        shapes = [tuple(x.shape) for x in arrays]
+        if len(shapes) != c.num_layers or any(x != expected for x in shapes):
+          raise ValueError(
+              f"cache.{name}: expected {c.num_layers} arrays of shape "
+              f"{expected} (one per layer, from init_cache), got {shapes}")
       # dynamic_update_slice would silently clamp an overflowing write; check
       # whenever the index is concrete (outside jit).
       if (not isinstance(cache.index, jax.core.Tracer)
@@ -228,21 +241,23 @@ class Decoder(nnx.Module):
                                   key_mask)
       cache_k, cache_v = cache.k, cache.v
 
-    for i, block in enumerate(self.layers):
+    new_k, new_v = [], []
+    for block, layer_k, layer_v in zip(self.layers, cache_k, cache_v):
       # Remat only pays off in a backward pass; cached decoding (the sampler's
       # while_loop) has none, and nnx.remat cannot be traced inside that loop.
       if c.remat and cache is None:
-        h, cache_k, cache_v = nnx.remat(
-            lambda blk, *args: blk(*args), static_argnums=(7,))(
-                block, h, positions, inv_freq, mask, cache_k, cache_v, i,
-                index)
+        h, layer_k, layer_v = nnx.remat(lambda blk, *args: blk(*args))(
+            block, h, positions, inv_freq, mask, layer_k, layer_v, index)
       else:
-        h, cache_k, cache_v = block(h, positions, inv_freq, mask, cache_k,
-                                    cache_v, i, index)
+        h, layer_k, layer_v = block(h, positions, inv_freq, mask, layer_k,
+                                    layer_v, index)
+      new_k.append(layer_k)
+      new_v.append(layer_v)
     h = self.final_norm(h)
     if cache is None:
       return h, None
-    return h, KVCache(k=cache_k, v=cache_v, mask=key_mask, index=index + l)
+    return h, KVCache(k=tuple(new_k), v=tuple(new_v), mask=key_mask,
+                      index=index + l)
 
   def _unembedding(self):
     """[D, V] output projection (the transposed embedding when tied)."""

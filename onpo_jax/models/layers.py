@@ -109,16 +109,18 @@ class Attention(nnx.Module):
     return constrain(k, names), constrain(v, names)
 
   def __call__(self, x, positions, inv_freq, keys, values,
-               mask: AttentionMask):
+               mask: AttentionMask, *, cached: bool = False):
     """Attends the queries of x to keys/values.
 
     Args:
       x: [B, L, D] normalised inputs (compute dtype).
       positions: [B, L] RoPE positions.
       inv_freq: [d/2] RoPE inverse frequencies.
-      keys, values: [B, S, Hkv, d] (S = L without a cache).
+      keys, values: [B, S, Hkv, d] (S = L without a cache), or this layer's
+        KV cache, [B, Hkv, S, d], when `cached`.
       mask: AttentionMask, query slots [L] and valid keys [B, S]; the kernel
         (config.attention_impl) adds the causal order and the window.
+      cached: keys and values are a head-major cache.
 
     Returns:
       [B, L, D].
@@ -134,7 +136,8 @@ class Attention(nnx.Module):
     groups = c.num_heads // c.num_kv_heads
     # Query head h uses kv head h // groups (HF repeat_kv order).
     q = q.reshape(b, l, c.num_kv_heads, groups, c.head_dim)
-    out = attention_lib.attend(
+    attend = attention_lib.attend_cache if cached else attention_lib.attend
+    out = attend(
         c.attention_impl, q, keys.astype(dt), values.astype(dt), mask,
         sliding_window=c.sliding_window, scale=c.head_dim ** -0.5,
         chunk_size=c.attention_chunk_size)
@@ -174,18 +177,16 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, inv_freq, mask, cache_k, cache_v, layer,
-               index):
-    """One block, reading and writing this layer's KV-cache slots.
+  def __call__(self, x, positions, inv_freq, mask, cache_k, cache_v, index):
+    """One block, reading and writing its KV cache's slots.
 
     Args:
       x: [B, L, D].
       positions: [B, L].
       inv_freq: [d/2].
       mask: AttentionMask of the L queries over the S keys.
-      cache_k, cache_v: [num_layers, B, S, Hkv, d] caches, or None (then the
-        keys are this call's own tokens, S = L).
-      layer: int, this block's index into the caches.
+      cache_k, cache_v: this layer's [B, Hkv, S, d] caches, or None (then
+        the keys are this call's own tokens, S = L).
       index: int32 scalar, first slot to write.
 
     Returns:
@@ -193,15 +194,17 @@ class Block(nnx.Module):
     """
     h = self.attn_norm(x)
     k, v = self.attn.project_kv(h, positions, inv_freq)
-    if cache_k is not None:
+    if cache_k is None:
+      x = x + self.attn(h, positions, inv_freq, k, v, mask)
+    else:
       zero = jnp.zeros((), jnp.int32)
-      start = (jnp.asarray(layer, jnp.int32), zero, index, zero, zero)
+      start = (zero, zero, index, zero)
       cache_k = jax.lax.dynamic_update_slice(
-          cache_k, k[None].astype(cache_k.dtype), start)
+          cache_k, jnp.swapaxes(k, 1, 2).astype(cache_k.dtype), start)
       cache_v = jax.lax.dynamic_update_slice(
-          cache_v, v[None].astype(cache_v.dtype), start)
-      k, v = cache_k[layer], cache_v[layer]
-    x = x + self.attn(h, positions, inv_freq, k, v, mask)
+          cache_v, jnp.swapaxes(v, 1, 2).astype(cache_v.dtype), start)
+      x = x + self.attn(h, positions, inv_freq, cache_k, cache_v, mask,
+                        cached=True)
     x = constrain(x, ("batch", "length", None))
     x = x + self.mlp(self.mlp_norm(x))
     x = constrain(x, ("batch", "length", None))

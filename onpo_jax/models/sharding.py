@@ -170,8 +170,9 @@ def cache_shardings(cache, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
     return NamedSharding(mesh, logical_to_spec(names, rules, mesh_shape,
                                                x.shape))
 
-  kv = ("layers", "batch", "length", "kv_heads", "head_dim")
+  kv = ("batch", "kv_heads", "length", "head_dim")
   return type(cache)(
-      k=named(cache.k, kv), v=named(cache.v, kv),
+      k=tuple(named(x, kv) for x in cache.k),
+      v=tuple(named(x, kv) for x in cache.v),
       mask=named(cache.mask, ("batch", "length")),
       index=NamedSharding(mesh, PartitionSpec()))
