@@ -46,6 +46,21 @@ IMPLEMENTATIONS = ("dense", "chunked", "dot_product_attention", "splash")
 # ------------------------------------------------------------------- dense
 
 
+def _score_probs(scores, mask: AttentionMask, sliding_window, scale: float,
+                 visible_axes: tuple[int, ...]):
+  """softmax over the last axis of scale · scores + M (M: the module docstring).
+
+  `visible_axes` are the axes of `scores` besides batch, queries and keys,
+  where the [B, Lq, S] visibility is broadcast.
+  """
+  visible = attention_weights_mask(
+      mask.q_slots, jnp.arange(scores.shape[-1], dtype=jnp.int32),
+      mask.key_mask, sliding_window)
+  visible = jnp.expand_dims(visible, visible_axes)
+  return jax.nn.softmax(jnp.where(visible, scores * scale, MASK_VALUE),
+                        axis=-1)
+
+
 def dense_attention(q, k, v, mask: AttentionMask, *, sliding_window,
                     scale: float):
   """Softmax attention through the full [B, Hkv, G, Lq, S] score matrix.
@@ -62,14 +77,9 @@ def dense_attention(q, k, v, mask: AttentionMask, *, sliding_window,
   """
   check_shapes(q, k, v, mask)
   dt = q.dtype
-  visible = attention_weights_mask(
-      mask.q_slots, jnp.arange(k.shape[1], dtype=jnp.int32), mask.key_mask,
-      sliding_window)
   scores = jnp.einsum("blkgd,bskd->bkgls", q, k,
                       preferred_element_type=accum_dtype(dt))
-  scores = scores * scale
-  scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  probs = _score_probs(scores, mask, sliding_window, scale, (1, 2)).astype(dt)
   return jnp.einsum("bkgls,bskd->blkgd", probs, v)
 
 
@@ -101,19 +111,14 @@ def cache_attention(q, k, v, mask: AttentionMask, *, sliding_window,
   """
   check_shapes(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
   dt = q.dtype
-  visible = attention_weights_mask(
-      mask.q_slots, jnp.arange(k.shape[2], dtype=jnp.int32), mask.key_mask,
-      sliding_window)
   scores = jnp.einsum("blkgd,bksd->bklgs", q, k,
                       preferred_element_type=accum_dtype(dt))
-  scores = scores * scale
-  scores = jnp.where(visible[:, None, :, None], scores, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1)
+  probs = _score_probs(scores, mask, sliding_window, scale, (1, 3))
   if q.shape[1] > 1:
     return jnp.einsum("bklgs,bksd->blkgd", probs.astype(dt), v)
-  # One query per row: as a dot, XLA:CPU runs Σ_s p_s v_s as B·Hkv tiny
-  # GEMMs; as a multiply-and-reduce over the slots it becomes one fusion
-  # (with the output projection).
+  # One query per row: as a dot, XLA:CPU runs Σ_s p_s v_s as a batched dot
+  # outside its GEMM libraries (B·Hkv tiny products); as a multiply-and-reduce
+  # over the slots it becomes one library fusion with the output projection.
   out = jnp.sum(probs[..., None] * v[:, :, None, None].astype(probs.dtype),
                 axis=-2)
   return jnp.swapaxes(out, 1, 2).astype(dt)
