@@ -109,7 +109,12 @@ def cache_attention(q, k, v, mask: AttentionMask, *, sliding_window,
   Returns:
     [B, Lq, Hkv, G, d] in the compute dtype.
   """
-  check_shapes(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
+  # The shapes of k and v as [B, S, Hkv, d], without transposing the cache
+  # (outside jit a transpose would copy it).
+  key_major = [jax.ShapeDtypeStruct(
+      (x.shape[0], x.shape[2], x.shape[1], *x.shape[3:]), x.dtype)
+               for x in (k, v)]
+  check_shapes(q, *key_major, mask)
   dt = q.dtype
   scores = jnp.einsum("blkgd,bksd->bklgs", q, k,
                       preferred_element_type=accum_dtype(dt))
