@@ -36,6 +36,13 @@ from onpo_jax.testbed import shadow
 ROUNDS = 3
 RESIDUAL_TOL = 1e-12  # float64: each regression's excess loss over its tabular minimum
 KW = dict(tol=1e-14, max_steps=600, residual_tol=RESIDUAL_TOL, stall_steps=20)
+# Rank 1 converges slowly and by a path that depends on the factors' init and on
+# the machine's float64 rounding (measured GN steps per round, two regressions
+# each: 436 to 8819 over init keys 0-2 on one machine; key 1 under 1200 on an
+# AVX2 machine, 2589 on an AVX-512 one). Long flat stretches trip the stall rule
+# at excess losses ~1e-3, so the rank-1 solve runs without it, to the same
+# residual tolerance, with a step budget far above what was measured.
+KW_RANK_ONE = dict(KW, max_steps=10_000, stall_steps=None)
 NAME = "onpo_two_step"
 
 
@@ -50,11 +57,11 @@ def world():
   return cfg, ec, starts, full
 
 
-def _run(world, lora_config, train_rest):
+def _run(world, lora_config, train_rest, kw=KW):
   cfg, ec, starts, _ = world
   with exact_part.exact_precision(cfg):
     runner = lora_exact.TableRounds(ec, starts[0].world.graphdef, lora_config=lora_config,
-                                    train_rest=train_rest, **KW)
+                                    train_rest=train_rest, **kw)
     return runner.run(starts, NAME, ROUNDS, key=jax.random.key(1))[0]
 
 
@@ -99,7 +106,7 @@ def test_full_rank_lora_plus_rest_matches_full_parameter_onpo(world, full_rank):
 def test_rank_one_lora_tracks_the_shadow(world, full_rank):
   cfg, ec, starts, full = world
   t0 = time.perf_counter()
-  out = _run(world, lora_exact.rank_config(1), True)
+  out = _run(world, lora_exact.rank_config(1), True, KW_RANK_ONE)
   kl1, klf = np.abs(out["tracking_kl"]), np.abs(full_rank["tracking_kl"])
   d = lora_exact.max_prob_diff(out["tables"], full["tables"])
   print(f"\nr = 1 (+ rest): KL(net ‖ shadow) per round {kl1}, full rank {klf}\n"
