@@ -130,6 +130,59 @@ def test_rms_norm(dtype, use_jit):
   np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
+_DENSE_SPEC = "bld,dhk->blhk"  # a q/k/v projection: kernel [D, heads, head_dim]
+
+
+def _dense_operands(rng, depth=256):
+  return rng.randn(2, 3, depth), rng.randn(depth, 4, 8) / np.sqrt(depth)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_dense(dtype, use_jit):
+  x, w = (a.astype(dtype) for a in _dense_operands(np.random.RandomState(4)))
+  with _x64(dtype):
+    got = _maybe_jit(lambda x, w: layers.dense(_DENSE_SPEC, x, w), use_jit)(
+        jnp.asarray(x), jnp.asarray(w))
+  assert got.dtype == dtype
+  want = np.einsum(_DENSE_SPEC, x.astype(np.float64), w.astype(np.float64))
+  tol = F32_TOL if dtype == np.float32 else F64_TOL
+  np.testing.assert_allclose(np.asarray(got), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_dense_bfloat16_rounds_a_float32_sum_once_and_differentiates_as_einsum(use_jit):
+  x, w = (jnp.asarray(a, jnp.bfloat16) for a in _dense_operands(np.random.RandomState(5)))
+  dense = _maybe_jit(lambda x, w: layers.dense(_DENSE_SPEC, x, w), use_jit)
+  got = np.asarray(dense(x, w).astype(jnp.float32))
+  # The exact sum of the bfloat16 products, rounded to bfloat16 once. A float32
+  # sum of 256 terms is within 256 · 2^-24 (relative) of it, so it rounds to the
+  # same bfloat16 except near a rounding boundary: one ulp (2^-7 relative at
+  # most) on a few entries. Rounding partial sums to bfloat16 would be off by
+  # several ulps.
+  exact = np.einsum(_DENSE_SPEC, np.asarray(x, np.float64), np.asarray(w, np.float64))
+  want = np.asarray(jnp.asarray(exact, jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_allclose(got, want, rtol=tolerances.BF16_EPS, atol=0)
+  assert np.mean(got != want) <= 0.02, np.mean(got != want)
+  # Derivatives are the plain einsum's, bit for bit: the same products of the
+  # bfloat16 cotangent (reverse mode) and tangents (forward mode), with
+  # respect to both operands and to one (the other a symbolic zero).
+  plain = lambda x, w: jnp.einsum(_DENSE_SPEC, x, w)
+  ct = jnp.asarray(np.random.RandomState(6).randn(2, 3, 4, 8), jnp.bfloat16)
+  for argnums in ((0, 1), (0,), (1,)):
+    grads = [_maybe_jit(jax.grad(lambda x, w, f=f: jnp.sum((f(x, w) * ct).astype(jnp.float32)),
+                                 argnums=argnums), use_jit)(x, w)
+             for f in (lambda x, w: layers.dense(_DENSE_SPEC, x, w), plain)]
+    for a, b in zip(*grads):
+      assert a.dtype == jnp.bfloat16
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  tangents = tuple(jnp.asarray(np.random.RandomState(7).randn(*a.shape), jnp.bfloat16)
+                   for a in (x, w))
+  (_, t_got), (_, t_want) = (jax.jvp(f, (x, w), tangents)
+                             for f in (lambda x, w: layers.dense(_DENSE_SPEC, x, w), plain))
+  np.testing.assert_array_equal(np.asarray(t_got, np.float32), np.asarray(t_want, np.float32))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_apply_rope(dtype, use_jit):
