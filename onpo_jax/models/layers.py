@@ -66,9 +66,9 @@ def dense(spec: str, x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   float32 and rounded once: what GPUs and TPUs do inside a bfloat16 matmul
   anyway, and on XLA:CPU the form its GEMM library runs with native bfloat16
   instructions (a bfloat16-output dot there takes a path 1.5-3x slower than
-  float32). The backward pass is today's: its products take the bfloat16
-  cotangent as is (`_low_precision_dense`'s JVP), not a float32 one that
-  would turn them into mixed float32 × bfloat16 products.
+  float32). The derivatives are the plain einsum's: their products take the
+  bfloat16 tangent or cotangent as is (`_low_precision_dense`'s JVP), not a
+  float32 one that would turn them into mixed float32 × bfloat16 products.
   """
   w = w.astype(x.dtype)
   if jnp.promote_types(x.dtype, jnp.float32) == x.dtype:
@@ -187,7 +187,6 @@ class Attention(nnx.Module):
     out = out.reshape(b, l, c.num_heads, c.head_dim)
     out = constrain(out, ("batch", "length", "heads", "head_dim"))
     return dense("blhk,hkd->bld", out, self.o[...])
-
 
 
 class MLP(nnx.Module):
