@@ -12,8 +12,9 @@ directory and imported with `onpo_jax.models.load_hf_checkpoint`. Measured:
 The first call of each JAX function (compilation) and of each torch function
 (warm-up) is timed separately and excluded from the throughput. The train
 rows also give the JAX step's GFLOP/s (XLA's flop count of the compiled step
-over its wall time) next to a float32 GEMM peak measured by the same run
-(the best of a few jitted square matmuls); the sampling latency is wall ms
+over its wall time) next to a GEMM peak measured by the same run (the best
+of a few jitted square matmuls in the JAX side's dtype, with float32 results
+as the model's products have them); the sampling latency is wall ms
 per decoding step (one new token for every row of the batch), the prefill
 amortised over the steps, and then without the prefill (the time of the same
 call with one new token subtracted) against a lower bound: the larger of
@@ -37,6 +38,7 @@ Run (CPU, defaults: 4 layers, d=256, vocab 32k, batch 32, 64 new tokens):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -186,12 +188,17 @@ def _rates(n_tokens, jax_timing, torch_timing, steps=1):
               jax_ms=1e3 * jw / steps, torch_ms=1e3 * tw / steps)
 
 
-def gemm_peak(repeats):
-  """Best float32 GFLOP/s of jitted square matmuls (the CPU's XLA GEMM peak)."""
+def gemm_peak(repeats, dtype="float32"):
+  """Best GFLOP/s of jitted square matmuls (the CPU's XLA GEMM peak).
+
+  The operands are `dtype`, the result float32: the form of the model's
+  products (`layers.dense`), which XLA:CPU runs natively in bfloat16 where
+  the CPU has bfloat16 instructions.
+  """
   best = 0.0
+  f = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
   for n in (1024, 2048):
-    x = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(jnp.dot)
+    x = jnp.ones((n, n), dtype)
     _, wall, _ = timed(lambda: jax.block_until_ready(f(x, x)), repeats)
     best = max(best, 2.0 * n ** 3 / wall / 1e9)
   return best
@@ -458,11 +465,11 @@ def main(argv=None):
   sampling = rows[0][2]
   print(f"sampling latency: {sampling['jax_ms']:.1f} / {sampling['torch_ms']:.1f} ms per decoding "
         f"step (jax / torch, wall, batch {args.batch}, prefill amortised)")
-  peak = gemm_peak(args.repeats)
+  peak = gemm_peak(args.repeats, args.jax_dtype)
   decode_bound(args, jax_model, sampling, peak)
   for name, setting, r in rows[1:]:
     print(f"{name} {setting.split(', ')[-1]}: jax {r['gflops']:.1f} GFLOP/s (XLA's flop count "
-          f"of the step / wall) = {100 * r['gflops'] / peak:.0f}% of the float32 GEMM peak "
+          f"of the step / wall) = {100 * r['gflops'] / peak:.0f}% of the {args.jax_dtype} GEMM peak "
           f"{peak:.1f} GFLOP/s")
 
 

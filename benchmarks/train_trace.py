@@ -13,6 +13,7 @@ them.
 
   python -m benchmarks.train_trace
   python -m benchmarks.train_trace --batch 8 --length 256
+  python -m benchmarks.train_trace --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def parse_args(argv=None):
   p.add_argument("--length", type=int, default=128)
   p.add_argument("--layers", type=int, default=30)
   p.add_argument("--steps", type=int, default=3, help="traced steps (after 2 warm-up steps)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="parameter and compute dtype")
   return p.parse_args(argv)
 
 
@@ -76,7 +79,8 @@ def main(argv=None):
   b, l = args.batch, args.length
   cfg = DecoderConfig(vocab_size=_VOCAB, hidden_size=576, intermediate_size=1536,
                       num_layers=args.layers, num_heads=9, num_kv_heads=3, head_dim=64,
-                      tie_word_embeddings=True, max_position_embeddings=8192)
+                      tie_word_embeddings=True, max_position_embeddings=8192,
+                      param_dtype=args.dtype, dtype=args.dtype)
   graphdef, params = nnx.split(decoder_lib.Decoder(cfg, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(3, _VOCAB, size=(b, l)), jnp.int32)
@@ -109,7 +113,7 @@ def main(argv=None):
   total = sum(sum(c.values()) for c in by_kind.values())
   print(f"jax {jax.__version__}, XLA_FLAGS={os.environ['XLA_FLAGS']!r}, load average "
         f"{os.getloadavg()[0]:.1f}")
-  print(f"train step, {b} x {l} tokens, {args.layers} layers of SmolLM2-135M's shapes: "
+  print(f"train step, {args.dtype}, {b} x {l} tokens, {args.layers} layers of SmolLM2-135M's shapes: "
         f"{1e3 * wall:.0f} ms wall (median of {args.steps}, traced), "
         f"{b * l / wall:.0f} tokens/s, {float(cost['flops']) / wall / 1e9:.1f} GFLOP/s (XLA's "
         f"count); thunks {total:.0f} ms (the two threads overlap)")

@@ -92,8 +92,10 @@ class DecoderConfig:
       'float64').
     dtype: compute dtype of activations ('float32' | 'bfloat16' |
       'float64'); logits and log-probs are float32, or float64 for a float64
-      model. In bfloat16 the projections' products are summed in float32 and
-      rounded once (`layers.dense`). float64 needs JAX's x64 mode
+      model. In bfloat16 the projections' and the unembedding's products,
+      forward and backward, are summed in float32 and rounded once
+      (`layers.dense`); such a model has reverse-mode derivatives only
+      (no `jax.jvp`). float64 needs JAX's x64 mode
       (`with jax.enable_x64(True):`); it is for reference computations such
       as the testbed's exact rounds.
     remat: rematerialise each block in the backward pass (nnx.remat).

@@ -298,5 +298,4 @@ def _inv_freq(head_dim, theta, scaling):
 
 
 def _unembed(h, w):
-  return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype),
-                    preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))
+  return layers.dense("...d,dv->...v", h, w, out_dtype=jnp.promote_types(h.dtype, jnp.float32))

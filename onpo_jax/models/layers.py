@@ -59,45 +59,89 @@ def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
   return scale.astype(x.dtype) * normed
 
 
-def dense(spec: str, x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-  """The einsum `spec` of x and the kernel w (cast to x.dtype), in x.dtype.
+def dense(spec: str, x: jnp.ndarray, w: jnp.ndarray, out_dtype=None) -> jnp.ndarray:
+  """The einsum `spec` of x and the kernel w (cast to x.dtype).
 
-  Below float32 (bfloat16, float16) the product is accumulated and returned in
-  float32 and rounded once: what GPUs and TPUs do inside a bfloat16 matmul
-  anyway, and on XLA:CPU the form its GEMM library runs with native bfloat16
-  instructions (a bfloat16-output dot there takes a path 1.5-3x slower than
-  float32). The derivatives are the plain einsum's: their products take the
-  bfloat16 tangent or cotangent as is (`_low_precision_dense`'s JVP), not a
-  float32 one that would turn them into mixed float32 × bfloat16 products.
+  Below float32 (bfloat16, float16) each product, forward and backward, is
+  accumulated and returned in float32 and rounded once: what GPUs and TPUs do
+  inside a bfloat16 matmul anyway, and on XLA:CPU the form its GEMM library
+  runs with native bfloat16 instructions (a bfloat16-output dot there takes a
+  path 1.5-3x slower than float32). The backward products take the cotangent
+  in x.dtype and the operands as they are (`_low_precision_dense`'s VJP), so
+  none becomes a mixed float32 × bfloat16 product. Being a custom VJP, a
+  product below float32 has no forward-mode derivative (`jax.jvp` raises);
+  float32 and float64 are the plain einsum, differentiable either way.
+
+  Args:
+    spec: an einsum of two operands, e.g. "...d,df->...f", in which every
+      index appears in exactly two of x, w and the output (contracted, batch
+      or free), each once.
+    x: the activations; their dtype is the compute dtype.
+    w: the kernel.
+    out_dtype: dtype of the result, x.dtype by default. The logits ask for
+      float32 from bfloat16 hidden states; below float32 their cotangent is
+      then rounded to x.dtype before the backward products, as it would be
+      for logits in x.dtype.
+
+  Raises:
+    ValueError: `spec` has an index that is summed within one operand,
+      repeated, or missing from the other two terms.
   """
   w = w.astype(x.dtype)
+  out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
   if jnp.promote_types(x.dtype, jnp.float32) == x.dtype:
-    return jnp.einsum(spec, x, w)
-  return _low_precision_dense(spec, x, w)
+    return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+  return _low_precision_dense(_backward_specs(spec), spec, out_dtype, x, w)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _low_precision_dense(spec, x, w):
-  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+@functools.lru_cache(maxsize=None)
+def _backward_specs(spec: str) -> tuple[str, str]:
+  """The einsums of the two cotangents: (out,w -> x) and (x,out -> w)."""
+  try:
+    ins, out = spec.replace(" ", "").split("->")
+    a, b = ins.split(",")
+  except ValueError:
+    raise ValueError(f"dense spec {spec!r}: expected 'x,w->out'") from None
+  terms = [t.replace("...", ".") for t in (a, b, out)]
+  for i, t in enumerate(terms):
+    others = "".join(terms[:i] + terms[i + 1:])
+    if len(set(t)) != len(t) or any(others.count(c) != 1 for c in t):
+      raise ValueError(f"dense spec {spec!r}: every index must appear once in exactly two "
+                       f"of x, w and the output")
+  return f"{out},{b}->{a}", f"{a},{out}->{b}"
 
 
-def _low_precision_dense_jvp(spec, primals, tangents):
-  # Linear in each tangent, in the compute dtype: transposed, these are the
-  # products of the cotangent that a plain einsum's backward pass would run.
-  # Symbolic zeros (a frozen kernel, a constant input) add no product.
-  x, w = primals
-  dx, dw = tangents
-  out = _low_precision_dense(spec, x, w)
-  terms = ([] if _is_zero(dx) else [jnp.einsum(spec, dx, w)]) + (
-      [] if _is_zero(dw) else [jnp.einsum(spec, x, dw)])
-  return out, (sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out))
+def _f32_product(spec, p, q, dtype):
+  return jnp.einsum(spec, p, q, preferred_element_type=jnp.float32).astype(dtype)
 
 
-_low_precision_dense.defjvp(_low_precision_dense_jvp, symbolic_zeros=True)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _low_precision_dense(backward_specs, spec, out_dtype, x, w):
+  del backward_specs
+  return _f32_product(spec, x, w, out_dtype)
 
 
-def _is_zero(t) -> bool:
-  return isinstance(t, jax.custom_derivatives.SymbolicZero)
+def _low_precision_dense_fwd(backward_specs, spec, out_dtype, x, w):
+  # Keep only what a perturbed operand's cotangent needs: dx reads w, dw
+  # reads x. A frozen kernel (LoRA's base, the reference model) stores no x.
+  out = _f32_product(spec, x.value, w.value, out_dtype)
+  return out, (x.value if w.perturbed else None, w.value if x.perturbed else None)
+
+
+def _low_precision_dense_bwd(backward_specs, spec, out_dtype, residuals, g):
+  del out_dtype
+  x, w = residuals
+  if isinstance(g, jax.custom_derivatives.SymbolicZero) or (x is None and w is None):
+    return None, None
+  dtype = (w if x is None else x).dtype
+  g = g.astype(dtype)
+  spec_x, spec_w = backward_specs
+  return (None if w is None else _f32_product(spec_x, g, w, dtype),
+          None if x is None else _f32_product(spec_w, x, g, dtype))
+
+
+_low_precision_dense.defvjp(_low_precision_dense_fwd, _low_precision_dense_bwd,
+                            symbolic_zeros=True)
 
 
 class RMSNorm(nnx.Module):
