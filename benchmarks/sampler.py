@@ -53,6 +53,7 @@ from flax import nnx
 
 from benchmarks import train_step
 from onpo_jax import sampler as sampler_lib
+from onpo_jax.infra import host_memory
 from onpo_jax.models import decoder as decoder_lib
 from onpo_jax.models import gguf as gguf_lib
 from onpo_jax.models import hf_io
@@ -96,6 +97,9 @@ def parse_args(argv=None):
                   "on a shared, oversubscribed machine multi-threaded torch spin-waits and "
                   "runs >10x slower, which would flatter JAX")
   p.add_argument("--skip-train", action="store_true")
+  p.add_argument("--host-malloc", default="default", choices=("reuse", "default"),
+                 help="glibc malloc for the whole process, both sides "
+                      "(onpo_jax/infra/host_memory.py; experiments.run's --host_malloc)")
   p.add_argument("--filter-logits", action="store_true",
                  help="only time filter_logits (bisections) against the former top_k + full sort")
   p.add_argument("--jax-dtype", default="float32", choices=("float32", "bfloat16"),
@@ -414,6 +418,7 @@ def bench_training(args, torch_model, jax_model, rng):
 
 def main(argv=None):
   args = parse_args(argv)
+  reuse = host_memory.configure(args.host_malloc)  # before either side starts threads
   if args.threads > 0:
     set_xla_threads(args.threads)
     torch.set_num_threads(args.threads)
@@ -430,7 +435,8 @@ def main(argv=None):
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}, cpus={os.cpu_count()}, "
         f"load average {os.getloadavg()[0]:.1f}, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, host malloc "
+        f"{'reuses freed memory' if reuse else 'glibc defaults'}")
   if args.filter_logits:
     bench_filter_logits(args)
     return

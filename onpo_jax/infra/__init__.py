@@ -1,4 +1,5 @@
-"""Infrastructure every job shares: orbax checkpoints, metrics (JSONL and TensorBoard), PNG plots.
+"""Infrastructure every job shares: orbax checkpoints, metrics (JSONL and TensorBoard), PNG plots,
+glibc malloc settings for XLA:CPU (`host_memory`).
 
 Imports nothing from the rest of `onpo_jax`.
 """
