@@ -240,9 +240,10 @@ def test_dense_forward_mode():
     "bld,dhk->blhkk",     # k repeated in the output
     "bld,dhk->blhkq",     # q in the output only
 ])
-def test_dense_rejects_specs_it_cannot_transpose(spec):
-  x = jnp.zeros((1, 1, 1), jnp.bfloat16)
-  w = jnp.zeros((1,) * len(spec.split(",")[1].split("-")[0]), jnp.bfloat16)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_dense_rejects_specs_it_cannot_transpose(spec, dtype):
+  x = jnp.zeros((1, 1, 1), dtype)
+  w = jnp.zeros((1,) * len(spec.split(",")[1].split("-")[0]), dtype)
   with pytest.raises(ValueError, match="dense spec"):
     layers.dense(spec, x, w)
 

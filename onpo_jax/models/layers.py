@@ -87,11 +87,12 @@ def dense(spec: str, x: jnp.ndarray, w: jnp.ndarray, out_dtype=None) -> jnp.ndar
     ValueError: `spec` has an index that is summed within one operand,
       repeated, or missing from the other two terms.
   """
+  backward_specs = _backward_specs(spec)
   w = w.astype(x.dtype)
   out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
   if jnp.promote_types(x.dtype, jnp.float32) == x.dtype:
     return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
-  return _low_precision_dense(_backward_specs(spec), spec, out_dtype, x, w)
+  return _low_precision_dense(backward_specs, spec, out_dtype, x, w)
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,7 +124,7 @@ def _low_precision_dense(backward_specs, spec, out_dtype, x, w):
 
 def _low_precision_dense_fwd(backward_specs, spec, out_dtype, x, w):
   # Keep only what a perturbed operand's cotangent needs: dx reads w, dw
-  # reads x. A frozen kernel (LoRA's base, the reference model) stores no x.
+  # reads x; a kernel outside the differentiated parameters stores no x.
   out = _f32_product(spec, x.value, w.value, out_dtype)
   return out, (x.value if w.perturbed else None, w.value if x.perturbed else None)
 
