@@ -87,12 +87,12 @@ def dense(spec: str, x: jnp.ndarray, w: jnp.ndarray, out_dtype=None) -> jnp.ndar
     ValueError: `spec` has an index that is summed within one operand,
       repeated, or missing from the other two terms.
   """
-  backward_specs = _backward_specs(spec)
+  _backward_specs(spec)  # checks the spec at every dtype
   w = w.astype(x.dtype)
   out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
   if jnp.promote_types(x.dtype, jnp.float32) == x.dtype:
     return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
-  return _low_precision_dense(backward_specs, spec, out_dtype, x, w)
+  return _low_precision_dense(spec, out_dtype, x, w)
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,27 +116,26 @@ def _f32_product(spec, p, q, dtype):
   return jnp.einsum(spec, p, q, preferred_element_type=jnp.float32).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _low_precision_dense(backward_specs, spec, out_dtype, x, w):
-  del backward_specs
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _low_precision_dense(spec, out_dtype, x, w):
   return _f32_product(spec, x, w, out_dtype)
 
 
-def _low_precision_dense_fwd(backward_specs, spec, out_dtype, x, w):
+def _low_precision_dense_fwd(spec, out_dtype, x, w):
   # Keep only what a perturbed operand's cotangent needs: dx reads w, dw
   # reads x; a kernel outside the differentiated parameters stores no x.
   out = _f32_product(spec, x.value, w.value, out_dtype)
   return out, (x.value if w.perturbed else None, w.value if x.perturbed else None)
 
 
-def _low_precision_dense_bwd(backward_specs, spec, out_dtype, residuals, g):
+def _low_precision_dense_bwd(spec, out_dtype, residuals, g):
   del out_dtype
   x, w = residuals
   if isinstance(g, jax.custom_derivatives.SymbolicZero) or (x is None and w is None):
     return None, None
   dtype = (w if x is None else x).dtype
   g = g.astype(dtype)
-  spec_x, spec_w = backward_specs
+  spec_x, spec_w = _backward_specs(spec)
   return (None if w is None else _f32_product(spec_x, g, w, dtype),
           None if x is None else _f32_product(spec_w, x, g, dtype))
 
