@@ -67,6 +67,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--kv-heads", type=int, default=4)
   p.add_argument("--intermediate", type=int, default=1024)
   p.add_argument("--vocab", type=int, default=32000)
+  p.add_argument("--tie-embeddings", action="store_true",
+                 help="one table for the embedding and the unembedding (Llama-3.2 1B / 3B)")
 
 
 def set_xla_threads(threads: int) -> None:
@@ -123,10 +125,11 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def build_models(args, workdir):
+def build_models(args, workdir, **jax_overrides):
   """A random torch Llama and the same weights in our Decoder (via hf_io).
 
   With --gguf: the GGUF weights in our Decoder, exported to HF for torch.
+  `jax_overrides` are DecoderConfig fields for our side (e.g. attention_impl).
   """
   if args.gguf:
     path = gguf_lib.smollm2_gguf_path() if args.gguf == "smollm2" else args.gguf
@@ -134,17 +137,20 @@ def build_models(args, workdir):
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(
         workdir, local_files_only=True, dtype=torch.float32).eval()
     jax_model = hf_io.load_hf_checkpoint(workdir, param_dtype=args.jax_dtype,
-                                         dtype=args.jax_dtype)
+                                         dtype=args.jax_dtype, **jax_overrides)
     return _place(torch_model, args), jax_model
   torch.manual_seed(args.seed)
   hf_config = transformers.LlamaConfig(
       vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
       num_hidden_layers=args.layers, num_attention_heads=args.heads,
       num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
-      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-  torch_model = transformers.LlamaForCausalLM(hf_config).eval()
+      bos_token_id=1, eos_token_id=2, pad_token_id=0,
+      tie_word_embeddings=getattr(args, "tie_embeddings", False))
+  with torch.device(args.torch_device):  # initialised where it runs: a GPU draws 1B weights fast
+    torch_model = transformers.LlamaForCausalLM(hf_config).eval()
   torch_model.save_pretrained(workdir)
-  jax_model = hf_io.load_hf_checkpoint(workdir, param_dtype=args.jax_dtype, dtype=args.jax_dtype)
+  jax_model = hf_io.load_hf_checkpoint(workdir, param_dtype=args.jax_dtype, dtype=args.jax_dtype,
+                                       **jax_overrides)
   return _place(torch_model, args), jax_model
 
 
@@ -192,16 +198,17 @@ def _rates(n_tokens, jax_timing, torch_timing, steps=1):
               jax_ms=1e3 * jw / steps, torch_ms=1e3 * tw / steps)
 
 
-def gemm_peak(repeats, dtype="float32"):
-  """Best GFLOP/s of jitted square matmuls (the CPU's XLA GEMM peak).
+def gemm_peak(repeats, dtype="float32", sizes=(1024, 2048)):
+  """Best GFLOP/s of jitted square matmuls of the given sizes (XLA's GEMM peak).
 
   The operands are `dtype`, the result float32: the form of the model's
   products (`layers.dense`), which XLA:CPU runs natively in bfloat16 where
-  the CPU has bfloat16 instructions.
+  the CPU has bfloat16 instructions. A GPU needs sizes of 4096 and more to
+  come near its peak.
   """
   best = 0.0
   f = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
-  for n in (1024, 2048):
+  for n in sizes:
     x = jnp.ones((n, n), dtype)
     _, wall, _ = timed(lambda: jax.block_until_ready(f(x, x)), repeats)
     best = max(best, 2.0 * n ** 3 / wall / 1e9)
@@ -299,16 +306,18 @@ def bench_sampling(args, torch_model, jax_model, tokens, mask):
   return rates
 
 
-def read_bandwidth(repeats, gigabytes=0.5):
+def read_bandwidth(repeats, gigabytes=0.5, torch_device="cpu"):
   """Best GB/s of summing a float32 array far larger than the caches: (GB/s, by what).
 
-  Both a jitted `jnp.sum` and `torch.sum` are timed and the faster counts: how
-  fast XLA reduces depends on its CPU flags (its YNNPACK reduction read ~2.4x
-  faster than its own loop on the 2-core machine), and the bound should not.
+  Both a jitted `jnp.sum` (on JAX's default device) and `torch.sum` (on
+  `torch_device`) are timed and the faster counts: how fast XLA reduces
+  depends on its CPU flags (its YNNPACK reduction read ~2.4x faster than its
+  own loop on the 2-core machine), and the bound should not. On a GPU both
+  read its memory (HBM); run them on the same kind of device.
   """
   x = jnp.ones((int(gigabytes * 2 ** 30) // 4,), jnp.float32)
   f = jax.jit(jnp.sum)
-  t = torch.ones(x.shape, dtype=torch.float32)
+  t = torch.ones(x.shape, dtype=torch.float32, device=torch_device)
   best = {}
   for name, fn in (("jitted jnp.sum", lambda: jax.block_until_ready(f(x))),
                    ("torch.sum", lambda: float(t.sum()))):
@@ -359,41 +368,44 @@ def decode_bound(args, jax_model, sampling, peak_gflops):
         f"{torch_ms / bound_ms:.2f}x torch")
 
 
-def bench_training(args, torch_model, jax_model, rng):
-  """Returns {variant: rates} for two JAX losses against the same torch step.
-
-  'token_logprobs' uses `Decoder.token_logprobs` (chunked, rematerialised: never
-  stores [B, L, V] logits); 'full_logits' takes log_softmax of the full logits,
-  as the torch step does.
-  """
+def train_batch(args, vocab, rng):
+  """Random tokens [B, L], all attended; the second half of each row plays the response."""
   b, l = args.train_batch, args.train_len
-  tokens = rng.integers(3, jax_model.config.vocab_size, size=(b, l))
+  tokens = rng.integers(3, vocab, size=(b, l))
   attn = np.ones((b, l), bool)
   resp = np.zeros((b, l), bool)
-  resp[:, l // 2:] = True  # second half plays the response; prompt tokens are masked out
-  n_tokens = b * l
+  resp[:, l // 2:] = True  # prompt tokens are masked out of the loss
+  return tokens, attn, resp
+
+
+def jax_train_timing(jax_model, tokens, attn, resp, full_logits, repeats):
+  """(first, wall, cpu) seconds of the jitted train step, and XLA's flop count of one step.
+
+  'token_logprobs' (full_logits False) uses `Decoder.token_logprobs` (chunked,
+  rematerialised: never stores [B, L, V] logits); 'full_logits' takes
+  log_softmax of the full logits, as the torch step does.
+  """
   graphdef, params = nnx.split(jax_model)
   tx = optax.adam(1e-5)
-  j_tokens, j_attn, j_resp = jnp.asarray(tokens, jnp.int32), jnp.asarray(attn), jnp.asarray(resp)
+  batch = tuple(jnp.asarray(x) for x in (np.asarray(tokens, np.int32), attn, resp))
+  step = train_step.make_step(graphdef, tx, full_logits)
+  fresh = jax.tree.map(jnp.copy, params)  # donation must not consume the model's arrays
+  carry = [fresh, tx.init(fresh)]
+  cost = step.lower(carry[0], carry[1], *batch).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
 
-  def jax_timing(full_logits):
-    step = train_step.make_step(graphdef, tx, full_logits)
-    fresh = jax.tree.map(jnp.copy, params)  # donation must not consume the model's arrays
-    carry = [fresh, tx.init(fresh)]
-    cost = step.lower(carry[0], carry[1], j_tokens, j_attn, j_resp).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops[full_logits] = float(cost.get("flops", 0.0)) if cost else 0.0
+  def jax_step():
+    carry[0], carry[1], loss = step(carry[0], carry[1], *batch)
+    jax.block_until_ready(loss)
 
-    def jax_step():
-      carry[0], carry[1], loss = step(carry[0], carry[1], j_tokens, j_attn, j_resp)
-      jax.block_until_ready(loss)
+  timing = timed(jax_step, repeats)
+  del carry[:]  # frees the parameter and Adam copies before the next measurement
+  return timing, flops
 
-    return timed(jax_step, args.repeats)
 
-  flops = {}
-  timings = {name: jax_timing(name == "full_logits")
-             for name in ("token_logprobs", "full_logits")}
-
+def torch_train_timing(torch_model, tokens, resp, repeats):
+  """(first, wall, cpu) seconds of the same step in PyTorch eager (its Adam state is dropped)."""
   torch_model.train()
   opt = torch.optim.Adam(torch_model.parameters(), lr=1e-5)
   t_tokens = torch.from_numpy(tokens).to(torch_model.device)
@@ -408,11 +420,24 @@ def bench_training(args, torch_model, jax_model, rng):
     opt.step()
     _sync(torch_model.device)
 
-  torch_timing = timed(torch_step, args.repeats)
+  timing = timed(torch_step, repeats)
+  opt.zero_grad(set_to_none=True)
   torch_model.eval()
+  return timing
+
+
+def bench_training(args, torch_model, jax_model, rng):
+  """Returns {variant: rates} for the two JAX losses against the same torch step."""
+  tokens, attn, resp = train_batch(args, jax_model.config.vocab_size, rng)
+  timings, flops = {}, {}
+  for name in ("token_logprobs", "full_logits"):
+    timings[name], flops[name] = jax_train_timing(jax_model, tokens, attn, resp,
+                                                  name == "full_logits", args.repeats)
+  torch_timing = torch_train_timing(torch_model, tokens, resp, args.repeats)
+  n_tokens = tokens.size
   out = {name: _rates(n_tokens, t, torch_timing) for name, t in timings.items()}
   for name, rates in out.items():
-    rates["gflops"] = flops[name == "full_logits"] * rates["jax_wall"] / n_tokens / 1e9
+    rates["gflops"] = flops[name] * rates["jax_wall"] / n_tokens / 1e9
   return out
 
 
