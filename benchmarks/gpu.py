@@ -227,7 +227,8 @@ def _free_torch_cache(device):
 def measure_peaks(args):
   on_accelerator = jax.default_backend() != "cpu"
   kind = jax.devices()[0].device_kind
-  nominal = args.peak_tflops or nominal_peak_tflops(kind)
+  # The table holds bfloat16 peaks; a float32 run has none unless --peak-tflops gives it.
+  nominal = args.peak_tflops or (nominal_peak_tflops(kind) if args.dtype == "bfloat16" else None)
   sizes = (4096, 8192) if on_accelerator else (1024, 2048)
   gemm = bench.gemm_peak(args.repeats, args.dtype, sizes) / 1e3
   read, how = bench.read_bandwidth(args.repeats, 2.0 if on_accelerator else 0.25,
@@ -299,7 +300,7 @@ def main(argv=None):
         f"{time.perf_counter() - t0:.0f} s")
   tokens, mask = bench.make_prompts(
       argparse.Namespace(**{**vars(args), "batch": 4}), rng, c.vocab_size)
-  results = dict(args={k: v for k, v in vars(args).items()})
+  results = dict(args=dict(vars(args)))
   results["parity_max_abs_logit_diff"] = bench.check_parity(torch_model, jax_model, tokens, mask)
   print(f"parity: max |logits_jax - logits_torch| = {results['parity_max_abs_logit_diff']:.2e}")
   results["peaks"] = measure_peaks(args)
