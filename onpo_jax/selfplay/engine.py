@@ -52,6 +52,17 @@ def _pinned_sharding(mesh, x):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
+def _own_buffers(opt_state, params):
+  """`opt_state` with a copy of every leaf that is one of `params`' arrays.
+
+  The updates donate params and opt_state separately, and one buffer cannot be
+  donated twice: an optimizer whose state holds the parameters themselves
+  (optax's lookahead, say) would share theirs.
+  """
+  shared = {id(x) for x in jax.tree.leaves(params)}
+  return jax.tree.map(lambda x: jnp.copy(x) if id(x) in shared else x, opt_state)
+
+
 def _policy_logps(backend, params, batch, frozen=None):
   """The trained policy's log-probs of a minibatch (one forward over both pair sides)."""
   if isinstance(batch, PairBatch):
@@ -104,10 +115,16 @@ class Engine:
       opt = onpo_step(inner, variant=spec.variant, init_from=sp.init_from) if spec.variant \
           else inner
       self.opts[name] = opt
-      self._train_step[name] = jax.jit(functools.partial(self._train_step_impl, name))
+      # params and opt_state are donated: each update writes the state in place
+      # instead of holding the old and the new one (two more copies of the
+      # parameters and optimizer moments at the peak).
+      self._train_step[name] = jax.jit(functools.partial(self._train_step_impl, name),
+                                       donate_argnums=(0, 1))
       if spec.variant:
-        self._begin[name] = jax.jit(lambda p, s, opt=opt: onpo_begin_phase(opt, p, s))
-        self._end[name] = jax.jit(lambda p, s, opt=opt: onpo_end_phase(opt, p, s))
+        self._begin[name] = jax.jit(lambda p, s, opt=opt: onpo_begin_phase(opt, p, s),
+                                    donate_argnums=(0, 1))
+        self._end[name] = jax.jit(lambda p, s, opt=opt: onpo_end_phase(opt, p, s),
+                                  donate_argnums=(0, 1))
 
   def with_backend(self, backend) -> "Engine":
     """This engine, its compiled steps shared, over another backend of the same policy.
@@ -207,8 +224,14 @@ class Engine:
     return put(params, shardings["params"]), put(opt_state, shardings["opt_state"])
 
   def init_state(self, name: str, sft_params) -> dict:
-    """A method's state at round 1: π_1 = π'_1 = π_SFT and a fresh optimizer."""
-    state = {"params": sft_params, "opt_state": self.opts[name].init(sft_params)}
+    """A method's state at round 1: π_1 = π'_1 = π_SFT and a fresh optimizer.
+
+    The state owns its buffers (a copy of `sft_params`, an optimizer state
+    sharing none of them): `train` donates them, and the caller's SFT tree
+    (π_ref, the evaluation's baseline) stays intact.
+    """
+    params = jax.tree.map(jnp.copy, sft_params)
+    state = {"params": params, "opt_state": _own_buffers(self.opts[name].init(params), params)}
     self._pinned_shardings[name] = jax.tree.map(functools.partial(_pinned_sharding, self.mesh),
                                                 state)
     params, opt_state = self._pin(name, state["params"], state["opt_state"])
@@ -301,7 +324,11 @@ class Engine:
 
   def train(self, name: str, state: dict, ref_params, batch, key: jax.Array,
             round_idx: int) -> tuple[dict, dict]:
-    """The round's regression(s) on `batch`; returns (new state, metrics)."""
+    """The round's regression(s) on `batch`; returns (new state, metrics).
+
+    `state`'s buffers are donated to the updates: use the returned state, not
+    `state`, afterwards (`ref_params` is only read).
+    """
     spec = METHODS[name]
     params, opt_state = state["params"], state["opt_state"]
     metrics = {}
@@ -322,8 +349,13 @@ class Engine:
         train_time += dt
         train_tokens += tok
     else:
-      opt_state = self.opts[name].init(params)  # each regression is a new problem
-      anchor_trees = {a: {"prev": params, "ref": ref_params}[a] for a in spec.anchors}
+      # Each regression is a new problem; the regression donates params, so the
+      # anchor π_t is a copy of them.
+      opt_state = _own_buffers(self.opts[name].init(params), params)
+      anchor_trees = {}
+      for a in spec.anchors:
+        anchor_trees[a] = jax.tree.map(jnp.copy, params) if a == "prev" else {
+            "ref": ref_params}[a]
       params, opt_state, m, (dt, tok), fps = self._phase(
           name, params, opt_state, batch, anchor_trees, key, round_idx, "policy")
       for a, tree in anchor_trees.items():

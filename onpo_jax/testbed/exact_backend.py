@@ -202,7 +202,9 @@ class ExactRegression:
         optimizer=optimizer, opt_state=opt_state, residual_fn=residual,
         residual_tol=self.residual_tol if residual is not None else None,
         output_fn=self._table, output_jacobian=self._jacobian, stall_steps=self.stall_steps)
-    self._solutions[(name, phase)] = self._solutions.get((name, phase), [])[-1:] + [res.params]
+    # A copy: the engine donates the returned params to its next update.
+    self._solutions[(name, phase)] = self._solutions.get((name, phase), [])[-1:] + [
+        jax.tree.map(jnp.copy, res.params)]
     metrics = {"loss": res.loss, "grad_norm": res.grad_norm, "steps": res.steps,
                "converged": res.converged}
     if batch_residual is not None:
