@@ -257,7 +257,7 @@ def test_rounds_update_the_state_in_place_and_leave_the_sft_tree(world, name):
     updates, inner = adam.update(grads, opt_state[0], params)
     return updates, (inner, params)
 
-  # An optimizer whose state holds the parameters themselves (as lookahead's slow copy).
+  # An optimizer whose init puts the parameters themselves in its state.
   holding = optax.GradientTransformation(lambda p: (adam.init(p), p), update)
   engine = Engine(_testbed_backend(c, w), c, inner_optimizer=holding)
   state = engine.init_state(name, w.init_params)

@@ -56,8 +56,8 @@ def _own_buffers(opt_state, params):
   """`opt_state` with a copy of every leaf that is one of `params`' arrays.
 
   The updates donate params and opt_state separately, and one buffer cannot be
-  donated twice: an optimizer whose state holds the parameters themselves
-  (optax's lookahead, say) would share theirs.
+  donated twice: an optimizer whose init puts the parameters themselves in
+  its state (a running average started at them, say) would share theirs.
   """
   shared = {id(x) for x in jax.tree.leaves(params)}
   return jax.tree.map(lambda x: jnp.copy(x) if id(x) in shared else x, opt_state)
