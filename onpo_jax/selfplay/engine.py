@@ -52,15 +52,23 @@ def _pinned_sharding(mesh, x):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def _own_buffers(opt_state, params):
-  """`opt_state` with a copy of every leaf that is one of `params`' arrays.
+def _distinct_buffers(params, opt_state):
+  """(params, opt_state) with a copy of every leaf that already appeared in them.
 
-  The updates donate params and opt_state separately, and one buffer cannot be
-  donated twice: an optimizer whose init puts the parameters themselves in
-  its state (a running average started at them, say) would share theirs.
+  The updates donate params and opt_state, and one buffer cannot be donated
+  twice: an optimizer whose init puts the parameters themselves in its state
+  (a running average started at them, say), or a regression (a pluggable
+  solver) that returns one array in two places, would share one.
   """
-  shared = {id(x) for x in jax.tree.leaves(params)}
-  return jax.tree.map(lambda x: jnp.copy(x) if id(x) in shared else x, opt_state)
+  seen = set()
+
+  def own(x):
+    if id(x) in seen:
+      return jnp.copy(x)
+    seen.add(id(x))
+    return x
+
+  return jax.tree.map(own, (params, opt_state))
 
 
 def _policy_logps(backend, params, batch, frozen=None):
@@ -117,14 +125,15 @@ class Engine:
       self.opts[name] = opt
       # params and opt_state are donated: each update writes the state in place
       # instead of holding the old and the new one (two more copies of the
-      # parameters and optimizer moments at the peak).
-      self._train_step[name] = jax.jit(functools.partial(self._train_step_impl, name),
-                                       donate_argnums=(0, 1))
+      # parameters and optimizer moments at the peak). keep_unused: jit drops an
+      # argument the computation does not read (BEGIN's reset of the inner
+      # optimizer's moments), and a dropped argument is not donated, so the old
+      # moments would stay alive beside the new ones.
+      donate = dict(donate_argnums=(0, 1), keep_unused=True)
+      self._train_step[name] = jax.jit(functools.partial(self._train_step_impl, name), **donate)
       if spec.variant:
-        self._begin[name] = jax.jit(lambda p, s, opt=opt: onpo_begin_phase(opt, p, s),
-                                    donate_argnums=(0, 1))
-        self._end[name] = jax.jit(lambda p, s, opt=opt: onpo_end_phase(opt, p, s),
-                                  donate_argnums=(0, 1))
+        self._begin[name] = jax.jit(lambda p, s, opt=opt: onpo_begin_phase(opt, p, s), **donate)
+        self._end[name] = jax.jit(lambda p, s, opt=opt: onpo_end_phase(opt, p, s), **donate)
 
   def with_backend(self, backend) -> "Engine":
     """This engine, its compiled steps shared, over another backend of the same policy.
@@ -231,7 +240,8 @@ class Engine:
     (π_ref, the evaluation's baseline) stays intact.
     """
     params = jax.tree.map(jnp.copy, sft_params)
-    state = {"params": params, "opt_state": _own_buffers(self.opts[name].init(params), params)}
+    params, opt_state = _distinct_buffers(params, self.opts[name].init(params))
+    state = {"params": params, "opt_state": opt_state}
     self._pinned_shardings[name] = jax.tree.map(functools.partial(_pinned_sharding, self.mesh),
                                                 state)
     params, opt_state = self._pin(name, state["params"], state["opt_state"])
@@ -335,7 +345,8 @@ class Engine:
     train_time, train_tokens = 0.0, 0
     if spec.variant:
       for i, phase in enumerate(spec.phases):
-        params, opt_state = self._pin(name, *self._begin[name](params, opt_state))
+        params, opt_state = self._pin(name, *self._begin[name](
+            *_distinct_buffers(params, opt_state)))
         anchor_params = onpo_anchor_params(opt_state)
         params, opt_state, m, (dt, tok), fps = self._phase(
             name, params, opt_state, batch, {"aux": anchor_params},
@@ -343,15 +354,19 @@ class Engine:
         if not np.array_equal(fps["aux"], fingerprint(onpo_anchor_params(opt_state))):
           raise RuntimeError(f"{name}: the anchor π' changed during the {phase} regression of "
                              f"round {round_idx}; cached anchor log-probs would be stale")
-        params, opt_state = self._pin(name, *self._end[name](params, opt_state))
+        params, opt_state = self._pin(name, *self._end[name](
+            *_distinct_buffers(params, opt_state)))
         metrics.update({f"{phase}/{key_}": v for key_, v in m.items()})
         metrics[f"{phase}/anchor_fingerprint"] = float(fps["aux"][0])
         train_time += dt
         train_tokens += tok
     else:
-      # Each regression is a new problem; the regression donates params, so the
-      # anchor π_t is a copy of them.
-      opt_state = _own_buffers(self.opts[name].init(params), params)
+      # Each regression is a new problem: the old optimizer state is not read
+      # again, so it is freed now rather than when the caller drops `state`. The
+      # regression donates params, so the anchor π_t is a copy of them.
+      for x in jax.tree.leaves(opt_state):
+        x.delete()
+      params, opt_state = _distinct_buffers(params, self.opts[name].init(params))
       anchor_trees = {}
       for a in spec.anchors:
         anchor_trees[a] = jax.tree.map(jnp.copy, params) if a == "prev" else {
