@@ -364,8 +364,10 @@ class Engine:
       # Each regression is a new problem: the old optimizer state is not read
       # again, so it is freed now rather than when the caller drops `state`. The
       # regression donates params, so the anchor π_t is a copy of them.
+      keep = {id(x) for x in jax.tree.leaves(params)}
       for x in jax.tree.leaves(opt_state):
-        x.delete()
+        if isinstance(x, jax.Array) and id(x) not in keep:
+          x.delete()
       params, opt_state = _distinct_buffers(params, self.opts[name].init(params))
       anchor_trees = {}
       for a in spec.anchors:
