@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.sampler import set_xla_threads, timed
+from benchmarks.timing import set_xla_threads, timed
 from onpo_jax import next_token
 
 

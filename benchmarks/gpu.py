@@ -50,6 +50,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from benchmarks import sampler as bench  # noqa: E402
+from benchmarks import timing  # noqa: E402
 from onpo_jax.models import attention as attention_lib  # noqa: E402
 
 # Dense bfloat16 TFLOP/s from the vendors' data sheets (no sparsity), by a part of
@@ -210,7 +211,7 @@ def bench_attention(args, config, rng):
     compile_s = time.perf_counter() - t0
     hlo = fn.as_text()
     (_, out), _ = fn(q, k, v)
-    _, wall, _ = bench.timed(lambda: jax.block_until_ready(fn(q, k, v)), args.repeats)
+    _, wall, _ = timing.timed(lambda: jax.block_until_ready(fn(q, k, v)), args.repeats)
     out = np.asarray(out, np.float32)
     dense_out = out if impl == "dense" else dense_out
     rows[impl] = dict(fwd_bwd_ms=1e3 * wall, compile_s=compile_s,

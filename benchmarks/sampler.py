@@ -52,6 +52,7 @@ import transformers
 from flax import nnx
 
 from benchmarks import train_step
+from benchmarks.timing import set_xla_threads, sync, timed
 from onpo_jax import sampler as sampler_lib
 from onpo_jax.infra import host_memory
 from onpo_jax.models import decoder as decoder_lib
@@ -69,19 +70,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--vocab", type=int, default=32000)
   p.add_argument("--tie-embeddings", action="store_true",
                  help="one table for the embedding and the unembedding (Llama-3.2 1B / 3B)")
-
-
-def set_xla_threads(threads: int) -> None:
-  """Sets XLA:CPU's threading in XLA_FLAGS (0: leave the default).
-
-  Read when the XLA CPU backend starts, i.e. at the first JAX computation, so
-  call it before any. XLA:CPU has no thread-count flag: threads > 1 uses its
-  default pool (one thread per core), 1 turns intra-op threading off.
-  """
-  if threads > 0:
-    multi = "true" if threads > 1 else "false"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_cpu_multi_thread_eigen={multi}")
 
 
 def parse_args(argv=None):
@@ -159,36 +147,12 @@ def _place(torch_model, args):
   return torch_model.to(device=args.torch_device, dtype=getattr(torch, args.torch_dtype))
 
 
-def _sync(device):
-  """Torch runs CUDA kernels asynchronously: wait for them before reading a clock."""
-  if str(device).startswith("cuda"):
-    torch.cuda.synchronize()
-
-
 def make_prompts(args, rng, vocab):
   """Left-padded prompts with lengths between prompt_len/2 and prompt_len."""
   lengths = rng.integers(max(1, args.prompt_len // 2), args.prompt_len + 1, size=args.batch)
   tokens = rng.integers(3, vocab, size=(args.batch, args.prompt_len))
   mask = np.arange(args.prompt_len)[None, :] >= (args.prompt_len - lengths)[:, None]
   return np.where(mask, tokens, 0).astype(np.int64), mask
-
-
-def timed(fn, repeats):
-  """First-call wall seconds, then medians of wall and process-CPU seconds of the next calls.
-
-  CPU time (all threads of this process) is reported next to wall time because
-  on a shared machine wall time mostly measures the other tenants.
-  """
-  t0 = time.perf_counter()
-  fn()
-  first = time.perf_counter() - t0
-  walls, cpus = [], []
-  for _ in range(repeats):
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    walls.append(time.perf_counter() - t0)
-    cpus.append(time.process_time() - c0)
-  return first, float(np.median(walls)), float(np.median(cpus))
 
 
 def _rates(n_tokens, jax_timing, torch_timing, steps=1):
@@ -283,7 +247,7 @@ def _torch_sampling_time(args, torch_model, tokens, mask, new_tokens):
     with torch.no_grad():
       out = torch_model.generate(input_ids=t_tokens, attention_mask=t_mask,
                                  generation_config=gen_cfg)
-    _sync(torch_model.device)
+    sync(torch_model.device)
     assert out.shape == (args.batch, args.prompt_len + new_tokens), out.shape
 
   return timed(torch_generate, args.repeats)
@@ -425,7 +389,7 @@ def torch_train_timing(torch_model, tokens, resp, repeats):
     loss = -(lp * t_resp).sum(-1).mean()
     loss.backward()
     opt.step()
-    _sync(torch_model.device)
+    sync(torch_model.device)
 
   timing = timed(torch_step, repeats)
   opt.zero_grad(set_to_none=True)

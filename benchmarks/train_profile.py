@@ -35,6 +35,7 @@ import argparse
 import os
 
 from benchmarks import sampler as sampler_bench
+from benchmarks.timing import set_xla_threads, timed
 
 
 def parse_args(argv=None):
@@ -50,12 +51,9 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-timed = sampler_bench.timed  # (first call s, median wall s, median process-CPU s) of fn()
-
-
 def main(argv=None):
   args = parse_args(argv)
-  sampler_bench.set_xla_threads(args.threads)
+  set_xla_threads(args.threads)
   import jax
   import jax.numpy as jnp
   import optax
