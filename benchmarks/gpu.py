@@ -93,7 +93,7 @@ def parse_args(argv=None):
   if args.tiny:
     args.layers, args.hidden, args.heads, args.kv_heads = 2, 64, 4, 2
     args.intermediate, args.vocab = 128, 512
-    args.train_batch, args.train_len, args.prompt_len, args.new_tokens = 2, 32, 8, 4
+    args.train_batch, args.train_len, args.prompt_len, args.new_tokens = 2, 32, 8, 16
     args.decode_batches = "1,4"
   try:
     args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
@@ -180,10 +180,9 @@ def bench_decode(args, torch_model, jax_model, peaks, rng):
       mean_filled = float(mask.sum(1).mean()) + args.new_tokens / 2
       bound_ms = 1e3 * decode_read_bytes(jax_model.config, batch, mean_filled) / (
           peaks["read_gb_s"] * 1e9)
-      row.update(step_ms=dict(jax=rates["jax_decode_ms"], torch=rates["torch_decode_ms"]),
-                 bound_ms=bound_ms,
-                 of_bound=dict(jax=bound_ms / rates["jax_decode_ms"],
-                               torch=bound_ms / rates["torch_decode_ms"]))
+      step_ms = dict(jax=rates["jax_decode_ms"], torch=rates["torch_decode_ms"])
+      row.update(step_ms=step_ms, bound_ms=bound_ms,
+                 of_bound={side: bound_ms / ms if ms else None for side, ms in step_ms.items()})
     rows[batch] = row
   return rows
 
@@ -239,6 +238,19 @@ def measure_peaks(args):
               read_by=how)
 
 
+def decode_line(batch, row):
+  """One row of the sampling table; a decoding step of None reads 'noise' (`decode_step_ms`)."""
+  tok = row["tokens_per_s"]
+  pair = f"{tok['jax']:.0f} / {tok['torch']:.0f}"
+  line = f"{batch:>6}{pair:>22}{tok['jax'] / tok['torch']:>6.2f}x"
+  if "step_ms" in row:
+    ms, of = row["step_ms"], row["of_bound"]
+    steps = " / ".join(f"{ms[s]:.2f}" if ms[s] else "noise" for s in ("jax", "torch"))
+    shares = " / ".join(f"{100 * of[s]:.0f}%" if of[s] else "n/a" for s in ("jax", "torch"))
+    line += f"{steps:>22}{row['bound_ms']:>10.3f}{shares:>23}"
+  return line
+
+
 def report(args, results):
   p, t = results["peaks"], results["train"]
   nominal = "unknown" if p["nominal_tflops"] is None else f"{p['nominal_tflops']:.1f} TFLOP/s"
@@ -262,15 +274,7 @@ def report(args, results):
   print(f"{'batch':>6}{'tok/s jax / torch':>22}{'ratio':>7}{'step ms jax / torch':>22}"
         f"{'bound ms':>10}{'of bound jax / torch':>23}")
   for batch, r in results["decode"].items():
-    tok = r["tokens_per_s"]
-    pair = f"{tok['jax']:.0f} / {tok['torch']:.0f}"
-    line = f"{batch:>6}{pair:>22}{tok['jax'] / tok['torch']:>6.2f}x"
-    if "step_ms" in r:
-      ms, of = r["step_ms"], r["of_bound"]
-      steps = f"{ms['jax']:.2f} / {ms['torch']:.2f}"
-      shares = f"{100 * of['jax']:.0f}% / {100 * of['torch']:.0f}%"
-      line += f"{steps:>22}{r['bound_ms']:>10.3f}{shares:>23}"
-    print(line)
+    print(decode_line(batch, r))
   print(f"\nattention, causal, [{args.train_batch}, {args.train_len}] x {args.heads} heads "
         f"({args.kv_heads} kv) x {args.hidden // args.heads}, {args.dtype}, forward + backward")
   print(f"{'kernel':<24}{'ms':>9}{'max |out - dense|':>19}{'cuDNN fused':>13}")

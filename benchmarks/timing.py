@@ -28,12 +28,8 @@ def sync(device):
     torch.cuda.synchronize()
 
 
-def timed(fn, repeats):
-  """First-call wall seconds, then medians of wall and process-CPU seconds of the next calls.
-
-  CPU time (all threads of this process) is reported next to wall time because
-  on a shared machine wall time mostly measures the other tenants.
-  """
+def timed_calls(fn, repeats):
+  """First-call wall seconds, then the wall and process-CPU seconds of each of the next calls."""
   t0 = time.perf_counter()
   fn()
   first = time.perf_counter() - t0
@@ -43,4 +39,19 @@ def timed(fn, repeats):
     fn()
     walls.append(time.perf_counter() - t0)
     cpus.append(time.process_time() - c0)
+  return first, walls, cpus
+
+
+def timed(fn, repeats):
+  """First-call wall seconds, then medians of wall and process-CPU seconds of the next calls.
+
+  CPU time (all threads of this process) is reported next to wall time because
+  on a shared machine wall time mostly measures the other tenants.
+  """
+  return medians(timed_calls(fn, repeats))
+
+
+def medians(calls):
+  """(first, median wall, median CPU seconds) of what `timed_calls` returns."""
+  first, walls, cpus = calls
   return first, float(np.median(walls)), float(np.median(cpus))

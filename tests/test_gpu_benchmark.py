@@ -7,11 +7,15 @@ normal values, below 4 in magnitude, so two bfloat16 roundings apart is at
 most 2 · 4 · 2^-8 = 2^-5.
 """
 
+import argparse
 import json
+import types
 
+import numpy as np
 import pytest
 
 from benchmarks import gpu
+from benchmarks import sampler as sampler_bench
 from onpo_jax.models import config as config_lib
 
 _CONFIG = config_lib.DecoderConfig(
@@ -57,6 +61,39 @@ def test_bad_flags_are_named(capsys):
     assert named in capsys.readouterr().err
 
 
+def test_decoding_step_is_the_fastest_n_token_call_less_the_fastest_one_token_call():
+  # 9 new tokens: 8 cached steps of 2 ms; the slow calls are the noise a shared machine adds.
+  assert sampler_bench.decode_step_ms([0.040, 0.026, 0.031], [0.011, 0.010], 9) == (
+      pytest.approx(2.0, rel=1e-12))
+  # The one-token run came out slower than the 9-token run: no estimate, not a negative time.
+  assert sampler_bench.decode_step_ms([0.026], [0.030, 0.027], 9) is None
+  assert sampler_bench.decode_step_ms([0.026], [0.026], 9) is None
+
+
+def test_decode_rows_use_the_decoding_step_and_name_the_unresolved_one(monkeypatch):
+  """bench_decode on made-up call times: each side's step, its share of the bound, the row text."""
+  walls = {("jax", 5): [0.020, 0.018], ("jax", 1): [0.006, 0.010],  # 4 steps of 3 ms
+           ("torch", 5): [0.030, 0.050], ("torch", 1): [0.031, 0.040]}  # noise: no estimate
+
+  def fake(side):
+    return lambda args, model, tokens, mask, new_tokens: (1.0, walls[side, new_tokens],
+                                                          [0.1, 0.1])
+
+  monkeypatch.setattr(sampler_bench, "_jax_sampling_time", fake("jax"))
+  monkeypatch.setattr(sampler_bench, "_torch_sampling_time", fake("torch"))
+  args = argparse.Namespace(decode_batches=[2], prompt_len=6, new_tokens=5, torch_device="cpu")
+  rows = gpu.bench_decode(args, None, types.SimpleNamespace(config=_CONFIG), {"read_gb_s": 10.0},
+                          np.random.default_rng(0))
+  row = rows[2]
+  assert row["tokens_per_s"] == {"jax": pytest.approx(2 * 5 / 0.019),
+                                 "torch": pytest.approx(2 * 5 / 0.040)}
+  assert row["step_ms"] == {"jax": pytest.approx(3.0, rel=1e-12), "torch": None}
+  assert row["of_bound"] == {"jax": pytest.approx(row["bound_ms"] / 3.0, rel=1e-12),
+                             "torch": None}
+  line = gpu.decode_line(2, row)
+  assert "3.00 / noise" in line and "n/a" in line
+
+
 def test_tiny_run_on_cpu_measures_every_part(tmp_path, capsys):
   out = tmp_path / "gpu.json"
   gpu.main(["--tiny", "--torch-device", "cpu", "--repeats", "1", f"--out={out}"])
@@ -73,7 +110,8 @@ def test_tiny_run_on_cpu_measures_every_part(tmp_path, capsys):
   assert r["train"]["tokens_per_step"] == 2 * 32
   assert set(r["decode"]) == {"1", "4"}
   for row in r["decode"].values():
-    assert row["bound_ms"] > 0 and min(row["step_ms"].values()) > 0
+    # A decoding step is a difference of two timings: None where noise hid it.
+    assert row["bound_ms"] > 0 and all(ms is None or ms > 0 for ms in row["step_ms"].values())
     assert min(row["tokens_per_s"].values()) > 0
   assert set(r["attention"]) == set(gpu.IMPLS)
   for impl, row in r["attention"].items():
