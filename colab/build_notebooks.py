@@ -596,10 +596,11 @@ print(f"methods {list(sp.methods)}, T = {sp.num_rounds}, K = {sp.num_samples}, "
 ## 3. Will it fit?
 
 A per-device memory plan (`onpo_jax.llm.memory.estimate_memory`) from the checkpoints' metadata
-alone (nothing is allocated): policy and optimizer state (which holds $\pi'$), the frozen
-reference and judges, and the sampler's KV cache. It counts the resident weights, not the
-compiler's working memory (see the RAM figures above). The second line is the paper's setup on
-8 devices, for scale.
+alone (nothing is allocated): policy and optimizer state (which holds $\pi'$), one step's
+gradients, the frozen reference and judges, and the sampler's KV cache. It leaves out the
+compiler's working memory (activations, scratch; see the RAM figures above), which the run adds
+to `memory.json` from its compiled train step after each method's first round. The second line
+is the paper's setup on 8 devices, for scale.
 """),
     _code(r"""
 dims = llm_config.mesh_shape(config, jax.device_count())

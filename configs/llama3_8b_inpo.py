@@ -24,21 +24,23 @@ other hosts):
       --config.policy.path=... --config.judge.path=... --config.data.paths=...
 
 Resources: 8.03B policy parameters. Per-device memory planned by
-`onpo_jax.llm.memory.estimate_memory` (parameters, optimizer state, resident
-frozen models and one sampling KV cache; activations are not counted):
+`onpo_jax.llm.memory.estimate_memory` (parameters, optimizer state, gradients,
+resident frozen models and one sampling KV cache; activations are not counted,
+but after a method's first round the run adds its compiled train step's memory,
+activations included, to memory.json):
 
       variant  mesh        GiB/device  devices
-      gpu8     (1, 8, 1)       21.70  8 GPUs, 1 node (the paper: 8×A100 40 GB)
-      v5p-8    (1, 4, 1)       43.40  4 chips × 95 GiB, 1 host
-      v5p-16   (1, 8, 1)       21.70  8 chips × 95 GiB, 2 hosts
-      v4-16    (1, 8, 1)       21.70  8 chips × 32 GiB, 2 hosts
-      v4-32    (2, 8, 1)       20.20  16 chips × 32 GiB, 4 hosts
-      v5p-64   (4, 8, 1)       19.45  32 chips × 95 GiB, 8 hosts
+      gpu8     (1, 8, 1)       25.44  8 GPUs, 1 node (the paper: 8×A100 40 GB)
+      v5p-8    (1, 4, 1)       50.88  4 chips × 95 GiB, 1 host
+      v5p-16   (1, 8, 1)       25.44  8 chips × 95 GiB, 2 hosts
+      v4-16    (1, 8, 1)       25.44  8 chips × 32 GiB, 2 hosts
+      v4-32    (2, 8, 1)       23.94  16 chips × 32 GiB, 4 hosts
+      v5p-64   (4, 8, 1)       23.19  32 chips × 95 GiB, 8 hosts
 
-  On gpu8: policy 3.74 (float32), optimizer 11.22, π_ref 1.87, judge 1.87 (bfloat16),
-  KV cache 3.00 GiB. π_ref = π_SFT is resident in bfloat16 (INPO anchors on it);
-  `--config.ref.offload=True` / `--config.judge.offload=True` keep π_ref / the judge
-  in pinned host memory between uses.
+  On gpu8: policy 3.74 (float32), optimizer 11.22, gradients 3.74, π_ref 1.87, judge
+  1.87 (bfloat16), KV cache 3.00 GiB. π_ref = π_SFT is resident in bfloat16 (INPO
+  anchors on it); `--config.ref.offload=True` / `--config.judge.offload=True` keep
+  π_ref / the judge in pinned host memory between uses.
 
 Produces, in --workdir: metrics.jsonl (per round: losses, norms, oracle
 queries, tokens/s, win rate vs the SFT policy with its CI), memory.json (the

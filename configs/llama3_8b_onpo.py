@@ -24,21 +24,23 @@ other hosts):
       --config.policy.path=... --config.judge.path=... --config.data.paths=...
 
 Resources: 8.03B policy parameters. Per-device memory planned by
-`onpo_jax.llm.memory.estimate_memory` (parameters, optimizer state, resident
-frozen models and one sampling KV cache; activations are not counted):
+`onpo_jax.llm.memory.estimate_memory` (parameters, optimizer state, gradients,
+resident frozen models and one sampling KV cache; activations are not counted,
+but after a method's first round the run adds its compiled train step's memory,
+activations included, to memory.json):
 
       variant  mesh        GiB/device  devices
-      gpu8     (1, 8, 1)       23.57  8 GPUs, 1 node (the paper: 8×A100 40 GB)
-      v5p-8    (1, 4, 1)       47.14  4 chips × 95 GiB, 1 host
-      v5p-16   (1, 8, 1)       23.57  8 chips × 95 GiB, 2 hosts
-      v4-16    (1, 8, 1)       23.57  8 chips × 32 GiB, 2 hosts
-      v4-32    (2, 8, 1)       22.07  16 chips × 32 GiB, 4 hosts
-      v5p-64   (4, 8, 1)       21.32  32 chips × 95 GiB, 8 hosts
+      gpu8     (1, 8, 1)       27.31  8 GPUs, 1 node (the paper: 8×A100 40 GB)
+      v5p-8    (1, 4, 1)       54.62  4 chips × 95 GiB, 1 host
+      v5p-16   (1, 8, 1)       27.31  8 chips × 95 GiB, 2 hosts
+      v4-16    (1, 8, 1)       27.31  8 chips × 32 GiB, 2 hosts
+      v4-32    (2, 8, 1)       25.81  16 chips × 32 GiB, 4 hosts
+      v5p-64   (4, 8, 1)       25.06  32 chips × 95 GiB, 8 hosts
 
-  On gpu8: policy 3.74 (float32), optimizer 14.96, π_ref 0.00, judge 1.87 (bfloat16),
-  KV cache 3.00 GiB. π_ref is not resident: ONPO anchors on its auxiliary policy π',
-  which lives in the optimizer state; `--config.ref.offload=True` /
-  `--config.judge.offload=True` keep π_ref / the judge in pinned host memory between
+  On gpu8: policy 3.74 (float32), optimizer 14.96, gradients 3.74, π_ref 0.00, judge
+  1.87 (bfloat16), KV cache 3.00 GiB. π_ref is not resident: ONPO anchors on its
+  auxiliary policy π', which lives in the optimizer state; `--config.ref.offload=True`
+  / `--config.judge.offload=True` keep π_ref / the judge in pinned host memory between
   uses.
 
 Produces, in --workdir: metrics.jsonl (per round: losses, norms, oracle

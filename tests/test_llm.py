@@ -302,6 +302,14 @@ def test_llama_configs_run_one_round(assets, tmp_path):
   # π_ref is offloaded, so the plan holds no device bytes for it.
   assert plan["mesh_shape"] == {"data": 2, "fsdp": 2, "tensor": 2} and plan["ref_params"] == 0
   assert plan["optimizer"] > 0 and plan["kv_cache"] > 0
+  assert plan["gradients"] == plan["policy_params"]
+  # Each method's compiled train step, read after its first round: the donated
+  # state (a device's shard of the parameters and optimizer state) written in place.
+  compiled = plan["train_step_compiled"]
+  assert set(compiled) == set(c.selfplay.methods)
+  for name, m in compiled.items():
+    assert m["aliased"] >= plan["policy_params"] and m["temporaries"] > 0, name
+    assert m["arguments"] > m["aliased"] and m["peak"] > m["arguments"], name
 
 
 def test_mistral_config_runs_one_round(assets, tmp_path):

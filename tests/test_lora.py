@@ -404,8 +404,9 @@ def test_lora_memory_equals_a_hand_count():
   assert est.judge_params == 2 * base
   # k and v [layers, B, S, Hkv, d] float32, the mask [B, S] bool, the index int32.
   assert est.kv_cache == 2 * layers * 2 * 8 * 2 * 8 * 4 + 2 * 8 + 4
+  assert est.gradients == 4 * adapters  # of the adapters only, float32
   assert est.total == (est.policy_params + est.adapter_params + est.merged_params
-                       + est.optimizer + est.judge_params + est.kv_cache)
+                       + est.optimizer + est.gradients + est.judge_params + est.kv_cache)
 
 
 def test_lora_memory_equals_bytes_allocated_on_a_sharded_mesh():

@@ -76,6 +76,9 @@ def test_estimates_equal_bytes_allocated_on_a_sharded_mesh():
   state = opt.init(params)
   assert memory.optimizer_bytes_per_device(opt, abstract, specs, MESH) == \
       _allocated_bytes_on_device0(state)
+  # The gradients of a step keep their parameters' shardings.
+  grads = jax.jit(jax.grad(lambda p: sum(jnp.sum(x ** 2) for x in jax.tree.leaves(p))))(params)
+  assert memory.estimate(TINY, opt, MESH).gradients == _allocated_bytes_on_device0(grads)
 
 
 def test_kv_cache_bytes():

@@ -275,3 +275,32 @@ def test_rounds_update_the_state_in_place_and_leave_the_sft_tree(world, name):
   assert all(np.isfinite(v) for v in metrics.values())
   # The next round starts from the returned state.
   engine.train(name, new_state, w.init_params, batch, jax.random.key(4), 2)
+
+
+@pytest.mark.parametrize("name", ["onpo_two_step", "dpo"])
+def test_train_step_memory_reads_the_compiled_step(world, name):
+  """XLA's buffers of the step that ran: every argument counted, the state aliased in place."""
+  cfg, w = world
+  c = cfg.copy_and_resolve_references()
+  c.selfplay.methods = (name,)
+  engine = Engine(_testbed_backend(c, w), c)
+  assert engine.train_step_memory(name) is None  # no step yet
+  state = engine.init_state(name, w.init_params)
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  state_bytes = nbytes(state)
+  prompts, mask = w.round_prompts(0, c.selfplay.prompts_per_round)
+  batch, _ = engine.collect(name, state["params"], w.init_params, prompts, mask,
+                            sample_key=jax.random.key(0), mixture_key=jax.random.key(1),
+                            oracle_key=jax.random.key(2))
+  engine.train(name, state, w.init_params, batch, jax.random.key(3), 1)
+  got = engine.train_step_memory(name)
+  # Donated params and optimizer state come back written in place.
+  assert got["aliased"] == state_bytes
+  # The first step's anchor (π' for ONPO's auxiliary phase, π_ref for DPO): float32
+  # log-probs of both responses of every pair; the minibatch's int32 indices, bool
+  # validity and float32 loss scale.
+  num, mb = batch.weight.shape[0], c.selfplay.minibatch_size
+  anchors = 2 * 4 * num
+  assert got["arguments"] == state_bytes + nbytes(batch) + anchors + 4 * mb + mb + 4
+  assert got["temporaries"] > 0 and got["outputs"] >= got["aliased"]
+  assert got["peak"] == got["arguments"] + got["outputs"] + got["temporaries"] - got["aliased"]

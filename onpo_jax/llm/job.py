@@ -230,6 +230,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Since the last call: judge inputs cut to its max_length (both orders cut alike), rows judged."""
     return {prefix + k: v for k, v in judge.pop_counts().items()}
 
+  # XLA's memory of each method's compiled train step, read after its first
+  # round in this process: what the plan above leaves out (activations,
+  # XLA's scratch) measured on the program that runs. memory.json only: a
+  # resumed run that has no round left measures nothing, and summary.json
+  # must not depend on where a run was resumed.
+  step_memory: dict[str, dict | None] = {}
+
+  def log_step_memory(name: str, stats: dict | None):
+    if stats is None:
+      return
+    loop.log(f"{name}: compiled train step per device (GiB): " + ", ".join(
+        f"{k} {v / memory_lib.GIB:.2f}" for k, v in stats.items()))
+    loop.writer.write_json("memory.json", dict(plan.as_dict(), train_step_compiled=step_memory))
+
   def step(unit: int, state: dict):
     t, mi = divmod(unit, len(methods))
     name = methods[mi]
@@ -241,6 +255,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       batch.prompt_tokens, batch.prompt_mask,
                                       loop_lib.round_key(run_key, t, mi), t + 1)
     state["methods"][name] = new_state
+    if name not in step_memory:
+      with sharding_lib.activation_sharding(mesh, rules):
+        step_memory[name] = engine.train_step_memory(name)
+      log_step_memory(name, step_memory[name])
     out = {f"{name}/{k}": float(v) for k, v in m.items()}
     out.update(judge_counts(oracle, f"{name}/judge/"))
     if evaluator is not None:

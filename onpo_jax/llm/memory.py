@@ -15,8 +15,13 @@ What one device holds during an ONPO round (ONPO arXiv 2502.16852, Alg. 1):
   * frozen roles in their own dtype (bf16 in the paper configs): the reference
     π_ref (SFT, for INPO / DPO anchors) and the judge (pairwise preference
     model); 0 when offloaded to host memory between phases;
+  * gradients of one train step: a tree shaped like the trained parameters,
+    alive from the backward pass to the optimizer update;
   * KV cache of one sampling micro-batch (K responses per prompt).
-Activations are not counted (they depend on remat and XLA's scheduling).
+Activations and XLA's other temporaries are not counted (they depend on remat
+and XLA's scheduling); the job reads them from the compiled train step after
+its first round (`Engine.train_step_memory`, memory.json's
+`train_step_compiled`).
 
 With LoRA (`estimate(..., lora=...)`; `onpo_jax.models.lora`) one frozen base
 in `base_dtype` serves every role: the policy is an adapter tree (the
@@ -214,11 +219,13 @@ class MemoryEstimate:
   num_adapter_params: int = 0
   adapter_params: int = 0
   merged_params: int = 0
+  # One gradient of every trained leaf (the adapters with LoRA).
+  gradients: int = 0
 
   @property
   def total(self) -> int:
     return (self.policy_params + self.adapter_params + self.merged_params + self.optimizer
-            + self.ref_params + self.judge_params + self.kv_cache)
+            + self.gradients + self.ref_params + self.judge_params + self.kv_cache)
 
   def as_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -226,7 +233,7 @@ class MemoryEstimate:
     return d
 
   def summary(self) -> str:
-    keys = ("policy_params", "optimizer", "ref_params", "judge_params", "kv_cache")
+    keys = ("policy_params", "optimizer", "gradients", "ref_params", "judge_params", "kv_cache")
     if self.num_adapter_params:
       keys = ("policy_params", "adapter_params", "merged_params") + keys[1:]
     parts = ", ".join(f"{k} {getattr(self, k) / GIB:.2f}" for k in keys)
@@ -268,10 +275,12 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
   params, specs = abstract_params(policy_config, rules, mesh_shape)
 
   frozen = functools.partial(_frozen_bytes, rules=rules, mesh_shape=mesh_shape)
+  policy_bytes = tree_bytes_per_device(params, specs, mesh_shape)
   return MemoryEstimate(
       mesh_shape=mesh_shape,
       num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
-      policy_params=tree_bytes_per_device(params, specs, mesh_shape),
+      policy_params=policy_bytes,
+      gradients=policy_bytes,
       optimizer=optimizer_bytes_per_device(opt, params, specs, mesh_shape),
       ref_params=frozen(ref_config),
       judge_params=frozen(judge_config) + sum(frozen(c) for c in eval_judge_configs),
@@ -312,7 +321,7 @@ def _estimate_lora(policy_config, opt, mesh_shape, rules, lora, base_dtype, ref_
       kv_cache=kv_cache_bytes_per_device(policy_config, kv_batch_size, kv_length, mesh_shape,
                                          rules, kv_dtype),
       num_adapter_params=sum(math.prod(x.shape) for x in jax.tree.leaves(adapters)),
-      adapter_params=adapter_bytes, merged_params=merged)
+      adapter_params=adapter_bytes, merged_params=merged, gradients=adapter_bytes)
 
 
 # ------------------------------------------------------------ llm config plans

@@ -71,6 +71,17 @@ def _distinct_buffers(params, opt_state):
   return jax.tree.map(own, (params, opt_state))
 
 
+def _abstract(x):
+  """An array's shape, dtype and committed sharding; other leaves as they are."""
+  if isinstance(x, jax.Array):
+    # An uncommitted array leaves its placement to jit: naming it would
+    # lower another program than the call compiled.
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if x.committed else None)
+  if isinstance(x, np.ndarray):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+  return x
+
+
 def _policy_logps(backend, params, batch, frozen=None):
   """The trained policy's log-probs of a minibatch (one forward over both pair sides)."""
   if isinstance(batch, PairBatch):
@@ -116,6 +127,8 @@ class Engine:
       inner_optimizer = optax.adam(float(sp.learning_rate))
     self.opts, self._train_step, self._begin, self._end = {}, {}, {}, {}
     self._pinned_shardings = {}
+    # Per method, the abstract arguments of its first train step (`train_step_memory`).
+    self._step_args = {}
     for name in sp.methods:
       spec = METHODS[name]
       inner = (inner_optimizer if isinstance(inner_optimizer, optax.GradientTransformation)
@@ -194,6 +207,34 @@ class Engine:
     metrics = dict(metrics, loss=loss, l2_grads=optax.global_norm(grads),
                    l2_updates=optax.global_norm(updates), l2_params=optax.global_norm(params))
     return params, opt_state, metrics
+
+  def train_step_memory(self, name: str) -> dict[str, int] | None:
+    """XLA's per-device memory of the method's compiled train step, in bytes.
+
+    Read from the executable of the method's first train step (the jit cache
+    serves it: only tracing is repeated; call it under the same activation
+    sharding rules as the round, or the trace differs and compiles anew): `arguments` (parameters, optimizer
+    state, the round's batch and anchors, the frozen base), `outputs`,
+    `temporaries` (activations kept for the backward pass, gradients and
+    scratch, in one block XLA assigns) and `aliased` (outputs written into
+    donated arguments); `peak` = arguments + outputs + temporaries − aliased.
+
+    Returns:
+      The sizes, or None before the method's first minibatch step (a
+      regression that does not take them, the testbed's exact solver) or
+      where the backend reports no memory analysis.
+    """
+    if name not in self._step_args:
+      return None
+    args, frozen = self._step_args[name]
+    stats = self._train_step[name].lower(*args, frozen=frozen).compile().memory_analysis()
+    if stats is None:
+      return None
+    out = dict(arguments=int(stats.argument_size_in_bytes),
+               outputs=int(stats.output_size_in_bytes),
+               temporaries=int(stats.temp_size_in_bytes), aliased=int(stats.alias_size_in_bytes))
+    out["peak"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+    return out
 
   def _accumulation_scales(self, weights: np.ndarray) -> np.ndarray:
     """Per-step loss scales so that an accumulated update weighs every example alike.
@@ -280,9 +321,12 @@ class Engine:
       scales = self._accumulation_scales((weights[perm] * valid).reshape(steps_per_epoch, mb))
       for s in range(steps_per_epoch):
         sl = slice(s * mb, (s + 1) * mb)
-        params, opt_state, metrics = self._train_step[name](
-            params, opt_state, batch, anchors, jnp.asarray(perm[sl]), jnp.asarray(valid[sl]),
-            jnp.asarray(scales[s]), frozen=getattr(self.backend, "frozen", None))
+        args = (params, opt_state, batch, anchors, jnp.asarray(perm[sl]),
+                jnp.asarray(valid[sl]), jnp.asarray(scales[s]))
+        frozen = getattr(self.backend, "frozen", None)
+        if name not in self._step_args:
+          self._step_args[name] = jax.tree.map(_abstract, (args, frozen))
+        params, opt_state, metrics = self._train_step[name](*args, frozen=frozen)
         params, opt_state = self._pin(name, params, opt_state)
         history.append(metrics)
     history = jax.device_get(history)
