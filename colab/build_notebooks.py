@@ -497,9 +497,10 @@ Two modes, switched by `USE_REAL_MODEL` below:
   constraints (word limits, keywords, bullets, how to end, ...), which can be intransitive, so
   the game is not Bradley–Terry. The evaluation also asks SmolLM2 itself to judge (both orders
   averaged). `configs/smollm2.py` is the config. The full CPU run (2 rounds, 8 prompts × 4
-  samples each, 40 held-out prompts) takes about 12 minutes on 2 cores and needs about 18 GB of
-  RAM, more than a free Colab CPU runtime has; `FAST` (what CI runs) is its `:tiny` variant: one
-  round on 2 prompts, 4 held-out prompts, 8-token answers, about 4 minutes and 11 GB. Neither
+  samples each, 40 held-out prompts) took 3.5 minutes on a 2-core Zen 5 machine (longer on older
+  CPUs) with a peak of 11.4 GB of RAM, close to the 12.7 GB of a free Colab CPU runtime; `FAST`
+  (what CI runs) is its `:tiny` variant: one round on 2 prompts, 4 held-out prompts, 8-token
+  answers, 1.1 minutes and 7.2 GB there. Neither
   budget moves the policy measurably: this mode shows the whole pipeline on real weights, not an
   alignment result.
 * `True` (a GPU or TPU runtime): downloads the checkpoints and prompts named below and runs the

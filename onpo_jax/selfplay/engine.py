@@ -211,13 +211,14 @@ class Engine:
   def train_step_memory(self, name: str) -> dict[str, int] | None:
     """XLA's per-device memory of the method's compiled train step, in bytes.
 
-    Read from the executable of the method's first train step (the jit cache
-    serves it: only tracing is repeated; call it under the same activation
-    sharding rules as the round, or the trace differs and compiles anew): `arguments` (parameters, optimizer
-    state, the round's batch and anchors, the frozen base), `outputs`,
-    `temporaries` (activations kept for the backward pass, gradients and
-    scratch, in one block XLA assigns) and `aliased` (outputs written into
-    donated arguments); `peak` = arguments + outputs + temporaries − aliased.
+    Read from the executable of the method's first train step: `arguments`
+    (parameters, optimizer state, the round's batch and anchors, the frozen
+    base), `outputs`, `temporaries` (activations kept for the backward pass,
+    gradients and scratch, in one block XLA assigns) and `aliased` (outputs
+    written into donated arguments); `peak` = arguments + outputs +
+    temporaries − aliased. The jit cache serves the executable, only tracing
+    is repeated; call it under the activation sharding rules of the round, or
+    the trace differs and compiles anew.
 
     Returns:
       The sizes, or None before the method's first minibatch step (a
