@@ -38,6 +38,54 @@ def test_dense(dtype, use_jit):
   np.testing.assert_allclose(np.asarray(got), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("spec,x_shape,w_shape", [
+    ("...d,df->...f", (5, 7), (7, 3)),             # one token axis: nothing merged
+    ("...d,df->...f", (2, 3, 4, 7), (7, 3)),       # three merged
+    ("blhk,hkd->bld", (2, 3, 4, 5), (4, 5, 6)),    # the attention output: two contracted
+    ("bld,dhk->lbhk", (2, 3, 7), (7, 4, 5)),       # output not in x's order: not merged
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_dense_and_its_gradients_with_merged_token_axes(spec, x_shape, w_shape, dtype,
+                                                        use_jit):
+  rng = np.random.RandomState(11)
+  x, w = rng.randn(*x_shape).astype(dtype), rng.randn(*w_shape).astype(dtype)
+  ct = np.einsum(spec, x, w)
+  ct = rng.randn(*ct.shape).astype(dtype)
+  x64, w64, ct64 = (a.astype(np.float64) for a in (x, w, ct))
+  ins, out = spec.split("->")
+  a, b = ins.split(",")
+  if "..." in a:
+    a, out = a.replace("...", "ABC"[:x.ndim - 1]), out.replace("...", "ABC"[:x.ndim - 1])
+  want = (np.einsum(f"{out},{b}->{a}", ct64, w64), np.einsum(f"{a},{out}->{b}", x64, ct64))
+  loss = lambda x, w: jnp.sum(layers.dense(spec, x, w) * ct)
+  with _x64(dtype):
+    got = _maybe_jit(lambda x, w: layers.dense(spec, x, w), use_jit)(x, w)
+    grads = _maybe_jit(jax.grad(loss, argnums=(0, 1)), use_jit)(x, w)
+  tol = F32_TOL if dtype == np.float32 else F64_TOL
+  assert got.dtype == dtype and got.shape == ct.shape
+  np.testing.assert_allclose(np.asarray(got), np.einsum(spec, x64, w64), rtol=tol, atol=tol)
+  for g, wanted in zip(grads, want):
+    assert g.dtype == dtype
+    np.testing.assert_allclose(np.asarray(g), wanted, rtol=tol, atol=tol)
+
+
+def test_dense_float32_kernel_gradient_contracts_one_token_axis():
+  # The [B, L] axes are merged, so the kernel's gradient contracts one axis:
+  # XLA:CPU would transpose both operands of a product that contracts B and L
+  # (a copy of each activation per step).
+  x, w = (jnp.asarray(a, jnp.float32) for a in _dense_operands(np.random.RandomState(12)))
+  for spec, kernel in ((_DENSE_SPEC, w), ("...d,df->...f", w.reshape(w.shape[0], -1))):
+    loss = lambda x, w: jnp.sum(layers.dense(spec, x, w))
+    dots = [e for e in jax.make_jaxpr(jax.grad(loss, argnums=1))(x, kernel).eqns
+            if e.primitive.name == "dot_general"]
+    assert len(dots) == 2, dots  # the forward product and the kernel's gradient
+    (contracted, _), _ = dots[1].params["dimension_numbers"]
+    # (jax may produce the kernel's gradient with its axes permuted.)
+    assert sorted(dots[1].outvars[0].aval.shape) == sorted(kernel.shape), dots[1]
+    assert len(contracted) == 1, dots[1]
+
+
 def _assert_rounded_once(got, exact):
   """got (bfloat16) is the float64 `exact` rounded to bfloat16 once.
 

@@ -70,7 +70,8 @@ def dense(spec: str, x: jnp.ndarray, w: jnp.ndarray, out_dtype=None) -> jnp.ndar
   in x.dtype and the operands as they are (`_low_precision_dense`'s VJP), so
   none becomes a mixed float32 × bfloat16 product. Being a custom VJP, a
   product below float32 has no forward-mode derivative (`jax.jvp` raises);
-  float32 and float64 are the plain einsum, differentiable either way.
+  float32 and float64 are the plain einsum, differentiable either way, with
+  x's leading token axes ([B, L] of a [B, L, D] activation) merged into one.
 
   Args:
     spec: an einsum of two operands, e.g. "...d,df->...f", in which every
@@ -90,9 +91,20 @@ def dense(spec: str, x: jnp.ndarray, w: jnp.ndarray, out_dtype=None) -> jnp.ndar
   _backward_specs(spec)  # checks the spec at every dtype
   w = w.astype(x.dtype)
   out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
-  if jnp.promote_types(x.dtype, jnp.float32) == x.dtype:
+  if jnp.promote_types(x.dtype, jnp.float32) != x.dtype:
+    return _low_precision_dense(spec, out_dtype, x, w)
+  merged, token_spec = _tokens_merged(spec, x.ndim)
+  if not merged:
     return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
-  return _low_precision_dense(spec, out_dtype, x, w)
+  # One token axis instead of [B, L, ...]: the kernel's gradient then
+  # contracts a single axis. XLA:CPU runs a product that contracts two (B and
+  # L) only after transposing both operands, a copy of every activation in
+  # the backward pass (about 10% of a train step). Below float32 the merged
+  # form's kernel gradient has no XLA:CPU kernel (bfloat16 x bfloat16 ->
+  # float32 with a transposed operand), so those products keep [B, L, ...].
+  y = jnp.einsum(token_spec, x.reshape((-1,) + x.shape[merged:]), w,
+                 preferred_element_type=out_dtype)
+  return y.reshape(x.shape[:merged] + y.shape[1:])
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,6 +122,26 @@ def _backward_specs(spec: str) -> tuple[str, str]:
       raise ValueError(f"dense spec {spec!r}: every index must appear once in exactly two "
                        f"of x, w and the output")
   return f"{out},{b}->{a}", f"{a},{out}->{b}"
+
+
+@functools.lru_cache(maxsize=None)
+def _tokens_merged(spec: str, ndim: int) -> tuple[int, str]:
+  """(n, spec'): x's n >= 2 leading axes, free of w and leading the output
+  in the same order, merged into one axis of spec'; (0, spec) if n < 2."""
+  ins, out = spec.replace(" ", "").split("->")
+  a, b = ins.split(",")
+  unused = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                if c not in spec)
+  if "..." in a:
+    ellipsis = "".join(next(unused) for _ in range(ndim - len(a) + 3))
+    a, out = a.replace("...", ellipsis), out.replace("...", ellipsis)
+  n = 0
+  while n < len(a) and a[n] not in b and out[n:n + 1] == a[n]:
+    n += 1
+  if n < 2:
+    return 0, spec
+  token = next(unused)
+  return n, f"{token}{a[n:]},{b}->{token}{out[n:]}"
 
 
 def _f32_product(spec, p, q, dtype):
