@@ -182,6 +182,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 2  # orbax checkpoints kept (one per finished round of a method)
   c.log_every_seconds = 60.0  # progress line at most this often
+  # Stop before loading any model when the memory plan (onpo_jax.llm.memory, a lower
+  # bound) exceeds one device's memory (accelerator limit; CPU: available host RAM)
+  c.check_memory = True
   # Resume a workdir's run although a result-changing field differs from its saved
   # config.json (onpo_jax.infra.run_record); off: such a resume is refused
   c.allow_config_change = False

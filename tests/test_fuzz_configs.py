@@ -313,7 +313,7 @@ def specs_of_llm(base, paths) -> dict[str, Spec]:
       "distributed.num_processes": OPT_INT1, "distributed.process_id": OPT_INT0,
       "distributed.local_device_ids": DEVICE_IDS,
       "checkpoint.max_to_keep": INT(1), "log_every_seconds": NONNEG,
-      "allow_config_change": BOOL,
+      "allow_config_change": BOOL, "check_memory": BOOL,
   }
   specs |= _judge_specs("judge", paths)
   # The evaluation judge is 'verifiable' (no model): its path and tokenizer_path

@@ -13,6 +13,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -189,6 +190,11 @@ def test_validate_config_names_the_field(assets):
   c.selfplay.prompts_per_round = 6
   with pytest.raises(ValueError, match="not a multiple of selfplay.global_batch_size"):
     llm_config.validate_config(c)
+  # A ConfigDict keeps a field's type; a config built from a dict need not.
+  d = _tiny("llama3_8b_onpo", assets, "llama").to_dict()
+  d["check_memory"] = 1
+  with pytest.raises(ValueError, match="config.check_memory must be True or False; got 1"):
+    llm_config.validate_config(ml_collections.ConfigDict(d))
   with pytest.raises(ValueError, match="mesh variant"):
     _paper("llama3_8b_onpo", "v9-1024")
 
@@ -272,6 +278,26 @@ def test_export_then_transformers_gives_same_logits(assets, tmp_path, dtype):
 def _metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("check_memory", [True, False])
+def test_a_plan_beyond_the_device_stops_before_any_model_loads(assets, tmp_path, monkeypatch,
+                                                               check_memory):
+  c = _tiny("llama3_8b_onpo", assets, "llama")
+  c.check_memory = check_memory
+  monkeypatch.setattr(job.memory_lib, "device_capacity", lambda: (1024, "a made-up device"))
+
+  def load(*args, **kwargs):
+    raise RuntimeError("a model was loaded")
+  monkeypatch.setattr(job, "build_oracle", load)
+  if check_memory:
+    with pytest.raises(job.memory_lib.MemoryPlanError,
+                       match=r"exceeds the 0\.00 GiB of one device \(a made-up device\)"):
+      job.run(c, str(tmp_path / "run"))
+  else:  # the run goes on to load the judge
+    with pytest.raises(RuntimeError, match="a model was loaded"):
+      job.run(c, str(tmp_path / "run"))
+  assert os.listdir(tmp_path / "run" / "checkpoints") == []  # nothing saved
 
 
 def test_llama_configs_run_one_round(assets, tmp_path):

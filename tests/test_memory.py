@@ -138,3 +138,46 @@ def test_estimate_needs_a_mesh_without_minus_one():
   config.mesh.shape = (1, -1, 1)
   with pytest.raises(ValueError, match="mesh_dims"):
     memory.estimate_memory(config)
+
+
+def test_host_available_bytes_reads_meminfo(tmp_path):
+  table = tmp_path / "meminfo"
+  table.write_text("MemTotal:       24000000 kB\nMemFree:         1000 kB\n"
+                   "MemAvailable:   12345678 kB\nBuffers:  0 kB\n")
+  assert memory.host_available_bytes(str(table)) == 12345678 * 1024
+  table.write_text("MemTotal:       24000000 kB\n")
+  assert memory.host_available_bytes(str(table)) is None
+  assert memory.host_available_bytes(str(tmp_path / "absent")) is None
+
+
+class _Device:
+  def __init__(self, platform, stats=None, kind="fake"):
+    self.platform, self.device_kind, self._stats = platform, kind, stats
+
+  def memory_stats(self):
+    return self._stats
+
+
+def test_device_capacity_shares_host_ram_and_reads_accelerator_limits(tmp_path):
+  table = tmp_path / "meminfo"
+  table.write_text("MemAvailable:   8000000 kB\n")
+  got, where = memory.device_capacity(jax.devices(), meminfo=str(table))
+  assert len(jax.devices()) == 8 and got == 8000000 * 1024 // 8
+  assert "shared by 8 CPU device(s)" in where and str(table) in where
+  assert memory.device_capacity(jax.devices(), meminfo=str(tmp_path / "absent")) is None
+  gpus = [_Device("gpu", {"bytes_limit": 80 * 2**30}, "H100"),
+          _Device("gpu", {"bytes_limit": 70 * 2**30}, "H100")]
+  assert memory.device_capacity(gpus) == (70 * 2**30, "memory limit of a H100 (memory_stats)")
+  # A device that reports nothing leaves nothing to check against.
+  assert memory.device_capacity(gpus + [_Device("gpu", None)]) is None
+  assert memory.device_capacity([_Device("tpu", {"bytes_in_use": 0})]) is None
+
+
+def test_check_fits_stops_a_plan_beyond_the_capacity():
+  plan = memory.estimate_memory(_paper("llama3_8b_onpo", "gpu8"))
+  memory.check_fits(plan, (plan.total, "exactly enough"))
+  memory.check_fits(plan, None)
+  with pytest.raises(memory.MemoryPlanError,
+                     match=(rf"{plan.total / memory.GIB:.2f} GiB per device .* exceeds the "
+                            r"16\.00 GiB of one device \(a V100\).*fsdp.*check_memory=False")):
+    memory.check_fits(plan, (16 * memory.GIB, "a V100"))  # the plan: 27.31 GiB

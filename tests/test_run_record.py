@@ -18,7 +18,7 @@ from onpo_jax.selfplay import loop as loop_lib
 
 def _config(**changes):
   c = ml_collections.ConfigDict({
-      "seed": 0, "log_every_seconds": 10.0, "allow_config_change": False,
+      "seed": 0, "log_every_seconds": 10.0, "allow_config_change": False, "check_memory": True,
       "onpo": {"eta": 2.0}, "selfplay": {"methods": ("onpo_two_step", "inpo")},
       "checkpoint": {"max_to_keep": 2}, "distributed": {"process_id": None},
       "eval": {"judges": {}}})
@@ -54,7 +54,7 @@ def test_changes_ignore_neutral_fields_and_list_the_others():
   saved = run_record.config_fields(_config())
   now = run_record.config_fields(_config(**{
       "onpo.eta": 7.0, "log_every_seconds": 1.0, "checkpoint.max_to_keep": 5,
-      "distributed.process_id": 3, "allow_config_change": True,
+      "distributed.process_id": 3, "allow_config_change": True, "check_memory": False,
       "selfplay.methods": ("onpo_two_step",)}))
   assert run_record.config_changes(saved, now) == [
       ("onpo.eta", 2.0, 7.0), ("selfplay.methods", ["onpo_two_step", "inpo"], ["onpo_two_step"])]

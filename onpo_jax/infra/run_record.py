@@ -35,6 +35,7 @@ LOCK_FILE = "run.lock"
 # Fields (or sections) that cannot change a run's results.
 NEUTRAL_FIELDS = (
     "allow_config_change",
+    "check_memory",
     "log_every_seconds",
     "checkpoint.max_to_keep",
     "compilation_cache_dir",

@@ -281,6 +281,8 @@ def validate_config(config) -> None:
         "log_every_seconds", "a finite number of seconds >= 0", config.log_every_seconds)
   _need(isinstance(config.get("allow_config_change", False), bool), "allow_config_change",
         "True or False", config.get("allow_config_change"))
+  _need(isinstance(config.get("check_memory", True), bool), "check_memory",
+        "True or False", config.get("check_memory"))
 
   # The fields that constrain each other, now that each has its type.
   optim.accumulation_steps(sp.global_batch_size, sp.minibatch_size)

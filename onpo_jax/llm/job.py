@@ -159,6 +159,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = loop.workdir
   dims, mesh = _mesh(config)
   rules = sharding_lib.DEFAULT_RULES
+  lora_on = adapted_lib.lora_enabled(config)
+  # From config.json files alone: a plan that cannot fit stops the run before
+  # any model is loaded (it is a lower bound; memory.json adds the compiled
+  # train step's activations after the first round).
+  plan = memory_lib.estimate_memory(
+      config, dims, lora=adapted_lib.lora_config(config.lora) if lora_on else None,
+      base_dtype=config.lora.base_dtype if lora_on else None)
+  if config.get("check_memory", True):
+    memory_lib.check_fits(plan, memory_lib.device_capacity())
 
   # Models are loaded outside the activation context (nnx.eval_shape inside
   # jax.set_mesh would resolve logical names as mesh axes).
@@ -171,7 +180,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_judges = {name: build_oracle(config, tokenizer, judge_mesh, rules, judge=section,
                                     constraints=constraints)
                  for name, section in config.eval.judges.items()}
-  lora_on = adapted_lib.lora_enabled(config)
   policy = loading.load_checkpoint(
       config.policy.path, mesh=mesh, rules=rules,
       param_dtype=config.lora.base_dtype if lora_on else config.policy.param_dtype,
@@ -197,8 +205,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                    pad_id=pad_id, adapted=adapted)
   engine = Engine(backend, config, mesh=mesh, inner_optimizer=lambda name: (
       optim.make_inner_optimizer(config, optim.updates_per_regression(config, name))))
-  plan = memory_lib.estimate_memory(
-      config, dims, lora=adapted.lora, base_dtype=config.lora.base_dtype if lora_on else None)
   loop.log(f"llm: {len(prompts)} prompts ({prompts.stats}); eos {eos_ids}; memory "
            f"{plan.summary()}")
 

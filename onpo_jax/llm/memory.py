@@ -37,7 +37,8 @@ Per-device bytes of a leaf of shape s sharded by spec p over mesh sizes m:
 `estimate_memory(config, mesh_dims)` plans a whole `llm` config: the decoders
 come from config.json (`policy.path`, `judge.path`) or, when those directories
 are absent, from `policy.hf_config` / `judge.hf_config`, and the optimizer is
-the one the run builds (`onpo_jax.llm.optim`).
+the one the run builds (`onpo_jax.llm.optim`). The job checks its plan with
+`check_fits(plan, device_capacity())` before it loads any model.
 """
 
 from __future__ import annotations
@@ -407,6 +408,71 @@ def estimate_memory(config, mesh_dims: tuple[int, int, int] | None = None, *,
       kv_length=max(config.sampling.prompt_buckets) + int(config.sampling.max_new_tokens),
       kv_dtype=config.sampling.cache_dtype, lora=lora, base_dtype=base_dtype,
       ref_adapter=lora is not None and needs_ref and ref_adapter)
+
+
+class MemoryPlanError(ValueError):
+  """A plan's per-device bytes exceed what one device holds."""
+
+
+def host_available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+  """The host's available RAM (`MemAvailable`), None where it cannot be read."""
+  try:
+    with open(meminfo) as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          value, unit = line.split()[1:3]
+          return int(value) * {"kB": 1024}[unit]
+  except (OSError, ValueError, KeyError, IndexError):
+    pass
+  return None
+
+
+def device_capacity(devices: Sequence[Any] | None = None, *, meminfo: str = "/proc/meminfo"
+                    ) -> tuple[int, str] | None:
+  """Bytes one of `devices` can hold, and where the number comes from.
+
+  An accelerator reports its allocator's limit (`memory_stats()['bytes_limit']`,
+  the smallest over `devices`); CPU devices share the host's RAM, so each gets
+  the available RAM divided by their number.
+
+  Args:
+    devices: default this process's devices (`jax.local_devices()`).
+    meminfo: the host's memory table (Linux).
+
+  Returns:
+    (bytes, description), or None where no device reports a limit.
+  """
+  devices = list(jax.local_devices() if devices is None else devices)
+  if devices and all(d.platform == "cpu" for d in devices):
+    available = host_available_bytes(meminfo)
+    if available is None:
+      return None
+    return (available // len(devices),
+            f"host RAM available ({available / GIB:.2f} GiB in {meminfo}) shared by "
+            f"{len(devices)} CPU device(s)")
+  limits = [(stats or {}).get("bytes_limit") for stats in (d.memory_stats() for d in devices)]
+  if not limits or None in limits:
+    return None
+  return min(limits), f"memory limit of a {devices[0].device_kind} (memory_stats)"
+
+
+def check_fits(plan: MemoryEstimate, capacity: tuple[int, str] | None) -> None:
+  """Stops a run whose plan cannot fit, before any model is loaded.
+
+  The plan leaves out activations and XLA's scratch, so it is a lower bound:
+  past the capacity the run would fail later, after loading and sampling.
+
+  Raises:
+    MemoryPlanError: `plan.total` exceeds `capacity` (None: nothing to check).
+  """
+  if capacity is None or plan.total <= capacity[0]:
+    return
+  raise MemoryPlanError(
+      f"memory plan: {plan.total / GIB:.2f} GiB per device before activations ({plan.summary()}) "
+      f"exceeds the {capacity[0] / GIB:.2f} GiB of one device ({capacity[1]}). Smaller settings: "
+      "more devices in mesh.shape's fsdp axis, lora.enabled=True, policy.param_dtype, "
+      "sampling.micro_batch_size, ref.offload / judge.offload=True; check_memory=False runs "
+      "anyway")
 
 
 def lora_comparison(config, mesh_dims: tuple[int, int, int], ranks: Sequence[int] = (16, 64), *,
