@@ -99,9 +99,10 @@ def dense(spec: str, x: jnp.ndarray, w: jnp.ndarray, out_dtype=None) -> jnp.ndar
   # One token axis instead of [B, L, ...]: the kernel's gradient then
   # contracts a single axis. XLA:CPU runs a product that contracts two (B and
   # L) only after transposing both operands, a copy of every activation in
-  # the backward pass (about 10% of a train step). Below float32 the merged
-  # form's kernel gradient has no XLA:CPU kernel (bfloat16 x bfloat16 ->
-  # float32 with a transposed operand), so those products keep [B, L, ...].
+  # the backward pass (a tenth to a third of a float32 train step's time,
+  # benchmarks/README.md). Below float32 the merged form's kernel gradient
+  # has no XLA:CPU kernel (bfloat16 x bfloat16 -> float32 with a transposed
+  # operand), so those products keep [B, L, ...].
   y = jnp.einsum(token_spec, x.reshape((-1,) + x.shape[merged:]), w,
                  preferred_element_type=out_dtype)
   return y.reshape(x.shape[:merged] + y.shape[1:])
