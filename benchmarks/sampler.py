@@ -87,9 +87,10 @@ def parse_args(argv=None):
                   "on a shared, oversubscribed machine multi-threaded torch spin-waits and "
                   "runs >10x slower, which would flatter JAX")
   p.add_argument("--skip-train", action="store_true")
-  p.add_argument("--host-malloc", default="default", choices=("reuse", "default"),
-                 help="glibc malloc for the whole process, both sides "
-                      "(onpo_jax/infra/host_memory.py; experiments.run's --host_malloc)")
+  p.add_argument("--host-malloc", default="hugepages", choices=host_memory.MODES,
+                 help="glibc malloc for the whole process, both sides, as experiments.run's "
+                      "--host_malloc (onpo_jax/infra/host_memory.py; 'hugepages' restarts "
+                      "the process)")
   p.add_argument("--filter-logits", action="store_true",
                  help="only time filter_logits (bisections) against the former top_k + full sort")
   p.add_argument("--jax-dtype", default="float32", choices=("float32", "bfloat16"),
@@ -434,7 +435,9 @@ def bench_training(args, torch_model, jax_model, rng):
 
 def main(argv=None):
   args = parse_args(argv)
-  reuse = host_memory.configure(args.host_malloc)  # before either side starts threads
+  if args.host_malloc == "hugepages":
+    host_memory.restart_with_huge_pages()
+  malloc = host_memory.configure(args.host_malloc)  # before either side starts threads
   if args.threads > 0:
     set_xla_threads(args.threads)
     torch.set_num_threads(args.threads)
@@ -452,7 +455,7 @@ def main(argv=None):
         f"transformers {transformers.__version__}, cpus={os.cpu_count()}, "
         f"load average {os.getloadavg()[0]:.1f}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, host malloc "
-        f"{'reuses freed memory' if reuse else 'glibc defaults'}")
+        f"{malloc}")
   if args.filter_logits:
     bench_filter_logits(args)
     return

@@ -18,10 +18,13 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 24 calls after a warm-up; prints the minor faults of each call and the result.
 _CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, time
 import numpy as np
+print("started", os.getpid(), flush=True)
 from onpo_jax.infra import host_memory
-reused = host_memory.configure(sys.argv[1])
+if sys.argv[1] == "hugepages":
+  host_memory.restart_with_huge_pages()
+malloc = host_memory.configure(sys.argv[1])
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x, w: jnp.sin(x) @ w)
 x = jnp.linspace(0.0, 1.0, 8192 * 2048, dtype=jnp.float32).reshape(8192, 2048)
@@ -36,20 +39,29 @@ for _ in range(24):
   got = f(x, w).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
   assert np.array_equal(np.asarray(got), want)
-print(json.dumps({"reused": reused, "faults": faults, "checksum": float(want.astype(np.float64).sum())}))
+print(json.dumps({"malloc": malloc, "faults": faults, "tunables": os.environ.get("GLIBC_TUNABLES"),
+                  "checksum": float(want.astype(np.float64).sum())}))
 """
 
 
 def _run_child(mode):
   env = dict(os.environ, PYTHONPATH=_ROOT, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _CHILD, mode], env=env, cwd=_ROOT, check=True,
-                       capture_output=True, text=True, timeout=300).stdout
-  return json.loads(out.strip().splitlines()[-1])
+  env.pop("GLIBC_TUNABLES", None)
+  lines = subprocess.run([sys.executable, "-c", _CHILD, mode], env=env, cwd=_ROOT, check=True,
+                         capture_output=True, text=True, timeout=300).stdout.strip().splitlines()
+  result = json.loads(lines[-1])
+  result["starts"] = [line.split()[1] for line in lines if line.startswith("started ")]
+  return result
 
 
-def test_reusing_freed_memory_stops_the_per_call_page_faults():
-  default, reuse = _run_child("default"), _run_child("reuse")
-  assert not default["reused"] and reuse["reused"]
+@pytest.fixture(scope="module")
+def glibc_defaults():
+  return _run_child("default")
+
+
+def test_reusing_freed_memory_stops_the_per_call_page_faults(glibc_defaults):
+  default, reuse = glibc_defaults, _run_child("reuse")
+  assert default["malloc"] == "glibc's defaults" and reuse["malloc"] == "reuses freed memory"
   assert reuse["checksum"] == default["checksum"]
   # sin(x), a 64 MB temporary (16384 pages), is mapped fresh and faulted in
   # on every call by default. Reused, the heap grows over the first calls,
@@ -58,6 +70,57 @@ def test_reusing_freed_memory_stops_the_per_call_page_faults():
   assert sum(reuse["faults"][-8:]) <= sum(default["faults"][-8:]) // 8, (reuse, default)
 
 
+def test_configure_reports_huge_pages_the_environment_already_asks_for(monkeypatch):
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  assert host_memory.configure("default").startswith("huge pages")
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+  assert host_memory.configure("default") == "glibc's defaults"
+
+
 def test_configure_rejects_an_unknown_mode():
-  with pytest.raises(ValueError, match="host_malloc"):
+  with pytest.raises(ValueError, match="host_malloc.*hugepages, reuse, default.*'auto'"):
     host_memory.configure("auto")
+
+
+def test_huge_pages_restart_the_process_and_fault_512_times_less(glibc_defaults):
+  """The restart keeps the PID and adds the tunable; each 2 MiB page faults once."""
+  default, huge = glibc_defaults, _run_child("hugepages")
+  assert default["starts"] == [default["starts"][0]] and default["tunables"] is None
+  assert huge["checksum"] == default["checksum"]
+  if host_memory.huge_pages_available():
+    assert huge["starts"] == [huge["starts"][0]] * 2, huge["starts"]  # restarted in place
+    assert huge["tunables"] == "glibc.malloc.hugetlb=1"
+    assert huge["malloc"].startswith("huge pages"), huge["malloc"]
+    # The 64 MB temporary: 16384 small pages by default, 32 huge pages (a few
+    # small ones at the mapping's unaligned ends) with the tunable.
+    assert max(huge["faults"][-8:]) <= min(default["faults"][-8:]) // 64, (huge, default)
+  else:
+    # glibc before 2.35 or THP "never": no restart, and the log says why.
+    assert len(huge["starts"]) == 1 and huge["tunables"] is None
+    assert "huge pages need" in huge["malloc"], huge["malloc"]
+
+
+def test_with_huge_pages_keeps_other_tunables_and_the_users_choice():
+  assert host_memory.with_huge_pages({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  env = host_memory.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "b"})
+  assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "A": "b"}
+  assert host_memory.huge_pages_requested(env)
+  for chosen in ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=2:glibc.malloc.arena_max=2"):
+    assert host_memory.with_huge_pages({"GLIBC_TUNABLES": chosen})["GLIBC_TUNABLES"] == chosen
+  assert not host_memory.huge_pages_requested({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+  assert not host_memory.huge_pages_requested({})
+  # glibc reads the tunables left to right: the last setting wins.
+  assert host_memory.huge_pages_requested(
+      {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.malloc.hugetlb=1"})
+  assert not host_memory.huge_pages_requested({"GLIBC_TUNABLES": "xglibc.malloc.hugetlb=1"})
+
+
+@pytest.mark.parametrize("text, mode", [("always [madvise] never\n", "madvise"),
+                                        ("[always] madvise never\n", "always"),
+                                        ("always madvise [never]\n", "never"),
+                                        ("garbage\n", None)])
+def test_transparent_huge_pages_reads_the_kernels_mode(tmp_path, text, mode):
+  path = tmp_path / "enabled"
+  path.write_text(text)
+  assert host_memory.transparent_huge_pages(str(path)) == mode
+  assert host_memory.transparent_huge_pages(str(tmp_path / "absent")) is None

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+from onpo_jax.infra import host_memory
 from onpo_jax.infra import metrics
 from onpo_jax.infra import plots
 from onpo_jax.tabular import experiment
@@ -91,11 +92,16 @@ def test_metrics_jsonl_and_tensorboard_agree(tiny_run):
 def test_cli_matches_library_call(tiny_run, tmp_path):
   _, summary = tiny_run
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env.pop("GLIBC_TUNABLES", None)
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.run", "--config=configs/tabular.py:tiny",
        f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "slope_avg" in proc.stdout
+  # The default --host_malloc restarts the command with huge pages where glibc and the kernel
+  # have them, and says which malloc runs.
+  assert ("host malloc huge pages" if host_memory.huge_pages_available()
+          else "host malloc glibc's defaults (huge pages need") in proc.stderr, proc.stderr[-3000:]
   cli = json.loads((tmp_path / "summary.json").read_text())
   # Same seed, same config: the run is deterministic.
   for m, s in summary["methods"].items():
