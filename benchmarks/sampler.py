@@ -89,8 +89,7 @@ def parse_args(argv=None):
   p.add_argument("--skip-train", action="store_true")
   p.add_argument("--host-malloc", default="hugepages", choices=host_memory.MODES,
                  help="glibc malloc for the whole process, both sides, as experiments.run's "
-                      "--host_malloc (onpo_jax/infra/host_memory.py; 'hugepages' restarts "
-                      "the process)")
+                      "--host_malloc ('hugepages' restarts the process; infra/host_memory.py)")
   p.add_argument("--filter-logits", action="store_true",
                  help="only time filter_logits (bisections) against the former top_k + full sort")
   p.add_argument("--jax-dtype", default="float32", choices=("float32", "bfloat16"),
@@ -435,8 +434,7 @@ def bench_training(args, torch_model, jax_model, rng):
 
 def main(argv=None):
   args = parse_args(argv)
-  if args.host_malloc == "hugepages":
-    host_memory.restart_with_huge_pages()
+  host_memory.start(args.host_malloc)
   malloc = host_memory.configure(args.host_malloc)  # before either side starts threads
   if args.threads > 0:
     set_xla_threads(args.threads)

@@ -19,8 +19,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, plots an
 _HOST_MALLOC = flags.DEFINE_enum(
     "host_malloc", "hugepages", ["hugepages", "reuse", "default"],
     "glibc malloc for XLA:CPU's per-step temporary buffers (onpo_jax/infra/host_memory.py): "
-    "'hugepages' restarts the process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (2 MiB "
-    "transparent huge pages: 512x fewer page faults, memory still returned; where glibc or "
+    "'hugepages' restarts the process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (the "
+    "temporaries fault in 2 MiB transparent huge pages, memory still returned; where glibc or "
     "the kernel lacks them it runs on glibc's defaults); 'reuse' keeps "
     "freed memory for the next step (no page faults, but resident memory stays at its "
     "high-water mark and above); 'default': glibc's own settings.")
@@ -49,9 +49,8 @@ def main(argv):
 
 def _start(argv):
   """The command line's entry: `main`, after the restart "hugepages" needs."""
-  if _HOST_MALLOC.value == "hugepages":
-    from onpo_jax.infra import host_memory
-    host_memory.restart_with_huge_pages()
+  from onpo_jax.infra import host_memory
+  host_memory.start(_HOST_MALLOC.value)
   main(argv)
 
 

@@ -10,10 +10,11 @@ model's step spent in the kernel, `benchmarks/README.md`). Two ways out:
 * "hugepages" (`experiments.run`'s default): glibc advises the kernel to back
   its mappings with 2 MiB transparent huge pages (the tunable
   `glibc.malloc.hugetlb=1`, glibc 2.35+), so the same buffer faults in 512
-  times fewer pieces, and is still returned to the system when freed. glibc reads tunables only when a process starts,
-  hence `restart_with_huge_pages`. It needs the kernel's transparent huge
-  pages set to "madvise" or "always" (`transparent_huge_pages`); without
-  them the process runs on glibc's defaults and its log says why.
+  times fewer pieces, and is still returned to the system when freed. glibc
+  reads tunables only when a process starts, hence `restart_with_huge_pages`
+  (`start` in an entry point). It needs the kernel's transparent huge pages
+  set to "madvise" or "always" (`transparent_huge_pages`); without them the
+  process runs on glibc's defaults and its log says why.
 * "reuse": one arena that never maps and never trims keeps freed blocks in the
   heap for the next step. The heap then never shrinks below its high-water
   mark, blocks stranded between live ones add to it (the SmolLM2 job's peak:
@@ -130,6 +131,16 @@ def restart_with_huge_pages() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, sys.orig_argv, with_huge_pages(os.environ))
+
+
+def start(mode: str) -> None:
+  """What `mode` needs at a program's start: the restart of "hugepages".
+
+  For command-line entry points only (a program calling its own `main` in
+  process, as tests do, must not be replaced); `configure` follows it.
+  """
+  if mode == "hugepages":
+    restart_with_huge_pages()
 
 
 def configure(mode: str) -> str:
