@@ -6,8 +6,9 @@ decoding steps (one token per row, the cache donated as in the sampler's loop)
 with `jax.profiler`. XLA:CPU reports every thunk (fusion, dot, custom call)
 when `--xla_cpu_enable_xprof_traceme=true` is in XLA_FLAGS, which this script
 adds; the trace's per-thunk durations are summed by kind: the attention's
-batched dots, the copies that lay the cache out for them, the projection and
-MLP GEMMs, and the rest. Pass other XLA flags (e.g. the dot library) through
+products over the cache (batched dots, or library fusions of rank 4 and more
+since the single query's scores are a multiply-and-reduce), copies of the
+cache, the projection and MLP GEMMs, and the rest. Pass other XLA flags (e.g. the dot library) through
 the environment to compare them.
 
   python -m benchmarks.decode_profile --cache-len 1024
@@ -48,13 +49,16 @@ def parse_args(argv=None):
 def _kind(t: xla_trace.Thunk) -> str:
   """What a decoding step's thunk does.
 
-  The attention's GEMMs have batch dims (B, kv heads), so outputs of rank 4 and
-  more. Library fusions without a dot are reductions.
+  The attention's products have batch dims (B, kv heads), so outputs of rank
+  4 and more, whether dots or library fusions (the single query's scores and
+  softmax); the other library fusions without a dot are the norms' reductions.
   """
   if t.gemm:
     return "attention dots" if len(t.dims) >= 4 else "projection / MLP GEMMs"
   if t.name.startswith(("ynn_fusion", "xnn_fusion")):
-    return "library reductions (norms, softmax)"
+    if len(t.dims) >= 4:
+      return "attention library fusions (scores, softmax)"
+    return "library reductions (norms)"
   if "transpose" in t.name or t.name.startswith("copy"):
     return "copies / transposes (cache layout)"
   if "dynamic-update-slice" in t.name:

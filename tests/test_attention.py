@@ -8,7 +8,7 @@ the dense one, values and gradients, under jit and without, in float32 and
 float64: causal self-attention with left padding, a sliding window, GQA, and
 KV-cache decoding (one and three queries at a slot offset, unwritten slots).
 Every kernel is also run through `attend_cache` on keys and values laid out
-as the decoder's cache ([B, Hkv, S, d]).
+as the decoder's cache (keys [B, Hkv, d, S], values [B, Hkv, S, d]).
 
 Tolerances (tests/tolerances.py conventions: eps × accumulation depth,
 relative to the largest reference entry). Along the path to one output entry
@@ -28,6 +28,7 @@ changes outputs by > 1e-1.
 """
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -133,7 +134,7 @@ def _kernel(impl, window, chunk_size):
 
 
 def _cache_kernel(impl, window, chunk_size):
-  """`attend_cache` on k, v laid out [B, Hkv, S, d], as the decoder's cache."""
+  """`attend_cache` on keys [B, Hkv, d, S] and values [B, Hkv, S, d] (the cache)."""
   def fn(q, k_heads, v_heads, q_slots, key_mask):
     return attn.attend_cache(impl, q, k_heads, v_heads,
                              attn.AttentionMask(q_slots, key_mask),
@@ -175,9 +176,9 @@ def test_kernels_match_numpy_and_dense(case, dtype, use_jit):
       assert got.dtype == dtype and got.shape == q.shape
       outs[impl, chunk] = got
       tolerances.assert_close_rel(got, want, rtol=rtol, what=f"{case} {impl}/{chunk} vs numpy")
-    # The same attention over a head-major cache: `cache_attention` for the
+    # The same attention over the decoder's cache: `cache_attention` for the
     # dense kernel and single queries, `attend` on the transposed cache else.
-    heads = [jnp.asarray(np.swapaxes(x, 1, 2)) for x in (k, v)]
+    heads = [jnp.asarray(np.transpose(k, (0, 2, 3, 1))), jnp.asarray(np.swapaxes(v, 1, 2))]
     for impl, chunk in _variants(case, use_jit):
       fn = _cache_kernel(impl, window, chunk)
       got = np.asarray((jax.jit(fn) if use_jit else fn)(args[0], *heads, *args[3:]))
@@ -254,11 +255,27 @@ def test_cache_attention_bfloat16():
   q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
   mask = attn.AttentionMask(jnp.asarray(q_slots), jnp.asarray(key_mask))
   kw = dict(sliding_window=window, scale=D_HEAD ** -0.5)
-  got = attn.cache_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, **kw)
+  got = attn.cache_attention(q, jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2), mask,
+                             **kw)
   want = attn.dense_attention(q, k, v, mask, **kw)
   assert got.dtype == jnp.bfloat16 and got.shape == q.shape
   tolerances.assert_close_rel(np.asarray(got, np.float32), np.asarray(want, np.float32),
                               rtol=4 * tolerances.BF16_EPS, what="bfloat16 cache vs dense")
+
+
+def test_single_query_cache_attention_has_no_dot():
+  # A decoding step's two products over the cache are multiply-and-reduce
+  # loops (XLA:CPU vectorises them along the minor axis), not batched dots of
+  # B·Hkv tiny matrices; a prefill's block of queries still uses dots.
+  for lq, dots in ((1, 0), (3, 2)):
+    q = jnp.zeros((2, lq, 2, 3, D_HEAD), jnp.float32)
+    k = jnp.zeros((2, 2, D_HEAD, 20), jnp.float32)
+    v = jnp.zeros((2, 2, 20, D_HEAD), jnp.float32)
+    mask = attn.AttentionMask(jnp.arange(lq, dtype=jnp.int32) + 5, jnp.ones((2, 20), bool))
+    jaxpr = jax.make_jaxpr(functools.partial(attn.cache_attention, sliding_window=None,
+                                             scale=1.0))(q, k, v, mask)
+    found = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(found) == dots, (lq, found)
 
 
 def test_has_visible_key_and_bad_inputs():

@@ -327,10 +327,13 @@ def test_sliding_window_changes_logits():
 def test_init_cache_and_donation():
   cfg = config_lib.DecoderConfig.tiny(vocab_size=128)
   cache = dec.init_cache(cfg, 3, 6)
-  # One [B, kv heads, slots, head_dim] buffer per layer, none shared (donated).
+  # One buffer per layer for keys [B, kv heads, head_dim, slots] and values
+  # [B, kv heads, slots, head_dim], none shared (donated).
   leaves = cache.k + cache.v
   assert len(cache.k) == len(cache.v) == 2
-  assert all(x.shape == (3, 2, 6, 8) and x.dtype == jnp.float32 for x in leaves)
+  assert all(x.shape == (3, 2, 8, 6) for x in cache.k)
+  assert all(x.shape == (3, 2, 6, 8) for x in cache.v)
+  assert all(x.dtype == jnp.float32 for x in leaves)
   assert len({id(x) for x in leaves}) == 4
   assert cache.mask.shape == (3, 6) and cache.mask.dtype == jnp.bool_
   assert cache.index.dtype == jnp.int32 and int(cache.index) == 0
@@ -354,6 +357,10 @@ def test_init_cache_and_donation():
   stacked = cache._replace(v=jnp.stack(cache.v).transpose(0, 1, 3, 2, 4))
   with pytest.raises(ValueError, match=r"cache\.v: expected 2 arrays"):
     m(t, t, jnp.ones((3, 2), bool), stacked)
+  # Keys laid out like the values (slots before head_dim).
+  value_layout = cache._replace(k=tuple(jnp.swapaxes(x, 2, 3) for x in cache.k))
+  with pytest.raises(ValueError, match=r"cache\.k: expected 2 arrays of shape \(3, 2, 8, 6\)"):
+    m(t, t, jnp.ones((3, 2), bool), value_layout)
 
 
 def test_bad_inputs():

@@ -565,10 +565,13 @@ def test_cache_dtype_and_shapes(policy):
   smp, state = _sampler(policy, fresh=True, max_new_tokens=3, cache_dtype="bfloat16")
   toks, mask = jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 4), bool)
   caches, logits = jax.eval_shape(smp.prefill, (state,), toks, mask)  # traces, no compile
-  # per layer: [B, kv heads, prompt bucket + max_new_tokens, head_dim]
+  # per layer, S = prompt bucket + max_new_tokens slots: keys [B, kv heads,
+  # head_dim, S], values [B, kv heads, S, head_dim]
   assert len(caches[0].k) == len(caches[0].v) == 2
+  assert all(x.shape == (2, 1, 8, 4 + 3) for x in caches[0].k)
+  assert all(x.shape == (2, 1, 4 + 3, 8) for x in caches[0].v)
   for x in caches[0].k + caches[0].v:
-    assert x.shape == (2, 1, 4 + 3, 8) and x.dtype == jnp.bfloat16
+    assert x.dtype == jnp.bfloat16
   assert logits[0].shape == (2, VOCAB) and logits[0].dtype == jnp.float32
 
 

@@ -60,14 +60,11 @@ from onpo_jax.models import loading
 from onpo_jax.models import lora as lora_lib
 from onpo_jax.models import sharding as sharding_lib
 from onpo_jax.models.config import DecoderConfig
-from onpo_jax.models.decoder import Decoder
+from onpo_jax.models.decoder import KEY_CACHE_AXES, VALUE_CACHE_AXES, Decoder
 from onpo_jax.models.decoder import init_cache
 from onpo_jax.onpo_step import onpo_step
 from onpo_jax.selfplay import methods as methods_lib
 
-# Logical names of a layer's KV cache [B, kv_heads, S, head_dim]: batch over
-# the data axes and heads over 'tensor', as the activation rules place them.
-KV_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 GIB = 1024 ** 3
 
 
@@ -196,7 +193,7 @@ def kv_cache_bytes_per_device(config: DecoderConfig, batch_size: int, max_length
   if batch_size < 1 or max_length < 1:
     raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
   cache = jax.eval_shape(lambda: init_cache(config, batch_size, max_length, dtype))
-  leaves = [(KV_CACHE_AXES, x) for x in cache.k + cache.v]
+  leaves = [(KEY_CACHE_AXES, x) for x in cache.k] + [(VALUE_CACHE_AXES, x) for x in cache.v]
   leaves += [(("batch", "length"), cache.mask), ((), cache.index)]
   total = 0
   for names, x in leaves:

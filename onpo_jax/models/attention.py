@@ -23,9 +23,9 @@ Scores are float32 at least (float64 inputs stay float64).
   (the glue is in `splash_attention.py`; interpreted off TPU). `attend`
   sends it self-attention over a whole sequence, and cached decoding steps
   to `chunked_attention`.
-* `cache_attention` is the dense kernel over the decoder's KV cache, laid
-  out [B, Hkv, S, d]; `attend_cache` sends decoding steps to it whatever the
-  configured kernel.
+* `cache_attention` is the dense kernel over the decoder's KV cache (keys
+  [B, Hkv, d, S], values [B, Hkv, S, d]); `attend_cache` sends decoding steps
+  to it whatever the configured kernel.
 """
 
 from __future__ import annotations
@@ -83,25 +83,29 @@ def dense_attention(q, k, v, mask: AttentionMask, *, sliding_window,
   return jnp.einsum("bkgls,bskd->blkgd", probs, v)
 
 
-# ------------------------------------------------------- head-major KV cache
+# ----------------------------------------------------------------- KV cache
 
 
 def cache_attention(q, k, v, mask: AttentionMask, *, sliding_window,
                     scale: float):
-  """Dense attention of a few queries over a head-major KV cache.
+  """Dense attention of a few queries over the decoder's KV cache, in place.
 
-  The same value as `dense_attention` with k, v transposed to [B, S, Hkv, d].
-  The cache keeps each kv head's S slots contiguous, so the score dot reads
-  the keys in place (a [B, S, Hkv, d] cache makes XLA:CPU copy every layer's
-  keys and values into this layout at every decoding step); with a single
-  query the weighted sum of values is a multiply-and-reduce. On a 2-core CPU
-  this took about 45% of the work besides the projection and MLP GEMMs out
-  of SmolLM2-135M's decoding step, and 14% of the sampler's CPU time at
-  batch 64 (benchmarks/README.md, `decode_profile.py`).
+  The same value as `dense_attention` with the keys given as [B, Hkv, d, S]
+  and the values as [B, Hkv, S, d], the layouts of `decoder.KVCache`. A
+  decoding step reads the whole cache for a few flops per element, so what
+  its two products cost is how XLA:CPU reads the cache. With one query per
+  row both are multiply-and-reduce loops: the scores Σ_d q_d k_ds run along
+  the contiguous slots of the transposed keys, the output Σ_s p_s v_sd along
+  head_dim, and XLA:CPU hands both to its vectorising library fusions (the
+  second fused with the output projection). As dots they were batched
+  products of B·Hkv tiny matrices outside its GEMM libraries: on a 2-core
+  CPU the score dot took about 4x the time of the fusion that replaced it
+  (benchmarks/README.md, `decode_profile.py`).
 
   Args:
     q: [B, Lq, Hkv, G, d] queries (compute dtype).
-    k, v: [B, Hkv, S, d] cached keys and values (same dtype).
+    k: [B, Hkv, d, S] cached keys (same dtype).
+    v: [B, Hkv, S, d] cached values (same dtype).
     mask: the AttentionMask of the Lq queries over the S slots.
     sliding_window: None or the window w.
     scale: the score scale.
@@ -111,19 +115,20 @@ def cache_attention(q, k, v, mask: AttentionMask, *, sliding_window,
   """
   # The shapes of k and v as [B, S, Hkv, d], without transposing the cache
   # (outside jit a transpose would copy it).
-  key_major = [jax.ShapeDtypeStruct(
-      (x.shape[0], x.shape[2], x.shape[1], *x.shape[3:]), x.dtype)
-               for x in (k, v)]
-  check_shapes(q, *key_major, mask)
+  b, hkv, d, s = k.shape
+  check_shapes(q, jax.ShapeDtypeStruct((b, s, hkv, d), k.dtype),
+               jax.ShapeDtypeStruct((b, v.shape[2], hkv, *v.shape[3:]), v.dtype),
+               mask)
   dt = q.dtype
-  scores = jnp.einsum("blkgd,bksd->bklgs", q, k,
-                      preferred_element_type=accum_dtype(dt))
-  probs = _score_probs(scores, mask, sliding_window, scale, (1, 3))
+  acc = accum_dtype(dt)
   if q.shape[1] > 1:
+    scores = jnp.einsum("blkgd,bkds->bklgs", q, k, preferred_element_type=acc)
+    probs = _score_probs(scores, mask, sliding_window, scale, (1, 3))
     return jnp.einsum("bklgs,bksd->blkgd", probs.astype(dt), v)
-  # One query per row: as a dot, XLA:CPU runs Σ_s p_s v_s as a batched dot
-  # outside its GEMM libraries (B·Hkv tiny products); as a multiply-and-reduce
-  # over the slots it becomes one library fusion with the output projection.
+  # [B, Hkv, G, d, 1] * [B, Hkv, 1, d, S], summed over d: [B, Hkv, G, S].
+  scores = jnp.sum(q[:, 0, ..., None].astype(acc) * k[:, :, None].astype(acc),
+                   axis=-2)
+  probs = _score_probs(scores[:, :, None], mask, sliding_window, scale, (1, 3))
   out = jnp.sum(probs[..., None] * v[:, :, None, None].astype(probs.dtype),
                 axis=-2)
   return jnp.swapaxes(out, 1, 2).astype(dt)
@@ -256,16 +261,18 @@ def attend(impl: str, q, k, v, mask: AttentionMask, *, sliding_window,
 
 def attend_cache(impl: str, q, k, v, mask: AttentionMask, *, sliding_window,
                  scale: float, chunk_size: int):
-  """Attention over a head-major [B, Hkv, S, d] KV cache.
+  """Attention over the decoder's KV cache.
 
-  Decoding steps (one query per row) and the dense kernel read the cache in
-  place (`cache_attention`); a single query's scores are no larger than its
+  Keys come as [B, Hkv, d, S] and values as [B, Hkv, S, d]. Decoding steps
+  (one query per row) and the dense kernel read the cache in place
+  (`cache_attention`); a single query's scores are no larger than its
   output, so no kernel saves memory there. A longer block of queries with
-  another kernel (a prefill) gets the cache as [B, S, Hkv, d] and `attend`.
+  another kernel (a prefill) gets keys and values as [B, S, Hkv, d] and
+  `attend`.
   """
   if impl == "dense" or q.shape[1] == 1:
     return cache_attention(q, k, v, mask, sliding_window=sliding_window,
                            scale=scale)
-  return attend(impl, q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask,
-                sliding_window=sliding_window, scale=scale,
+  return attend(impl, q, jnp.transpose(k, (0, 3, 1, 2)), jnp.swapaxes(v, 1, 2),
+                mask, sliding_window=sliding_window, scale=scale,
                 chunk_size=chunk_size)

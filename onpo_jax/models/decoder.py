@@ -25,14 +25,21 @@ from onpo_jax.models.config import DecoderConfig
 from onpo_jax.models.partitioning import constrain
 
 
+# Logical axes of one layer's cached keys and values (KVCache below), for the
+# sharding rules: batch over the data axes, kv heads over 'tensor'.
+KEY_CACHE_AXES = ("batch", "kv_heads", "head_dim", "length")
+VALUE_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
+
+
 class KVCache(NamedTuple):
   """Key/value cache, a plain pytree (donatable under jit).
 
   Attributes:
-    k, v: one [B, num_kv_heads, S, head_dim] array per layer (a tuple),
-      compute dtype. Each layer's cache is its own buffer, and each kv head's
-      slots are contiguous, so a decoding step's attention reads them in
-      place (see `attention.cache_attention`).
+    k: one [B, num_kv_heads, head_dim, S] array per layer (a tuple), compute
+      dtype: the keys transposed, so a decoding step's scores run along
+      contiguous slots (see `attention.cache_attention`).
+    v: one [B, num_kv_heads, S, head_dim] array per layer. Each layer's keys
+      and values are their own buffers, read in place.
     mask: [B, S] bool, slot holds a real token.
     index: int32 scalar, next slot to write.
   """
@@ -50,13 +57,13 @@ def init_cache(config: DecoderConfig, batch_size: int, max_length: int,
         f"batch_size and max_length: expected positive ints, got "
         f"{batch_size}, {max_length}")
   dtype = jnp.dtype(dtype or config.dtype)
-  shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
+  b, h, d = batch_size, config.num_kv_heads, config.head_dim
   # Distinct buffers for every layer, keys and values: the sampler donates
   # the cache, and a buffer cannot be donated twice.
-  empty = lambda: tuple(jnp.zeros(shape, dtype)
-                        for _ in range(config.num_layers))
+  empty = lambda shape: tuple(jnp.zeros(shape, dtype)
+                              for _ in range(config.num_layers))
   return KVCache(
-      k=empty(), v=empty(),
+      k=empty((b, h, d, max_length)), v=empty((b, h, max_length, d)),
       mask=jnp.zeros((batch_size, max_length), bool),
       index=jnp.zeros((), jnp.int32))
 
@@ -220,8 +227,9 @@ class Decoder(nnx.Module):
         raise ValueError(
             f"cache: batch size {cache.mask.shape[0]} != tokens batch {b}")
       s = cache.mask.shape[1]
-      expected = (b, c.num_kv_heads, s, c.head_dim)
-      for name, arrays in (("k", cache.k), ("v", cache.v)):
+      hkv, d = c.num_kv_heads, c.head_dim
+      for name, arrays, expected in (("k", cache.k, (b, hkv, d, s)),
+                                     ("v", cache.v, (b, hkv, s, d))):
         shapes = [tuple(x.shape) for x in arrays]
         if len(shapes) != c.num_layers or any(x != expected for x in shapes):
           raise ValueError(

@@ -237,10 +237,10 @@ class Attention(nnx.Module):
       positions: [B, L] RoPE positions.
       inv_freq: [d/2] RoPE inverse frequencies.
       keys, values: [B, S, Hkv, d] (S = L without a cache), or this layer's
-        KV cache, [B, Hkv, S, d], when `cached`.
+        KV cache when `cached`: keys [B, Hkv, d, S], values [B, Hkv, S, d].
       mask: AttentionMask, query slots [L] and valid keys [B, S]; the kernel
         (config.attention_impl) adds the causal order and the window.
-      cached: keys and values are a head-major cache.
+      cached: keys and values are the layer's cache (decoder.KVCache).
 
     Returns:
       [B, L, D].
@@ -304,8 +304,9 @@ class Block(nnx.Module):
       positions: [B, L].
       inv_freq: [d/2].
       mask: AttentionMask of the L queries over the S keys.
-      cache_k, cache_v: this layer's [B, Hkv, S, d] caches, or None (then
-        the keys are this call's own tokens, S = L).
+      cache_k, cache_v: this layer's caches, [B, Hkv, d, S] and
+        [B, Hkv, S, d], or None (then the keys are this call's own tokens,
+        S = L).
       index: int32 scalar, first slot to write.
 
     Returns:
@@ -317,11 +318,12 @@ class Block(nnx.Module):
       x = x + self.attn(h, positions, inv_freq, k, v, mask)
     else:
       zero = jnp.zeros((), jnp.int32)
-      start = (zero, zero, index, zero)
       cache_k = jax.lax.dynamic_update_slice(
-          cache_k, jnp.swapaxes(k, 1, 2).astype(cache_k.dtype), start)
+          cache_k, jnp.transpose(k, (0, 2, 3, 1)).astype(cache_k.dtype),
+          (zero, zero, zero, index))
       cache_v = jax.lax.dynamic_update_slice(
-          cache_v, jnp.swapaxes(v, 1, 2).astype(cache_v.dtype), start)
+          cache_v, jnp.swapaxes(v, 1, 2).astype(cache_v.dtype),
+          (zero, zero, index, zero))
       x = x + self.attn(h, positions, inv_freq, cache_k, cache_v, mask,
                         cached=True)
     x = constrain(x, ("batch", "length", None))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from onpo_jax.models.decoder import Decoder
+from onpo_jax.models.decoder import KEY_CACHE_AXES, VALUE_CACHE_AXES, Decoder
 from onpo_jax.models.partitioning import activation_sharding as activation_sharding
 from onpo_jax.models.partitioning import axes_tuple
 from onpo_jax.models.partitioning import constrain as constrain
@@ -170,9 +170,8 @@ def cache_shardings(cache, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
     return NamedSharding(mesh, logical_to_spec(names, rules, mesh_shape,
                                                x.shape))
 
-  kv = ("batch", "kv_heads", "length", "head_dim")
   return type(cache)(
-      k=tuple(named(x, kv) for x in cache.k),
-      v=tuple(named(x, kv) for x in cache.v),
+      k=tuple(named(x, KEY_CACHE_AXES) for x in cache.k),
+      v=tuple(named(x, VALUE_CACHE_AXES) for x in cache.v),
       mask=named(cache.mask, ("batch", "length")),
       index=NamedSharding(mesh, PartitionSpec()))
