@@ -8,8 +8,8 @@ when `--xla_cpu_enable_xprof_traceme=true` is in XLA_FLAGS, which this script
 adds; the trace's per-thunk durations are summed by kind: the attention's
 products over the cache (batched dots, or library fusions of rank 4 and more
 since the single query's scores are a multiply-and-reduce), copies of the
-cache, the projection and MLP GEMMs, and the rest. Pass other XLA flags (e.g. the dot library) through
-the environment to compare them.
+cache, the projection and MLP GEMMs, and the rest. Pass other XLA flags
+(e.g. the dot library) through the environment to compare them.
 
   python -m benchmarks.decode_profile --cache-len 1024
   XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type= \
