@@ -278,6 +278,18 @@ def test_single_query_cache_attention_has_no_dot():
     assert len(found) == dots, (lq, found)
 
 
+def test_cache_attention_checks_values_against_keys():
+  # Keys [B, Hkv, d, S] and values [B, Hkv, S, d] must agree on every axis.
+  q = jnp.zeros((2, 1, 2, 3, D_HEAD), jnp.float32)
+  k = jnp.zeros((2, 2, D_HEAD, 20), jnp.float32)
+  mask = attn.AttentionMask(jnp.asarray([5], jnp.int32), jnp.ones((2, 20), bool))
+  kw = dict(sliding_window=None, scale=1.0)
+  assert attn.cache_attention(q, k, jnp.zeros((2, 2, 20, D_HEAD)), mask, **kw).shape == q.shape
+  for bad in ((1, 2, 20, D_HEAD), (2, 3, 20, D_HEAD), (2, 2, 19, D_HEAD), (2, 2, D_HEAD, 20)):
+    with pytest.raises(ValueError, match="q / k / v"):
+      attn.cache_attention(q, k, jnp.zeros(bad), mask, **kw)
+
+
 def test_has_visible_key_and_bad_inputs():
   key_mask = jnp.asarray([[False, False, True, True, False, True]])
   m = attn.AttentionMask(jnp.arange(6, dtype=jnp.int32), key_mask)

@@ -116,9 +116,9 @@ def cache_attention(q, k, v, mask: AttentionMask, *, sliding_window,
   # The shapes of k and v as [B, S, Hkv, d], without transposing the cache
   # (outside jit a transpose would copy it).
   b, hkv, d, s = k.shape
+  vb, vhkv, vs, *vd = v.shape
   check_shapes(q, jax.ShapeDtypeStruct((b, s, hkv, d), k.dtype),
-               jax.ShapeDtypeStruct((b, v.shape[2], hkv, *v.shape[3:]), v.dtype),
-               mask)
+               jax.ShapeDtypeStruct((vb, vs, vhkv, *vd), v.dtype), mask)
   dt = q.dtype
   acc = accum_dtype(dt)
   if q.shape[1] > 1:
