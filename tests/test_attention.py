@@ -99,6 +99,10 @@ CASES = {
     # Cached decoding: one query at slot 11 over 20 slots, 12..19 unwritten.
     "decode_one": (1, 20, 11, None, 2, 2, {0: [0, 1] + list(range(12, 20)),
                                            1: list(range(12, 20))}),
+    # The same with one query head per kv head (multi-head attention) and a
+    # window 4 that leaves row 1's query no visible key.
+    "decode_one_mha": (1, 20, 11, 4, 2, 1, {0: [9] + list(range(12, 20)),
+                                            1: list(range(8, 20))}),
     # Three queries at slots 9..11 with a window, 12..19 unwritten.
     "decode_three_window": (3, 20, 9, 4, 1, 2, {0: list(range(12, 20)),
                                                 1: [0] + list(range(12, 20))}),
@@ -267,15 +271,20 @@ def test_single_query_cache_attention_has_no_dot():
   # A decoding step's two products over the cache are multiply-and-reduce
   # loops (XLA:CPU vectorises them along the minor axis), not batched dots of
   # B·Hkv tiny matrices; a prefill's block of queries still uses dots.
-  for lq, dots in ((1, 0), (3, 2)):
-    q = jnp.zeros((2, lq, 2, 3, D_HEAD), jnp.float32)
+  # With one query head per kv head (g = 1) the loops' operands carry no
+  # size-1 group axis: XLA:CPU ran those broadcasts about 25x slower.
+  for lq, g, dots in ((1, 3, 0), (1, 1, 0), (3, 3, 2)):
+    q = jnp.zeros((2, lq, 2, g, D_HEAD), jnp.float32)
     k = jnp.zeros((2, 2, D_HEAD, 20), jnp.float32)
     v = jnp.zeros((2, 2, 20, D_HEAD), jnp.float32)
     mask = attn.AttentionMask(jnp.arange(lq, dtype=jnp.int32) + 5, jnp.ones((2, 20), bool))
     jaxpr = jax.make_jaxpr(functools.partial(attn.cache_attention, sliding_window=None,
                                              scale=1.0))(q, k, v, mask)
     found = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-    assert len(found) == dots, (lq, found)
+    assert len(found) == dots, (lq, g, found)
+    if g == 1:
+      products = [e.outvars[0].aval.shape for e in jaxpr.jaxpr.eqns if e.primitive.name == "mul"]
+      assert products and all(len(shape) == 4 for shape in products), products
 
 
 def test_cache_attention_checks_values_against_keys():

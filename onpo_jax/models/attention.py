@@ -125,6 +125,15 @@ def cache_attention(q, k, v, mask: AttentionMask, *, sliding_window,
     scores = jnp.einsum("blkgd,bkds->bklgs", q, k, preferred_element_type=acc)
     probs = _score_probs(scores, mask, sliding_window, scale, (1, 3))
     return jnp.einsum("bklgs,bksd->blkgd", probs.astype(dt), v)
+  if q.shape[3] == 1:
+    # One query head per kv head (multi-head attention). The same sums
+    # without the size-1 group axis: left in the broadcasts, it made XLA:CPU's
+    # fusions of both sums about 25x slower (benchmarks/README.md).
+    scores = jnp.sum(q[:, 0, :, 0, :, None].astype(acc) * k.astype(acc),
+                     axis=-2)
+    probs = _score_probs(scores[:, :, None], mask, sliding_window, scale, (1,))
+    out = jnp.sum(probs[:, :, 0, :, None] * v.astype(probs.dtype), axis=-2)
+    return out[:, None, :, None].astype(dt)
   # [B, Hkv, G, d, 1] * [B, Hkv, 1, d, S], summed over d: [B, Hkv, G, S].
   scores = jnp.sum(q[:, 0, ..., None].astype(acc) * k[:, :, None].astype(acc),
                    axis=-2)
