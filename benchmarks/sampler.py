@@ -362,15 +362,15 @@ def train_batch(args, vocab, rng):
   return tokens, attn, resp
 
 
-def jax_train_timing(jax_model, tokens, attn, resp, full_logits, repeats):
+def jax_train_timing(jax_model, tokens, attn, resp, full_logits, repeats, first_target=1):
   """(first, wall, cpu) seconds of the jitted train step, and XLA's flop count of one step.
 
   first = compilation + the first call, as `timed`'s first call of a jitted
   function would be.
 
   'token_logprobs' (full_logits False) uses `Decoder.token_logprobs` (chunked,
-  rematerialised: never stores [B, L, V] logits); 'full_logits' takes
-  log_softmax of the full logits, as the torch step does.
+  rematerialised: never stores [B, L, V] logits) from `first_target` on;
+  'full_logits' takes log_softmax of the full logits, as the torch step does.
   """
   graphdef, params = nnx.split(jax_model)
   tx = optax.adam(1e-5)
@@ -379,8 +379,8 @@ def jax_train_timing(jax_model, tokens, attn, resp, full_logits, repeats):
   carry = [fresh, tx.init(fresh)]
   t0 = time.perf_counter()
   # One compilation serves the flop count and the timed calls.
-  step = train_step.make_step(graphdef, tx, full_logits).lower(carry[0], carry[1],
-                                                                *batch).compile()
+  step = train_step.make_step(graphdef, tx, full_logits, first_target).lower(
+      carry[0], carry[1], *batch).compile()
   compile_s = time.perf_counter() - t0
   cost = step.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -395,17 +395,23 @@ def jax_train_timing(jax_model, tokens, attn, resp, full_logits, repeats):
   return (compile_s + first, wall, cpu), flops
 
 
-def torch_train_timing(torch_model, tokens, resp, repeats):
-  """(first, wall, cpu) seconds of the same step in PyTorch eager (its Adam state is dropped)."""
+def torch_train_timing(torch_model, tokens, resp, repeats, first_target=1):
+  """(first, wall, cpu) seconds of the same step in PyTorch eager (its Adam state is dropped).
+
+  From `first_target` > 1 on, the model returns only the logits of the last
+  L - first_target + 1 positions (transformers' `logits_to_keep`), the ones
+  that predict targets first_target .. L - 1 (and the unused last one).
+  """
   torch_model.train()
   opt = torch.optim.Adam(torch_model.parameters(), lr=1e-5)
   t_tokens = torch.from_numpy(tokens).to(torch_model.device)
-  t_resp = torch.from_numpy(resp[:, 1:]).to(torch_model.device)
+  t_resp = torch.from_numpy(resp[:, first_target:]).to(torch_model.device)
+  keep = tokens.shape[1] - first_target + 1 if first_target > 1 else 0  # 0: every position
 
   def torch_step():
     opt.zero_grad(set_to_none=True)
-    logits = torch_model(input_ids=t_tokens).logits[:, :-1].float()
-    lp = torch.log_softmax(logits, -1).gather(-1, t_tokens[:, 1:, None])[..., 0]
+    logits = torch_model(input_ids=t_tokens, logits_to_keep=keep).logits[:, :-1].float()
+    lp = torch.log_softmax(logits, -1).gather(-1, t_tokens[:, first_target:, None])[..., 0]
     loss = -(lp * t_resp).sum(-1).mean()
     loss.backward()
     opt.step()
@@ -418,15 +424,26 @@ def torch_train_timing(torch_model, tokens, resp, repeats):
 
 
 def bench_training(args, torch_model, jax_model, rng):
-  """Returns {variant: rates} for the two JAX losses against the same torch step."""
+  """Returns {variant: rates} for three JAX losses against the torch step of the same work.
+
+  'token_logprobs' and 'full_logits' compute every position's log-prob, as
+  the torch step does; 'response_logprobs' only the response's (from the
+  row's midpoint, where `train_batch` starts it), against torch with
+  `logits_to_keep` for the same positions.
+  """
   tokens, attn, resp = train_batch(args, jax_model.config.vocab_size, rng)
+  start = args.train_len // 2
+  variants = {"token_logprobs": (False, 1), "full_logits": (True, 1),
+              "response_logprobs": (False, start)}
   timings, flops = {}, {}
-  for name in ("token_logprobs", "full_logits"):
-    timings[name], flops[name] = jax_train_timing(jax_model, tokens, attn, resp,
-                                                  name == "full_logits", args.repeats)
-  torch_timing = torch_train_timing(torch_model, tokens, resp, args.repeats)
+  for name, (full_logits, first) in variants.items():
+    timings[name], flops[name] = jax_train_timing(jax_model, tokens, attn, resp, full_logits,
+                                                  args.repeats, first)
+  torch_timings = {first: torch_train_timing(torch_model, tokens, resp, args.repeats, first)
+                   for first in sorted({first for _, first in variants.values()})}
   n_tokens = tokens.size
-  out = {name: _rates(n_tokens, t, torch_timing) for name, t in timings.items()}
+  out = {name: _rates(n_tokens, t, torch_timings[variants[name][1]])
+         for name, t in timings.items()}
   for name, rates in out.items():
     rates["gflops"] = flops[name] * rates["jax_wall"] / n_tokens / 1e9
   return out

@@ -16,7 +16,8 @@ from flax import nnx
 from onpo_jax.models import decoder as decoder_lib
 
 
-def make_step(graphdef, tx: optax.GradientTransformation, full_logits: bool):
+def make_step(graphdef, tx: optax.GradientTransformation, full_logits: bool,
+              first_target: int = 1):
   """step(params, opt_state, tokens, attn, resp) -> (params, opt_state, loss), jitted.
 
   Args:
@@ -24,6 +25,9 @@ def make_step(graphdef, tx: optax.GradientTransformation, full_logits: bool):
     tx: the optimizer.
     full_logits: take log_softmax of the full [B, L, V] logits, as the torch
       step does; else `Decoder.token_logprobs` (never stores the logits).
+    first_target: with `token_logprobs`, the first position whose log-prob is
+      computed (the response's first slot skips the prompt's unembedding; every
+      `resp` position must lie at or after it).
 
   Parameters and optimizer state are donated.
   """
@@ -36,7 +40,7 @@ def make_step(graphdef, tx: optax.GradientTransformation, full_logits: bool):
                                axis=-1)[..., 0]
       lp = jnp.pad(lp, ((0, 0), (1, 0)))
     else:
-      lp = model.token_logprobs(tokens, positions, attn)
+      lp = model.token_logprobs(tokens, positions, attn, first_target=first_target)
     return -jnp.mean(jnp.sum(jnp.where(resp, lp, 0.0), axis=-1))
 
   def step(params, opt_state, tokens, attn, resp):

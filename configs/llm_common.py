@@ -65,7 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.policy.param_dtype = "float32"  # master weights of π (and of π' in the optimizer state)
   c.policy.dtype = "bfloat16"  # compute dtype of activations
   c.policy.remat = True  # rematerialise blocks in the backward pass
-  c.policy.logprob_chunk_size = 256  # predictions per chunk of the [B, L, V] log-softmax (0 = all)
+  c.policy.logprob_chunk_size = 256  # predictions per chunk of the response's [B, R, V] log-softmax (0 = all)
   c.policy.hf_config = None  # config.json content used for memory plans when policy.path is absent
 
   c.ref = ml_collections.ConfigDict()

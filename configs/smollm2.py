@@ -48,7 +48,7 @@ def get_config(arg=None):
   c.policy.param_dtype = "float32"
   c.policy.dtype = "float32"  # CPUs run float32 matmuls fastest
   c.policy.remat = False
-  c.policy.logprob_chunk_size = 64  # bounds the [B, L, 49152] log-softmax in memory
+  c.policy.logprob_chunk_size = 64  # bounds the response's [B, R, 49152] log-softmax in memory
   c.ref.dtype = "float32"  # π_ref = π_1 exactly: DPO / INPO margins start at zero
 
   # The rounds train against one judge; the evaluation reports both.

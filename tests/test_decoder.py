@@ -189,7 +189,8 @@ def test_rope_inv_freq_llama3_and_linear():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize("chunk_size", [None, 1, 3, 100])
-def test_chunked_token_logprobs_vs_numpy(dtype, use_jit, chunk_size):
+@pytest.mark.parametrize("first_target", [1, 5])
+def test_chunked_token_logprobs_vs_numpy(dtype, use_jit, chunk_size, first_target):
   rng = np.random.RandomState(3)
   b, l, d, v = 2, 8, 6, 11
   h = rng.randn(b, l, d).astype(dtype)
@@ -200,16 +201,19 @@ def test_chunked_token_logprobs_vs_numpy(dtype, use_jit, chunk_size):
   with _x64(dtype):
     def fn(h, w, tokens, mask):
       return dec.chunked_token_logprobs(h, tokens, mask, lambda x: x @ w,
-                                        chunk_size)
+                                        chunk_size, first_target)
     got = np.asarray(_maybe_jit(fn, use_jit)(
         jnp.asarray(h), jnp.asarray(w), jnp.asarray(tokens),
         jnp.asarray(mask)))
   assert got.dtype == dtype
   want = np_aligned_logprobs(h.astype(np.float64) @ w.astype(np.float64),
                              tokens, mask)
+  # Targets before first_target are not computed: 0, as masked positions are.
+  want[:, :first_target] = 0.0
   tol = F32_TOL if dtype == np.float32 else F64_TOL
   np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
   assert np.all(got[:, 0] == 0) and np.all(got[1, :3] == 0)
+  assert np.all(got[0, first_target:] != 0)  # row 0 has no padding
 
 
 def test_chunked_token_logprobs_bad_inputs():
@@ -220,6 +224,14 @@ def test_chunked_token_logprobs_bad_inputs():
   with pytest.raises(ValueError, match="chunk_size"):
     dec.chunked_token_logprobs(h, jnp.zeros((2, 4), jnp.int32),
                                jnp.ones((2, 4), bool), lambda x: x, 0)
+  for first in (0, 5, 2.0, True):
+    with pytest.raises(ValueError, match=r"first_target: expected an int in \[1, 4\]"):
+      dec.chunked_token_logprobs(h, jnp.zeros((2, 4), jnp.int32),
+                                 jnp.ones((2, 4), bool), lambda x: x, None, first)
+  # first_target = L: no target left, all zeros.
+  out = dec.chunked_token_logprobs(h, jnp.zeros((2, 4), jnp.int32),
+                                   jnp.ones((2, 4), bool), lambda x: x, None, 4)
+  assert out.shape == (2, 4) and not np.any(np.asarray(out))
 
 
 # -------------------------------------------------------------- whole model
@@ -284,6 +296,51 @@ def test_token_logprobs_model():
   tolerances.assert_tree_close_rel(g4, g1, rtol=tolerances.DECODER_GRAD_RTOL,
                                    what="chunked grads")
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g1)) > 1e-3
+
+
+def test_token_logprobs_from_a_first_target_skip_the_earlier_positions():
+  """Response-only log-probs: the same values and gradients, fewer unembedded rows."""
+  cfg = config_lib.DecoderConfig.tiny(vocab_size=128)
+  graphdef, state = nnx.split(_make(cfg))
+  tokens, pos, mask = _batch(128, l=9)
+  first = 5
+  later = np.arange(9) >= first
+
+  def lp(state, chunk, first_target):
+    return nnx.merge(graphdef, state).token_logprobs(
+        tokens, pos, mask, chunk_size=chunk, first_target=first_target)
+
+  def loss(state, chunk, first_target):
+    return jnp.sum(jnp.where(later, lp(state, chunk, first_target), 0.0))
+
+  @jax.jit
+  def run(state):
+    logits, _ = nnx.merge(graphdef, state)(tokens, pos, mask)
+    return (logits, lp(state, None, 1), lp(state, None, first), lp(state, 2, first),
+            jax.grad(loss)(state, None, 1), jax.grad(loss)(state, None, first),
+            jax.grad(loss)(state, 2, first))
+
+  logits, full, skipped, chunked, g_full, g_skipped, g_chunked = run(state)
+  assert not np.any(np.asarray(skipped)[:, :first])
+  # The kept positions are the same math on a subset of rows (LOGPROB_RTOL,
+  # relative to |logit| + |log-prob| as in test_token_logprobs_model).
+  lp_scale = tolerances.logprob_scale(logits, full)
+  for got, what in ((skipped, "first_target"), (chunked, "chunked first_target")):
+    tolerances.assert_close_rel(got, full, rtol=tolerances.LOGPROB_RTOL, scale=lp_scale,
+                                mask=np.broadcast_to(later, full.shape), what=what)
+  for got, what in ((g_skipped, "first_target grads"), (g_chunked, "chunked grads")):
+    tolerances.assert_tree_close_rel(got, g_full, rtol=tolerances.DECODER_GRAD_RTOL, what=what)
+
+  # Only the L - first targets are unembedded: the products with the
+  # vocabulary axis have B·(L - first) rows, against B·(L - 1) from 1.
+  def unembedded_rows(first_target):
+    jaxpr = jax.make_jaxpr(lambda s: loss(s, None, first_target))(state)
+    rows = {int(np.prod(e.outvars[0].aval.shape[:-1])) for e in jaxpr.eqns
+            if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] == 128}
+    assert len(rows) == 1, rows
+    return rows.pop()
+  assert unembedded_rows(first) == 2 * (9 - first)
+  assert unembedded_rows(1) == 2 * 8
 
 
 @pytest.mark.parametrize("sliding_window", [None, 3])

@@ -279,3 +279,31 @@ def test_adapter_gradients_through_the_train_step_are_the_chain_rule(lora_engine
       assert np.abs(want).max() > 0, f"{key} {name}: a zero gradient checks nothing"
       np.testing.assert_array_less(np.abs(got - want), depth * size.max() + 1e-30,
                                    err_msg=f"{key} {name}")
+
+
+def test_sequence_logprobs_score_only_the_response_slots(lora_engine):
+  """The backend unembeds only the response slots and refuses a response token before them.
+
+  Rows are [prompt bucket | max_new_tokens slots]: the sum over response
+  tokens equals the one from every position's log-prob (the same float32
+  math on fewer rows, LOGPROB_RTOL of |logit| + |log-prob| per summed token),
+  and a row marking a prompt slot as response gets NaN, which the engine's
+  loss check stops on.
+  """
+  from onpo_jax import logprobs  # pylint: disable=g-import-not-at-top
+  from onpo_jax.models.decoder import positions_from_mask  # pylint: disable=g-import-not-at-top
+  e = lora_engine
+  backend, params = e["full_backend"], e["policy"].materialize(e["adapters"])
+  tok, attn, resp = e["batch"].tok_w, e["batch"].attn_w, e["batch"].resp_w
+  first = tok.shape[1] - backend.response_len
+  assert first > 1 and not np.any(np.asarray(resp)[:, :first])
+  model = nnx.merge(backend.graphdef, params)
+  logits, _ = model(tok, positions_from_mask(attn), attn)
+  every = model.token_logprobs(tok, positions_from_mask(attn), attn)
+  want = logprobs.reduce_logprobs(every, resp, backend.reduction)
+  got = backend._seq_logps(params, tok, attn, resp)
+  scale = tolerances.logprob_scale(logits, every) * float(np.asarray(resp).sum(1).max())
+  tolerances.assert_close_rel(got, want, rtol=tolerances.LOGPROB_RTOL, scale=scale,
+                              what="response-slot log-probs")
+  bad = backend._seq_logps(params, tok, attn, resp.at[0, first - 1].set(1.0))
+  assert np.isnan(float(bad[0])) and float(bad[1]) == float(got[1])

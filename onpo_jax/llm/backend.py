@@ -170,6 +170,7 @@ class LLMBackend:
     self.reduction = sp.logp_reduction
     self.tournament_mode = sp.get("tournament_mode", "deterministic")
     self.chunk_size = config.policy.logprob_chunk_size or None
+    self.response_len = int(sc.max_new_tokens)
     self.micro = int(sp.minibatch_size)
     self.ref_placement = roles.role_placements(config)[roles.Role.REF]
     sampling = sampler_lib.SamplingConfig(
@@ -204,9 +205,15 @@ class LLMBackend:
 
   def sequence_logprobs(self, params, tokens, attn, resp, frozen=None):
     model = nnx.merge(self.graphdef, self.adapted.state(params, frozen))
+    # Rows are [prompt bucket | max_new_tokens response slots]
+    # (selfplay.examples.full_sequences): the prompt's positions need no logits.
+    first = max(tokens.shape[1] - self.response_len, 1)
     token_lp = model.token_logprobs(tokens, positions_from_mask(attn), attn,
-                                    chunk_size=self.chunk_size)
-    return logprobs.reduce_logprobs(token_lp, resp, self.reduction)
+                                    chunk_size=self.chunk_size, first_target=first)
+    lp = logprobs.reduce_logprobs(token_lp, resp, self.reduction)
+    # A response token left of the response slots would count as 0: a NaN
+    # instead stops the run at the loss check rather than training on it.
+    return jnp.where(jnp.any(resp[:, :first], axis=1), jnp.nan, lp)
 
   def anchor_logprobs(self, params, batch):
     """Anchor log-probs in micro-batches of `selfplay.minibatch_size` examples."""

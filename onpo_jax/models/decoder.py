@@ -13,6 +13,7 @@ so the first real token has position 0 whatever the padding.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -97,7 +98,8 @@ def _target_logprobs(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
 
 def chunked_token_logprobs(h: jnp.ndarray, tokens: jnp.ndarray,
                            attention_mask: jnp.ndarray, unembed,
-                           chunk_size: int | None = None) -> jnp.ndarray:
+                           chunk_size: int | None = None,
+                           first_target: int = 1) -> jnp.ndarray:
   """Aligned next-token log-probs without materialising [B, L, V] logits.
 
   out[b, t] = log softmax(unembed(h[b, t-1]))[tokens[b, t]] for t ≥ 1, i.e.
@@ -109,15 +111,23 @@ def chunked_token_logprobs(h: jnp.ndarray, tokens: jnp.ndarray,
   logits ([B, chunk, V] float32) are built, normalised and gathered inside
   a rematerialised scan step, so neither the forward nor the backward pass
   keeps more than one chunk of logits. With a single chunk (chunk_size None
-  or ≥ L - 1) there is nothing to save: the logits are computed once,
+  or ≥ L - first_target) there is nothing to save: the logits are computed once,
   without the scan and without recomputation in the backward pass.
+
+  Only targets t ≥ `first_target` are predicted: a loss that scores the
+  response of [prompt | response] rows (the sampler's layout, prompt bucket
+  P) passes first_target = P and skips the unembedding and log-softmax of
+  the P - 1 prompt positions, whose log-probs it would mask out anyway.
 
   Args:
     h: [B, L, D] final hidden states.
     tokens: [B, L] int token ids.
     attention_mask: [B, L] bool.
     unembed: function [B, C, D] -> [B, C, V] float32 logits.
-    chunk_size: predictions per chunk; None means one chunk of L - 1.
+    chunk_size: predictions per chunk; None means one chunk of
+      L - first_target.
+    first_target: first position t whose log-prob is computed, 1 ≤
+      first_target ≤ L (L: none); out[:, :first_target] is 0.
 
   Returns:
     [B, L], float32 (float64 if the logits are float64).
@@ -131,8 +141,14 @@ def chunked_token_logprobs(h: jnp.ndarray, tokens: jnp.ndarray,
         f"attention_mask: expected shape {tokens.shape}, "
         f"got {attention_mask.shape}")
   b, l, d = h.shape
-  n = l - 1
-  if n == 0:
+  s = first_target
+  if (not isinstance(s, numbers.Integral) or isinstance(s, bool)
+      or not 1 <= s <= max(l, 1)):
+    raise ValueError(
+        f"first_target: expected an int in [1, {max(l, 1)}] (the sequence length), "
+        f"got {s!r}")
+  n = l - s
+  if n <= 0:
     return jnp.zeros((b, l), jnp.promote_types(h.dtype, jnp.float32))
   if chunk_size is None:
     chunk_size = n
@@ -141,11 +157,13 @@ def chunked_token_logprobs(h: jnp.ndarray, tokens: jnp.ndarray,
   chunk_size = min(chunk_size, n)
   num_chunks = -(-n // chunk_size)
   pad = num_chunks * chunk_size - n
+  # Position t is predicted from the hidden state at t - 1.
+  h_prev, targets = h[:, s - 1:-1], tokens[:, s:]
   if num_chunks == 1:
-    out = _target_logprobs(unembed(h[:, :-1]), tokens[:, 1:])
+    out = _target_logprobs(unembed(h_prev), targets)
   else:
-    h_prev = jnp.pad(h[:, :-1], ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))
+    h_prev = jnp.pad(h_prev, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
     h_prev = h_prev.reshape(b, num_chunks, chunk_size, d).swapaxes(0, 1)
     targets = targets.reshape(b, num_chunks, chunk_size).swapaxes(0, 1)
     one_chunk = jax.checkpoint(lambda hc, tc: _target_logprobs(unembed(hc), tc))
@@ -155,9 +173,9 @@ def chunked_token_logprobs(h: jnp.ndarray, tokens: jnp.ndarray,
 
     _, out = jax.lax.scan(step, None, (h_prev, targets))
     out = out.swapaxes(0, 1).reshape(b, num_chunks * chunk_size)[:, :n]
-  valid = attention_mask[:, 1:] & attention_mask[:, :-1]
+  valid = attention_mask[:, s:] & attention_mask[:, s - 1:-1]
   out = jnp.where(valid, out, 0.0)
-  return jnp.concatenate([jnp.zeros((b, 1), out.dtype), out], axis=1)
+  return jnp.concatenate([jnp.zeros((b, s), out.dtype), out], axis=1)
 
 
 class Decoder(nnx.Module):
@@ -287,17 +305,18 @@ class Decoder(nnx.Module):
     return logits, new_cache
 
   def token_logprobs(self, tokens, positions, attention_mask, *,
-                     chunk_size: int | None = None):
+                     chunk_size: int | None = None, first_target: int = 1):
     """Aligned log p(tokens[b, t] | tokens[b, <t]), [B, L] float32.
 
     See chunked_token_logprobs for the convention (out[:, 0] = 0, masked
-    positions 0) and the chunking.
+    positions 0), the chunking and `first_target` (positions before it are
+    0 and cost no unembedding).
     """
     h, _ = self.hidden_states(tokens, positions, attention_mask)
     w = self._unembedding()
     return chunked_token_logprobs(
         h, tokens, attention_mask.astype(bool),
-        lambda hc: _unembed(hc, w), chunk_size)
+        lambda hc: _unembed(hc, w), chunk_size, first_target)
 
 
 @functools.lru_cache(maxsize=None)
