@@ -7,8 +7,11 @@ directory and imported with `onpo_jax.models.load_hf_checkpoint`. Measured:
     loop, donated KV cache) vs `model.generate` (KV cache, do_sample, top_k=0),
     exactly `--new-tokens` tokens per prompt on both sides (no EOS stop);
   * training: tokens/s of one jitted forward+backward+Adam step on a
-    sequence log-prob loss (sum of response-token log-probs) vs the same step
-    in PyTorch (eager).
+    sequence log-prob loss (sum of response-token log-probs, the second half
+    of each row) vs the same step in PyTorch (eager): every position's
+    log-prob (`token_logprobs`, `full_logits`), or only the response's
+    (`response_logprobs`: `first_target` against transformers'
+    `logits_to_keep`).
 The first call of each JAX function (compilation) and of each torch function
 (warm-up) is timed separately and excluded from the throughput. The train
 rows also give the JAX step's GFLOP/s (XLA's flop count of the compiled step
