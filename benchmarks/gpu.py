@@ -51,6 +51,7 @@ import transformers  # noqa: E402
 
 from benchmarks import sampler as bench  # noqa: E402
 from benchmarks import timing  # noqa: E402
+from benchmarks import train_step  # noqa: E402
 from onpo_jax.models import attention as attention_lib  # noqa: E402
 
 # Dense bfloat16 TFLOP/s from the vendors' data sheets (no sparsity), by a part of
@@ -148,10 +149,11 @@ def decode_read_bytes(config, batch: int, mean_filled: float) -> float:
 
 
 def bench_train(args, torch_model, jax_model, peaks, rng):
-  tokens, attn, resp = bench.train_batch(args, jax_model.config.vocab_size, rng)
-  (jax_first, jax_wall, _), xla_flops = bench.jax_train_timing(
+  tokens, attn, resp = train_step.train_batch(args, jax_model.config.vocab_size, rng)
+  (jax_first, jax_wall, _), xla_flops = train_step.jax_train_timing(
       jax_model, tokens, attn, resp, False, args.repeats)
-  torch_first, torch_wall, _ = bench.torch_train_timing(torch_model, tokens, resp, args.repeats)
+  torch_first, torch_wall, _ = train_step.torch_train_timing(torch_model, tokens, resp,
+                                                             args.repeats)
   _free_torch_cache(args.torch_device)
   n = tokens.size
   model_flops = train_flops_per_token(jax_model.config, args.train_len) * n

@@ -17,7 +17,9 @@ The first call of each JAX function (compilation) and of each torch function
 rows also give the JAX step's GFLOP/s (XLA's flop count of the compiled step
 over its wall time) next to a GEMM peak measured by the same run (the best
 of a few jitted square matmuls in the JAX side's dtype, with float32 results
-as the model's products have them); the sampling latency is wall ms
+as the model's products have them), and each timed call's GFLOP/s against
+the peak measured right after that call (the peak of a shared machine moves
+from minute to minute); the sampling latency is wall ms
 per decoding step (one new token for every row of the batch), the prefill
 amortised over the steps, and then without the prefill (the time of the same
 call with one new token subtracted) against a lower bound: the larger of
@@ -49,7 +51,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 import transformers
 from flax import nnx
@@ -180,6 +181,29 @@ def gemm_peak(repeats, dtype="float32", sizes=(1024, 2048)):
     _, wall, _ = timed(lambda: jax.block_until_ready(f(x, x)), repeats)
     best = max(best, 2.0 * n ** 3 / wall / 1e9)
   return best
+
+
+def gemm_probe(dtype="float32", sizes=(1024, 2048)):
+  """probe() -> GFLOP/s: one call of each of `gemm_peak`'s matmuls, the best rate.
+
+  Compiled here, so a probe call only computes. Run right after each timed call
+  of a step, it gives that call's peak under the same load from other tenants:
+  on a shared machine the peak moves by a quarter from one minute to the next.
+  """
+  f = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
+  xs = [jnp.ones((n, n), dtype) for n in sizes]
+  for x in xs:
+    jax.block_until_ready(f(x, x))
+
+  def probe():
+    best = 0.0
+    for x in xs:
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(x, x))
+      best = max(best, 2.0 * x.shape[0] ** 3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+  return probe
 
 
 def _former_filter_logits(x, top_k, top_p):
@@ -355,100 +379,37 @@ def _share(bound_ms, step_ms):
   return f"{100 * bound_ms / step_ms:.0f}%" if step_ms else "n/a"
 
 
-def train_batch(args, vocab, rng):
-  """Random tokens [B, L], all attended; the second half of each row plays the response."""
-  b, l = args.train_batch, args.train_len
-  tokens = rng.integers(3, vocab, size=(b, l))
-  attn = np.ones((b, l), bool)
-  resp = np.zeros((b, l), bool)
-  resp[:, l // 2:] = True  # prompt tokens are masked out of the loss
-  return tokens, attn, resp
-
-
-def jax_train_timing(jax_model, tokens, attn, resp, full_logits, repeats, first_target=1):
-  """(first, wall, cpu) seconds of the jitted train step, and XLA's flop count of one step.
-
-  first = compilation + the first call, as `timed`'s first call of a jitted
-  function would be.
-
-  'token_logprobs' (full_logits False) uses `Decoder.token_logprobs` (chunked,
-  rematerialised: never stores [B, L, V] logits) from `first_target` on;
-  'full_logits' takes log_softmax of the full logits, as the torch step does.
-  """
-  graphdef, params = nnx.split(jax_model)
-  tx = optax.adam(1e-5)
-  batch = tuple(jnp.asarray(x) for x in (np.asarray(tokens, np.int32), attn, resp))
-  fresh = jax.tree.map(jnp.copy, params)  # donation must not consume the model's arrays
-  carry = [fresh, tx.init(fresh)]
-  t0 = time.perf_counter()
-  # One compilation serves the flop count and the timed calls.
-  step = train_step.make_step(graphdef, tx, full_logits, first_target).lower(
-      carry[0], carry[1], *batch).compile()
-  compile_s = time.perf_counter() - t0
-  cost = step.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
-
-  def jax_step():
-    carry[0], carry[1], loss = step(carry[0], carry[1], *batch)
-    jax.block_until_ready(loss)
-
-  first, wall, cpu = timed(jax_step, repeats)
-  del carry[:]  # frees the parameter and Adam copies before the next measurement
-  return (compile_s + first, wall, cpu), flops
-
-
-def torch_train_timing(torch_model, tokens, resp, repeats, first_target=1):
-  """(first, wall, cpu) seconds of the same step in PyTorch eager (its Adam state is dropped).
-
-  From `first_target` > 1 on, the model returns only the logits of the last
-  L - first_target + 1 positions (transformers' `logits_to_keep`), the ones
-  that predict targets first_target .. L - 1 (and the unused last one).
-  """
-  torch_model.train()
-  opt = torch.optim.Adam(torch_model.parameters(), lr=1e-5)
-  t_tokens = torch.from_numpy(tokens).to(torch_model.device)
-  t_resp = torch.from_numpy(resp[:, first_target:]).to(torch_model.device)
-  keep = tokens.shape[1] - first_target + 1 if first_target > 1 else 0  # 0: every position
-
-  def torch_step():
-    opt.zero_grad(set_to_none=True)
-    logits = torch_model(input_ids=t_tokens, logits_to_keep=keep).logits[:, :-1].float()
-    lp = torch.log_softmax(logits, -1).gather(-1, t_tokens[:, first_target:, None])[..., 0]
-    loss = -(lp * t_resp).sum(-1).mean()
-    loss.backward()
-    opt.step()
-    sync(torch_model.device)
-
-  timing = timed(torch_step, repeats)
-  opt.zero_grad(set_to_none=True)
-  torch_model.eval()
-  return timing
-
-
 def bench_training(args, torch_model, jax_model, rng):
   """Returns {variant: rates} for three JAX losses against the torch step of the same work.
 
   'token_logprobs' and 'full_logits' compute every position's log-prob, as
   the torch step does; 'response_logprobs' only the response's (from the
   row's midpoint, where `train_batch` starts it), against torch with
-  `logits_to_keep` for the same positions.
+  `logits_to_keep` for the same positions. Each timed JAX call is followed by
+  a `gemm_probe`: rates['peak_shares'] are the calls' GFLOP/s over the peak
+  measured right after each, rates['probe_peaks'] those peaks.
   """
-  tokens, attn, resp = train_batch(args, jax_model.config.vocab_size, rng)
+  tokens, attn, resp = train_step.train_batch(args, jax_model.config.vocab_size, rng)
   start = args.train_len // 2
   variants = {"token_logprobs": (False, 1), "full_logits": (True, 1),
               "response_logprobs": (False, start)}
-  timings, flops = {}, {}
+  timings, flops, probed = {}, {}, {}
+  probe = gemm_probe(args.jax_dtype)
   for name, (full_logits, first) in variants.items():
-    timings[name], flops[name] = jax_train_timing(jax_model, tokens, attn, resp, full_logits,
-                                                  args.repeats, first)
-  torch_timings = {first: torch_train_timing(torch_model, tokens, resp, args.repeats, first)
+    probed[name] = []
+    timings[name], flops[name] = train_step.jax_train_timing(
+        jax_model, tokens, attn, resp, full_logits, args.repeats, first,
+        after=lambda wall, calls=probed[name]: calls.append((wall, probe())))
+  torch_timings = {first: train_step.torch_train_timing(torch_model, tokens, resp, args.repeats,
+                                                       first)
                    for first in sorted({first for _, first in variants.values()})}
   n_tokens = tokens.size
   out = {name: _rates(n_tokens, t, torch_timings[variants[name][1]])
          for name, t in timings.items()}
   for name, rates in out.items():
     rates["gflops"] = flops[name] * rates["jax_wall"] / n_tokens / 1e9
+    rates["peak_shares"] = [flops[name] / wall / 1e9 / peak for wall, peak in probed[name]]
+    rates["probe_peaks"] = [peak for _, peak in probed[name]]
   return out
 
 
@@ -511,9 +472,12 @@ def main(argv=None):
   peak = gemm_peak(args.repeats, args.jax_dtype)
   decode_bound(args, jax_model, sampling, peak)
   for name, setting, r in rows[1:]:
+    shares = 100 * np.asarray(r["peak_shares"])
     print(f"{name} {setting.split(', ')[-1]}: jax {r['gflops']:.1f} GFLOP/s (XLA's flop count "
           f"of the step / wall) = {100 * r['gflops'] / peak:.0f}% of the {args.jax_dtype} GEMM peak "
-          f"{peak:.1f} GFLOP/s")
+          f"{peak:.1f} GFLOP/s; each call against the peak measured right after it: median "
+          f"{np.median(shares):.0f}% ({', '.join(f'{s:.0f}' for s in shares)}) of "
+          f"{np.median(r['probe_peaks']):.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

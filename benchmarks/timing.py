@@ -28,8 +28,13 @@ def sync(device):
     torch.cuda.synchronize()
 
 
-def timed_calls(fn, repeats):
-  """First-call wall seconds, then the wall and process-CPU seconds of each of the next calls."""
+def timed_calls(fn, repeats, after=None):
+  """First-call wall seconds, then the wall and process-CPU seconds of each of the next calls.
+
+  `after(wall_seconds)`, if given, runs after each of the timed calls, outside
+  the timing: a reference measured right after each call (e.g. the GEMM peak)
+  sees the same load from other tenants as the call did.
+  """
   t0 = time.perf_counter()
   fn()
   first = time.perf_counter() - t0
@@ -39,16 +44,19 @@ def timed_calls(fn, repeats):
     fn()
     walls.append(time.perf_counter() - t0)
     cpus.append(time.process_time() - c0)
+    if after is not None:
+      after(walls[-1])
   return first, walls, cpus
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, after=None):
   """First-call wall seconds, then medians of wall and process-CPU seconds of the next calls.
 
   CPU time (all threads of this process) is reported next to wall time because
-  on a shared machine wall time mostly measures the other tenants.
+  on a shared machine wall time mostly measures the other tenants. `after`: as
+  in `timed_calls`.
   """
-  return medians(timed_calls(fn, repeats))
+  return medians(timed_calls(fn, repeats, after))
 
 
 def medians(calls):

@@ -1,18 +1,24 @@
-"""The JAX train step the benchmarks time and trace.
+"""The train step the benchmarks time and trace, in JAX and in PyTorch.
 
 One forward + backward + Adam step on a sequence log-prob loss: minus the
 mean over rows of the summed log-probs of the response tokens (`resp`).
-`sampler.py` times it against the same step in PyTorch; `train_trace.py`
-traces it.
+`jax_train_timing` and `torch_train_timing` time the same step on both sides
+(`sampler.py` and `gpu.py` print them side by side); `train_trace.py` traces
+the JAX step.
 """
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import torch
 from flax import nnx
 
+from benchmarks.timing import sync, timed
 from onpo_jax.models import decoder as decoder_lib
 
 
@@ -49,3 +55,76 @@ def make_step(graphdef, tx: optax.GradientTransformation, full_logits: bool,
     return optax.apply_updates(params, updates), opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 1))
+
+
+def train_batch(args, vocab, rng):
+  """Random tokens [B, L], all attended; the second half of each row plays the response."""
+  b, l = args.train_batch, args.train_len
+  tokens = rng.integers(3, vocab, size=(b, l))
+  attn = np.ones((b, l), bool)
+  resp = np.zeros((b, l), bool)
+  resp[:, l // 2:] = True  # prompt tokens are masked out of the loss
+  return tokens, attn, resp
+
+
+def jax_train_timing(jax_model, tokens, attn, resp, full_logits, repeats, first_target=1,
+                     after=None):
+  """(first, wall, cpu) seconds of the jitted train step, and XLA's flop count of one step.
+
+  first = compilation + the first call, as `timed`'s first call of a jitted
+  function would be. `after(wall_seconds)` runs after each timed call, outside
+  its timing (`timing.timed_calls`).
+
+  'token_logprobs' (full_logits False) uses `Decoder.token_logprobs` (chunked,
+  rematerialised: never stores [B, L, V] logits) from `first_target` on;
+  'full_logits' takes log_softmax of the full logits, as the torch step does.
+  """
+  graphdef, params = nnx.split(jax_model)
+  tx = optax.adam(1e-5)
+  batch = tuple(jnp.asarray(x) for x in (np.asarray(tokens, np.int32), attn, resp))
+  fresh = jax.tree.map(jnp.copy, params)  # donation must not consume the model's arrays
+  carry = [fresh, tx.init(fresh)]
+  t0 = time.perf_counter()
+  # One compilation serves the flop count and the timed calls.
+  step = make_step(graphdef, tx, full_logits, first_target).lower(
+      carry[0], carry[1], *batch).compile()
+  compile_s = time.perf_counter() - t0
+  cost = step.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+
+  def jax_step():
+    carry[0], carry[1], loss = step(carry[0], carry[1], *batch)
+    jax.block_until_ready(loss)
+
+  first, wall, cpu = timed(jax_step, repeats, after)
+  del carry[:]  # frees the parameter and Adam copies before the next measurement
+  return (compile_s + first, wall, cpu), flops
+
+
+def torch_train_timing(torch_model, tokens, resp, repeats, first_target=1):
+  """(first, wall, cpu) seconds of the same step in PyTorch eager (its Adam state is dropped).
+
+  From `first_target` > 1 on, the model returns only the logits of the last
+  L - first_target + 1 positions (transformers' `logits_to_keep`), the ones
+  that predict targets first_target .. L - 1 (and the unused last one).
+  """
+  torch_model.train()
+  opt = torch.optim.Adam(torch_model.parameters(), lr=1e-5)
+  t_tokens = torch.from_numpy(tokens).to(torch_model.device)
+  t_resp = torch.from_numpy(resp[:, first_target:]).to(torch_model.device)
+  keep = tokens.shape[1] - first_target + 1 if first_target > 1 else 0  # 0: every position
+
+  def torch_step():
+    opt.zero_grad(set_to_none=True)
+    logits = torch_model(input_ids=t_tokens, logits_to_keep=keep).logits[:, :-1].float()
+    lp = torch.log_softmax(logits, -1).gather(-1, t_tokens[:, first_target:, None])[..., 0]
+    loss = -(lp * t_resp).sum(-1).mean()
+    loss.backward()
+    opt.step()
+    sync(torch_model.device)
+
+  timing = timed(torch_step, repeats)
+  opt.zero_grad(set_to_none=True)
+  torch_model.eval()
+  return timing

@@ -28,7 +28,6 @@ temperature / top-k / top-p; 0 for greedy).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from onpo_jax.infra import checks
 from onpo_jax.models import decoder as decoder_lib
 # Re-exported: the sampler's public API has always included them.
 from onpo_jax.next_token import categorical, filter_logits, geometric_mixture_logprobs
@@ -86,13 +86,11 @@ class SamplingConfig:
       if isinstance(value, (list, np.ndarray)):
         object.__setattr__(self, name, tuple(int(v) for v in value))
     _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
-    if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
-        or not math.isfinite(self.temperature) or self.temperature <= 0:
+    if not checks.is_real(self.temperature) or self.temperature <= 0:
       raise ValueError(
           f"SamplingConfig.temperature must be a finite float > 0, got {self.temperature!r}")
     _check_int("top_k", self.top_k, minimum=0)
-    if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) \
-        or not 0.0 < self.top_p <= 1.0:
+    if not checks.is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
     if not isinstance(self.greedy, bool):
       raise ValueError(f"SamplingConfig.greedy must be a bool, got {self.greedy!r}")
@@ -117,7 +115,7 @@ class SamplingConfig:
 
 
 def _check_int(name, value, *, minimum):
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+  if not checks.is_int(value, minimum):
     raise ValueError(f"SamplingConfig.{name} must be an int >= {minimum}, got {value!r}")
 
 

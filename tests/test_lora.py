@@ -330,8 +330,9 @@ def test_bad_settings_are_named_before_any_weight_exists():
     lora.LoraConfig(rank_pattern={"lm_head": 2})
   with pytest.raises(lora.LoraConfigError, match=r"config.lora.dropout"):
     lora.LoraConfig(dropout=0.1)
-  with pytest.raises(lora.LoraConfigError, match=r"config.lora.alpha"):
-    lora.LoraConfig(alpha=0)
+  for bad in (0, float("inf"), float("nan"), True):
+    with pytest.raises(lora.LoraConfigError, match=r"config.lora.alpha: expected a finite number"):
+      lora.LoraConfig(alpha=bad)
   assert lora.LoraConfig(target_modules="all-linear").target_modules == lora.ALL_LINEAR
 
 

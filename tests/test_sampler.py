@@ -191,6 +191,18 @@ def test_filter_logits_keeps_ties_and_rejects_bad_args():
   np.testing.assert_array_equal(kept, [[True, True, True, False]])
   with pytest.raises(ValueError, match="temperature"):
     sampler_lib.filter_logits(logits, temperature=0.0)
+  for bad in (float("inf"), True, "1.0"):
+    with pytest.raises(ValueError, match="SamplingConfig.temperature"):
+      sampler_lib.SamplingConfig(max_new_tokens=4, temperature=bad)
+  for bad in (float("nan"), 1.5, False):
+    with pytest.raises(ValueError, match="SamplingConfig.top_p"):
+      sampler_lib.SamplingConfig(max_new_tokens=4, top_p=bad)
+  for bad in (True, 2.0, 0):
+    with pytest.raises(ValueError, match="SamplingConfig.max_new_tokens"):
+      sampler_lib.SamplingConfig(max_new_tokens=bad)
+  # numpy scalars, e.g. read from an array of settings, are numbers like any other.
+  cfg = sampler_lib.SamplingConfig(max_new_tokens=np.int64(4), temperature=np.float32(0.7))
+  assert cfg.max_new_tokens == 4
   with pytest.raises(ValueError, match="top_p"):
     sampler_lib.filter_logits(logits, top_p=0.0)
   with pytest.raises(ValueError, match="top_k"):

@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any, Iterator, Sequence
 
+from onpo_jax.infra import checks
+
 
 # Columns tried in order when the caller does not name one; the first present in
 # a file's first record is used for the whole file.
@@ -79,7 +81,7 @@ def parse_prompt_row(row: Any, where: str, column: str, id_column: str | None,
   rid = row.get(id_column) if id_column else None
   if rid is None:
     rid = default_id
-  elif (isinstance(rid, int) and not isinstance(rid, bool)) or (
+  elif checks.is_int(rid) or (
       isinstance(rid, str) and rid.strip()):
     rid = str(rid)
   else:

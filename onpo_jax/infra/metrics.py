@@ -17,6 +17,8 @@ from typing import Any, Mapping, Sequence
 from absl import logging
 import numpy as np
 
+from onpo_jax.infra import checks
+
 
 def _to_builtin(obj: Any) -> Any:
   """Makes numpy / jax scalars and arrays JSON-serialisable."""
@@ -176,7 +178,7 @@ class MetricWriter:
       ValueError: if `step` is not an int or a metric is not a real scalar.
       OSError: a file could not be written (e.g. the disk is full).
     """
-    if not isinstance(step, (int, np.integer)) or isinstance(step, bool):
+    if not checks.is_int(step):
       raise ValueError(f"step must be an int, got {step!r}")
     if "step" in metrics:
       raise ValueError("metrics must not contain the reserved key 'step'")

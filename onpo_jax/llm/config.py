@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from onpo_jax.infra import checks
 from onpo_jax.llm import optim
 from onpo_jax.models import lora as lora_lib
 from onpo_jax.selfplay import methods as methods_lib
@@ -72,7 +73,7 @@ def _is_mapping(value: Any) -> bool:
 
 
 def _shard_size_ok(value: Any) -> bool:
-  if isinstance(value, int) and not isinstance(value, bool):
+  if checks.is_int(value):
     return value >= 1  # bytes; 5 GB exceeds int32, so no INT_MAX bound here
   m = _SHARD_SIZE.fullmatch(value) if isinstance(value, str) else None
   return m is not None and float(m.group(1)) > 0

@@ -55,6 +55,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from onpo_jax.infra import checks
 from onpo_jax.llm import optim
 from onpo_jax.models import loading
 from onpo_jax.models import lora as lora_lib
@@ -72,7 +73,7 @@ def _check_mesh_shape(mesh_shape: Mapping[str, int]) -> dict[str, int]:
   if not isinstance(mesh_shape, Mapping) or not mesh_shape:
     raise ValueError(f"mesh_shape must be a non-empty mapping axis -> size, got {mesh_shape!r}")
   for axis, size in mesh_shape.items():
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+    if not checks.is_int(size, 1):
       raise ValueError(f"mesh_shape[{axis!r}] must be an int >= 1, got {size!r}")
   return dict(mesh_shape)
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+
+from onpo_jax.infra import checks
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16", "float64")
@@ -28,20 +29,6 @@ _ARCHITECTURES = {
 # Keys of a HF rope-parameters dict that describe the scaling, not the base.
 _ROPE_BASE_KEYS = ("rope_theta",)
 
-
-def _is_int(value: Any) -> bool:
-  """An int that is not a bool (JSON `true` is no layer count)."""
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-  """A finite int or float, not a bool."""
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    return False
-  try:
-    return math.isfinite(value)
-  except OverflowError:  # an int beyond the float range
-    return False
 
 
 def _freeze_rope_scaling(value: Any) -> tuple[tuple[str, Any], ...] | None:
@@ -205,7 +192,7 @@ class DecoderConfig:
                                "original_max_position_embeddings")
                               if rope_type == "llama3" else ())
       for key in needed:
-        if not _is_real(params.get(key)) or params[key] <= 0:
+        if not checks.is_real(params.get(key)) or params[key] <= 0:
           raise ValueError(f"rope_scaling: rope_type {rope_type!r} needs {key} > 0, "
                            f"got {params.get(key)!r}")
 
@@ -283,18 +270,18 @@ class DecoderConfig:
       if d.get(key) is not None and not ok(d[key]):
         raise ValueError(f"{where}: {key}: expected {expected}, got {d[key]!r:.80}")
 
-    positive_int = lambda v: _is_int(v) and v > 0  # noqa: E731
+    positive_int = lambda v: checks.is_int(v, 1)  # noqa: E731
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim",
                 "max_position_embeddings", "sliding_window"):
       check(key, positive_int, "a positive int")
-    check("max_window_layers", lambda v: _is_int(v) and v >= 0, "an int >= 0")
+    check("max_window_layers", lambda v: checks.is_int(v, 0), "an int >= 0")
     for key in ("bos_token_id", "pad_token_id"):
-      check(key, _is_int, "a token id (an int) or null")
-    check("eos_token_id", lambda v: all(_is_int(e) for e in (
+      check(key, checks.is_int, "a token id (an int) or null")
+    check("eos_token_id", lambda v: all(checks.is_int(e) for e in (
         v if isinstance(v, (list, tuple)) else [v])), "a token id or a list of token ids")
     for key in ("rms_norm_eps", "rope_theta"):
-      check(key, lambda v: _is_real(v) and v > 0, "a finite number > 0")
+      check(key, lambda v: checks.is_real(v) and v > 0, "a finite number > 0")
     for key in ("rope_scaling", "rope_parameters"):
       check(key, lambda v: isinstance(v, dict), "an object or null")
     for key in ("tie_word_embeddings", "attention_bias", "use_sliding_window", "mlp_bias"):

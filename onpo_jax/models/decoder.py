@@ -13,13 +13,13 @@ so the first real token has position 0 whatever the padding.
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from onpo_jax.infra import checks
 from onpo_jax.models import layers
 from onpo_jax.models import rope as rope_lib
 from onpo_jax.models.config import DecoderConfig
@@ -142,8 +142,7 @@ def chunked_token_logprobs(h: jnp.ndarray, tokens: jnp.ndarray,
         f"got {attention_mask.shape}")
   b, l, d = h.shape
   s = first_target
-  if (not isinstance(s, numbers.Integral) or isinstance(s, bool)
-      or not 1 <= s <= max(l, 1)):
+  if not checks.is_int(s, 1, max(l, 1)):
     raise ValueError(
         f"first_target: expected an int in [1, {max(l, 1)}] (the sequence length), "
         f"got {s!r}")

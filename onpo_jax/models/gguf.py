@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from onpo_jax.infra import checks
 from onpo_jax.models import gguf_quants
 from onpo_jax.models.config import DecoderConfig
 from onpo_jax.models.decoder import Decoder
@@ -156,10 +157,6 @@ def _metadata(reader, path: str) -> dict[str, Any]:
   return out
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
 def config_from_gguf(reader, path: str, **overrides) -> DecoderConfig:
   """DecoderConfig from a GGUF file's metadata (llama architecture).
 
@@ -186,15 +183,14 @@ def config_from_gguf(reader, path: str, **overrides) -> DecoderConfig:
     # A corrupt count must not reach the arithmetic below, nor size the
     # per-layer tables (a block_count of 2**40 would exhaust memory).
     value = need(key) if default is None else meta.get(f"{arch}.{key}", default)
-    if not _is_int(value) or value <= 0:
+    if not checks.is_int(value) or value <= 0:
       raise GGUFError(f"{path}: metadata field {arch}.{key} must be a positive int; "
                       f"got {value!r}")
     return value
 
   def positive_float(key, default=None):
     value = need(key) if default is None else meta.get(f"{arch}.{key}", default)
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and 0 < value < float("inf")):
+    if not (checks.is_real(value) and value > 0):
       raise GGUFError(f"{path}: metadata field {arch}.{key} must be a finite number > 0; "
                       f"got {value!r}")
     return float(value)
@@ -241,7 +237,7 @@ def config_from_gguf(reader, path: str, **overrides) -> DecoderConfig:
                            "tokenizer.ggml.eot_token_id") if k in meta]
   for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
               "tokenizer.ggml.bos_token_id", "tokenizer.ggml.padding_token_id"):
-    if key in meta and not _is_int(meta[key]):
+    if key in meta and not checks.is_int(meta[key]):
       raise GGUFError(f"{path}: metadata field {key} must be a token id (an int); "
                       f"got {meta[key]!r}")
   kwargs = dict(

@@ -41,11 +41,11 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from onpo_jax.infra import checks
 from onpo_jax.models.partitioning import logical_to_spec
 
 # HF / PEFT module name -> (path inside a block, number of input axes of the
@@ -114,12 +114,12 @@ class LoraConfig:
       raise LoraConfigError("config.lora.target_modules: expected at least one module")
     for field, r in (("rank", self.rank),) + tuple(
         (f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern):
-      if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
+      if not checks.is_int(r, 1):
         raise LoraConfigError(f"config.lora.{field}: expected an int >= 1, got {r!r}")
     for field, a in (("alpha", self.alpha),) + tuple(
         (f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern):
-      if not isinstance(a, (int, float)) or isinstance(a, bool) or not a > 0:
-        raise LoraConfigError(f"config.lora.{field}: expected a number > 0, got {a!r}")
+      if not checks.is_real(a) or not a > 0:
+        raise LoraConfigError(f"config.lora.{field}: expected a finite number > 0, got {a!r}")
     for field, pattern in (("rank_pattern", self.rank_pattern),
                            ("alpha_pattern", self.alpha_pattern)):
       extra = [k for k, _ in pattern if k not in self.target_modules]

@@ -20,13 +20,12 @@ sampled minibatch and an exact expectation over enumerated responses.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Any, Callable, NamedTuple, Union
 
 import jax
 
 from onpo_jax import losses
+from onpo_jax.infra import checks
 from onpo_jax import pairs as pairs_lib
 
 
@@ -174,21 +173,11 @@ INIT_FROM = ("anchor", "policy")
 
 
 def is_int(value: Any, minimum: int = 0) -> bool:
-  """Whether `value` is an int in [minimum, INT_MAX], not a bool (`True` as a count
-  is a slip, not 1)."""
-  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
-          and minimum <= value <= INT_MAX)
+  """Whether `value` is an int in [minimum, INT_MAX], not a bool (`checks.is_int`)."""
+  return checks.is_int(value, minimum, INT_MAX)
 
 
-def is_real(value: Any) -> bool:
-  """Whether `value` is a finite int or float, not a bool: NaN fails no `<` check
-  and ±inf makes every loss NaN, so neither may reach a range check."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    return False
-  try:
-    return math.isfinite(value)
-  except OverflowError:  # an int beyond the float range
-    return False
+is_real = checks.is_real
 
 
 def is_names(value: Any) -> bool:

@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from onpo_jax.infra import checks
+
 GAMES = ("random", "rps", "bradley_terry", "mixture", "ties", "dominance")
 
 
 def _check_positive_int(value, name: str) -> None:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+  if not checks.is_int(value, 1):
     raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
