@@ -474,8 +474,8 @@ def main(argv=None):
   for name, setting, r in rows[1:]:
     shares = 100 * np.asarray(r["peak_shares"])
     print(f"{name} {setting.split(', ')[-1]}: jax {r['gflops']:.1f} GFLOP/s (XLA's flop count "
-          f"of the step / wall) = {100 * r['gflops'] / peak:.0f}% of the {args.jax_dtype} GEMM peak "
-          f"{peak:.1f} GFLOP/s; each call against the peak measured right after it: median "
+          f"of the step / wall) = {100 * r['gflops'] / peak:.0f}% of the {args.jax_dtype} GEMM "
+          f"peak {peak:.1f} GFLOP/s; each call against the peak measured right after it: median "
           f"{np.median(shares):.0f}% ({', '.join(f'{s:.0f}' for s in shares)}) of "
           f"{np.median(r['probe_peaks']):.1f} GFLOP/s")
 

@@ -59,7 +59,7 @@ JUDGE_PRESETS = ("rlhflow_pair_pm", "plain", "self_judge")  # onpo_jax.oracles.j
 # What hf_io.save_hf_checkpoint's max_shard_size parses: bytes, or e.g. '5GB'.
 _SHARD_SIZE = re.compile(r"\s*(\d+(\.\d*)?)\s*(KB|MB|GB)?\s*", re.IGNORECASE)
 
-_is_int, _is_real = methods_lib.is_int, methods_lib.is_real
+_is_int, _is_real = methods_lib.is_int, checks.is_real
 
 
 def _need(ok: bool, field: str, expected: str, got: Any) -> None:

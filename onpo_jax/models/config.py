@@ -30,7 +30,6 @@ _ARCHITECTURES = {
 _ROPE_BASE_KEYS = ("rope_theta",)
 
 
-
 def _freeze_rope_scaling(value: Any) -> tuple[tuple[str, Any], ...] | None:
   """Turns a rope-scaling mapping into a sorted tuple of items (hashable)."""
   if value is None:

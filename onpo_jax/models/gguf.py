@@ -183,7 +183,7 @@ def config_from_gguf(reader, path: str, **overrides) -> DecoderConfig:
     # A corrupt count must not reach the arithmetic below, nor size the
     # per-layer tables (a block_count of 2**40 would exhaust memory).
     value = need(key) if default is None else meta.get(f"{arch}.{key}", default)
-    if not checks.is_int(value) or value <= 0:
+    if not checks.is_int(value, 1):
       raise GGUFError(f"{path}: metadata field {arch}.{key} must be a positive int; "
                       f"got {value!r}")
     return value

@@ -25,8 +25,8 @@ from typing import Any, Callable, NamedTuple, Union
 import jax
 
 from onpo_jax import losses
-from onpo_jax.infra import checks
 from onpo_jax import pairs as pairs_lib
+from onpo_jax.infra import checks
 
 
 class PairBatch(NamedTuple):
@@ -177,9 +177,6 @@ def is_int(value: Any, minimum: int = 0) -> bool:
   return checks.is_int(value, minimum, INT_MAX)
 
 
-is_real = checks.is_real
-
-
 def is_names(value: Any) -> bool:
   """Whether `value` is a tuple or list of strings (a config's list of choices)."""
   return isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
@@ -211,7 +208,7 @@ def validate_selfplay(sp, need, *, num_samples_expected: str = "K >= 2") -> None
   for field in ("num_rounds", "prompts_per_round", "epochs", "minibatch_size"):
     need(is_int(sp[field], 1), f"selfplay.{field}", "an integer >= 1 (below 2**31)", sp[field])
   for field in ("learning_rate", "temperature"):
-    need(is_real(sp[field]) and sp[field] > 0, f"selfplay.{field}", "a finite number > 0",
+    need(checks.is_real(sp[field]) and sp[field] > 0, f"selfplay.{field}", "a finite number > 0",
          sp[field])
   need(sp.logp_reduction in LOGP_REDUCTIONS, "selfplay.logp_reduction",
        f"one of {LOGP_REDUCTIONS}", sp.logp_reduction)
@@ -230,13 +227,13 @@ def validate_method_params(config, need) -> None:
                 "online_ipo.beta"):
     section, key = field.split(".")
     value = config[section][key]
-    need(is_real(value) and value > 0, field, "a finite number > 0", value)
+    need(checks.is_real(value) and value > 0, field, "a finite number > 0", value)
   tau, eta_inpo = config.inpo.tau, config.inpo.eta_inpo
-  need(is_real(tau) and 0 <= tau < eta_inpo, "inpo.tau", f"0 <= τ < inpo.eta_inpo = {eta_inpo}",
-       tau)
+  need(checks.is_real(tau) and 0 <= tau < eta_inpo, "inpo.tau",
+       f"0 <= τ < inpo.eta_inpo = {eta_inpo}", tau)
   smoothing = config.dpo.label_smoothing
-  need(is_real(smoothing) and 0 <= smoothing < 0.5, "dpo.label_smoothing", "ε in [0, 0.5)",
+  need(checks.is_real(smoothing) and 0 <= smoothing < 0.5, "dpo.label_smoothing", "ε in [0, 0.5)",
        smoothing)
   alpha, beta = config.nash_md.alpha, config.nash_md.beta
-  need(is_real(alpha) and 0 <= alpha <= 1, "nash_md.alpha", "α in [0, 1]", alpha)
-  need(is_real(beta) and beta >= 0, "nash_md.beta", "β >= 0 (finite)", beta)
+  need(checks.is_real(alpha) and 0 <= alpha <= 1, "nash_md.alpha", "α in [0, 1]", alpha)
+  need(checks.is_real(beta) and beta >= 0, "nash_md.beta", "β >= 0 (finite)", beta)
