@@ -95,7 +95,7 @@ def jax_train_timing(jax_model, tokens, attn, resp, full_logits, repeats, first_
 
   def jax_step():
     carry[0], carry[1], loss = step(carry[0], carry[1], *batch)
-    jax.block_until_ready(loss)
+    jax.block_until_ready((carry, loss))
 
   first, wall, cpu = timed(jax_step, repeats, after)
   del carry[:]  # frees the parameter and Adam copies before the next measurement
