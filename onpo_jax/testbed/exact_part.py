@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from onpo_jax.infra import checks
 from onpo_jax.infra import metrics as metrics_lib
 from onpo_jax.selfplay import methods as methods_lib
 from onpo_jax.testbed import report
@@ -59,7 +60,7 @@ def validate(config: ml_collections.ConfigDict, need: Callable, max_responses: i
   need(isinstance(ex.enabled, bool), "exact.enabled", "True or False", ex.enabled)
   if not ex.enabled:
     return
-  is_int, is_real, is_names = methods_lib.is_int, methods_lib.is_real, methods_lib.is_names
+  is_int, is_real, is_names = methods_lib.is_int, checks.is_real, methods_lib.is_names
   need(is_names(ex.methods) and len(ex.methods) >= 1 and len(set(ex.methods)) == len(ex.methods)
        and all(m in shadow.SHADOW_METHODS for m in ex.methods),
        "exact.methods", f"a non-empty tuple of {shadow.SHADOW_METHODS} without duplicates",

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from onpo_jax.infra import checks
 from onpo_jax.infra import metrics as metrics_lib
 from onpo_jax.infra import plots
 from onpo_jax.infra.compilation_cache import enable_compilation_cache
@@ -75,7 +76,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   Types first (a wrong one is named here, not by a comparison or deep in JAX),
   then ranges, then the fields that constrain each other.
   """
-  is_int, is_real = methods_lib.is_int, methods_lib.is_real
+  is_int, is_real = methods_lib.is_int, checks.is_real
   _need(config.get("experiment") == "selfplay", "experiment", "'selfplay'",
         config.get("experiment"))
   tb, mc, oc, sp = config.testbed, config.model, config.oracle, config.selfplay
