@@ -166,20 +166,30 @@ def _rates(n_tokens, jax_timing, torch_timing, steps=1):
               jax_ms=1e3 * jw / steps, torch_ms=1e3 * tw / steps)
 
 
+def _square_matmuls(dtype, sizes):
+  """(jitted matmul with a float32 result, one square `dtype` operand per size)."""
+  f = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
+  return f, [jnp.ones((n, n), dtype) for n in sizes]
+
+
+def _matmul_gflops(x, seconds):
+  """GFLOP/s of `x` @ `x` for a square `x` computed in `seconds`."""
+  return 2.0 * x.shape[0] ** 3 / seconds / 1e9
+
+
 def gemm_peak(repeats, dtype="float32", sizes=(1024, 2048)):
   """Best GFLOP/s of jitted square matmuls of the given sizes (XLA's GEMM peak).
 
   The operands are `dtype`, the result float32: the form of the model's
   products (`layers.dense`), which XLA:CPU runs natively in bfloat16 where
   the CPU has bfloat16 instructions. A GPU needs sizes of 4096 and more to
-  come near its peak.
+  come near its peak. Each size's rate is the median of `repeats` calls.
   """
+  f, xs = _square_matmuls(dtype, sizes)
   best = 0.0
-  f = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
-  for n in sizes:
-    x = jnp.ones((n, n), dtype)
+  for x in xs:
     _, wall, _ = timed(lambda: jax.block_until_ready(f(x, x)), repeats)
-    best = max(best, 2.0 * n ** 3 / wall / 1e9)
+    best = max(best, _matmul_gflops(x, wall))
   return best
 
 
@@ -191,8 +201,7 @@ def gemm_probe(dtype="float32", sizes=(1024, 2048), calls=2):
   on a shared machine the peak moves by a quarter from one minute to the next.
   The best of several calls keeps one slow call from lowering the peak.
   """
-  f = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
-  xs = [jnp.ones((n, n), dtype) for n in sizes]
+  f, xs = _square_matmuls(dtype, sizes)
   for x in xs:
     jax.block_until_ready(f(x, x))
 
@@ -202,7 +211,7 @@ def gemm_probe(dtype="float32", sizes=(1024, 2048), calls=2):
       for _ in range(calls):
         t0 = time.perf_counter()
         jax.block_until_ready(f(x, x))
-        best = max(best, 2.0 * x.shape[0] ** 3 / (time.perf_counter() - t0) / 1e9)
+        best = max(best, _matmul_gflops(x, time.perf_counter() - t0))
     return best
 
   return probe
