@@ -13,9 +13,11 @@ directory and imported with `onpo_jax.models.load_hf_checkpoint`. Measured:
     (`response_logprobs`: `first_target` against transformers'
     `logits_to_keep`).
 The first call of each JAX function (compilation) and of each torch function
-(warm-up) is timed separately and excluded from the throughput. The train
-rows also give the JAX step's GFLOP/s (XLA's flop count of the compiled step
-over its wall time) next to a GEMM peak measured by the same run (the best
+(warm-up) is timed separately and excluded from the throughput; every JAX
+train step's timed calls run in a row, then torch's (`--train-pairs`
+alternates them instead; `train_alone.py` times each side in a process of
+its own). The train rows also give the JAX step's GFLOP/s (XLA's flop count
+of the compiled step over its wall time) next to a GEMM peak measured by the same run (the best
 of a few jitted square matmuls in the JAX side's dtype, with float32 results
 as the model's products have them), and each timed call's GFLOP/s against
 the peak measured right after that call (the peak of a shared machine moves
@@ -56,7 +58,7 @@ import transformers
 from flax import nnx
 
 from benchmarks import train_step
-from benchmarks.timing import medians, set_xla_threads, sync, timed, timed_calls
+from benchmarks.timing import medians, paired_calls, set_xla_threads, sync, timed, timed_calls
 from onpo_jax import sampler as sampler_lib
 from onpo_jax.infra import host_memory
 from onpo_jax.models import decoder as decoder_lib
@@ -91,6 +93,11 @@ def parse_args(argv=None):
                   "on a shared, oversubscribed machine multi-threaded torch spin-waits and "
                   "runs >10x slower, which would flatter JAX")
   p.add_argument("--skip-train", action="store_true")
+  p.add_argument("--train-pairs", action="store_true",
+                 help="alternate each JAX train step's timed calls with its torch peer's, back "
+                      "to back, and print each pair's ratio (both sides in one process: each "
+                      "changes the other's speed, benchmarks/README.md; train_alone.py runs "
+                      "each side in a process of its own)")
   p.add_argument("--host-malloc", default="hugepages", choices=host_memory.MODES,
                  help="glibc malloc for the whole process, both sides, as experiments.run's "
                       "--host_malloc ('hugepages' restarts the process; infra/host_memory.py)")
@@ -117,20 +124,16 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def build_models(args, workdir, **jax_overrides):
-  """A random torch Llama and the same weights in our Decoder (via hf_io).
+def write_checkpoint(args, workdir):
+  """Writes the weights both sides load to `workdir`, as an HF checkpoint.
 
-  With --gguf: the GGUF weights in our Decoder, exported to HF for torch.
-  `jax_overrides` are DecoderConfig fields for our side (e.g. attention_impl).
+  With --gguf: the GGUF file's weights (dequantised); else a randomly
+  initialised torch Llama of the command line's shape (seeded by --seed).
   """
   if args.gguf:
     path = gguf_lib.smollm2_gguf_path() if args.gguf == "smollm2" else args.gguf
     hf_io.save_hf_checkpoint(gguf_lib.load_gguf_checkpoint(path), workdir)
-    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
-        workdir, local_files_only=True, dtype=torch.float32).eval()
-    jax_model = hf_io.load_hf_checkpoint(workdir, param_dtype=args.jax_dtype,
-                                         dtype=args.jax_dtype, **jax_overrides)
-    return _place(torch_model, args), jax_model
+    return
   torch.manual_seed(args.seed)
   hf_config = transformers.LlamaConfig(
       vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -139,16 +142,29 @@ def build_models(args, workdir, **jax_overrides):
       bos_token_id=1, eos_token_id=2, pad_token_id=0,
       tie_word_embeddings=getattr(args, "tie_embeddings", False))
   with torch.device(args.torch_device):  # initialised where it runs: a GPU draws 1B weights fast
-    torch_model = transformers.LlamaForCausalLM(hf_config).eval()
-  torch_model.save_pretrained(workdir)
-  jax_model = hf_io.load_hf_checkpoint(workdir, param_dtype=args.jax_dtype, dtype=args.jax_dtype,
-                                       **jax_overrides)
-  return _place(torch_model, args), jax_model
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(workdir)
 
 
-def _place(torch_model, args):
-  """The torch peer on --torch-device in --torch-dtype (saved weights stay float32)."""
-  return torch_model.to(device=args.torch_device, dtype=getattr(torch, args.torch_dtype))
+def load_torch_model(args, workdir):
+  """The torch peer from `workdir`, on --torch-device in --torch-dtype."""
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      workdir, local_files_only=True, dtype=torch.float32).eval()
+  return model.to(device=args.torch_device, dtype=getattr(torch, args.torch_dtype))
+
+
+def load_jax_model(args, workdir, **jax_overrides):
+  """Our Decoder from `workdir` in --jax-dtype; `jax_overrides` are DecoderConfig fields."""
+  return hf_io.load_hf_checkpoint(workdir, param_dtype=args.jax_dtype, dtype=args.jax_dtype,
+                                  **jax_overrides)
+
+
+def build_models(args, workdir, **jax_overrides):
+  """The torch peer and our Decoder with the same weights (`write_checkpoint`).
+
+  `jax_overrides` are DecoderConfig fields for our side (e.g. attention_impl).
+  """
+  write_checkpoint(args, workdir)
+  return load_torch_model(args, workdir), load_jax_model(args, workdir, **jax_overrides)
 
 
 def make_prompts(args, rng, vocab):
@@ -396,36 +412,59 @@ def bench_training(args, torch_model, jax_model, rng):
   'token_logprobs' and 'full_logits' compute every position's log-prob, as
   the torch step does; 'response_logprobs' only the response's (from the
   row's midpoint, where `train_batch` starts it), against torch with
-  `logits_to_keep` for the same positions. Each timed JAX call is followed by
-  a `gemm_probe`: rates['peak_shares'] are the calls' GFLOP/s over the peak
-  measured right after each, rates['probe_peaks'] those peaks.
+  `logits_to_keep` for the same positions. The JAX steps are timed first,
+  then torch's; with `--train-pairs` each JAX step's timed calls alternate
+  with its torch peer's instead (`timing.paired_calls`) and
+  rates['paired_ratios'] are the pairs' torch wall / jax wall. Each timed
+  JAX call is followed by a `gemm_probe`: rates['peak_shares'] are the calls'
+  GFLOP/s over the peak measured right after each, rates['probe_peaks'] those
+  peaks.
   """
   tokens, attn, resp = train_step.train_batch(args, jax_model.config.vocab_size, rng)
   start = args.train_len // 2
   variants = {"token_logprobs": (False, 1), "full_logits": (True, 1),
               "response_logprobs": (False, start)}
-  timings, flops, probed = {}, {}, {}
   probe = gemm_probe(args.jax_dtype)
+  jax_runs, torch_runs = {}, {}
   for name, (full_logits, first) in variants.items():
-    probed[name] = []
-    timings[name], flops[name] = train_step.jax_train_timing(
-        jax_model, tokens, attn, resp, full_logits, args.repeats, first,
-        after=lambda wall, calls=probed[name]: calls.append((wall, probe())))
-  torch_timings = {first: train_step.torch_train_timing(torch_model, tokens, resp, args.repeats,
-                                                       first)
-                   for first in sorted({first for _, first in variants.values()})}
+    call, compile_s, flops = train_step.jax_train_call(jax_model, tokens, attn, resp,
+                                                       full_logits, first)
+    probed = []
+    after = lambda wall, probed=probed: probed.append((wall, probe()))  # noqa: E731
+    if args.train_pairs:
+      torch_call, torch_done = train_step.torch_train_call(torch_model, tokens, resp, first)
+      jax_calls, torch_runs[name] = paired_calls(call, torch_call, args.repeats, after_a=after)
+      torch_done()
+    else:
+      jax_calls = timed_calls(call, args.repeats, after)
+    del call  # frees the parameter and Adam copies before the next variant
+    jax_runs[name] = compile_s, flops, jax_calls, probed
+  # Without pairs, one torch timing per distinct amount of work, after every JAX step.
+  for first in [] if args.train_pairs else sorted({f for _, f in variants.values()}):
+    call, done = train_step.torch_train_call(torch_model, tokens, resp, first)
+    calls = timed_calls(call, args.repeats)
+    done()
+    torch_runs.update({name: calls for name, (_, f) in variants.items() if f == first})
   n_tokens = tokens.size
-  out = {name: _rates(n_tokens, t, torch_timings[variants[name][1]])
-         for name, t in timings.items()}
-  for name, rates in out.items():
-    rates["gflops"] = flops[name] * rates["jax_wall"] / n_tokens / 1e9
-    rates["peak_shares"] = [flops[name] / wall / 1e9 / peak for wall, peak in probed[name]]
-    rates["probe_peaks"] = [peak for _, peak in probed[name]]
+  out = {}
+  for name, (compile_s, flops, jax_calls, probed) in jax_runs.items():
+    jax_first, jax_wall, jax_cpu = medians(jax_calls)
+    rates = _rates(n_tokens, (compile_s + jax_first, jax_wall, jax_cpu), medians(torch_runs[name]))
+    rates["gflops"] = flops * rates["jax_wall"] / n_tokens / 1e9
+    rates["peak_shares"] = [flops / wall / 1e9 / peak for wall, peak in probed]
+    rates["probe_peaks"] = [peak for _, peak in probed]
+    if args.train_pairs:
+      rates["paired_ratios"] = [t / j for j, t in zip(jax_calls[1], torch_runs[name][1])]
+    out[name] = rates
   return out
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def setup_process(args):
+  """The process-wide settings both sides run under (host malloc, threads, matmul precision).
+
+  Call it first: the malloc setting may restart the process, and XLA reads its
+  thread flags when it starts. Prints them.
+  """
   host_memory.start(args.host_malloc)
   malloc = host_memory.configure(args.host_malloc)  # before either side starts threads
   if args.threads > 0:
@@ -436,7 +475,6 @@ def main(argv=None):
   jax.config.update("jax_default_matmul_precision",
                     {"highest": "float32", "high": "tensorfloat32"}[args.matmul_precision])
   torch.set_float32_matmul_precision(args.matmul_precision)
-  rng = np.random.default_rng(args.seed)
   print(f"float32 matmul precision: {args.matmul_precision} (jax "
         f"{jax.config.jax_default_matmul_precision!r}, torch "
         f"{torch.get_float32_matmul_precision()!r})")
@@ -446,6 +484,12 @@ def main(argv=None):
         f"load average {os.getloadavg()[0]:.1f}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, host malloc "
         f"{malloc}")
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  setup_process(args)
+  rng = np.random.default_rng(args.seed)
   if args.filter_logits:
     bench_filter_logits(args)
     return
@@ -489,6 +533,12 @@ def main(argv=None):
           f"peak {peak:.1f} GFLOP/s; each call against the peak measured right after it: median "
           f"{np.median(shares):.0f}% ({', '.join(f'{s:.0f}' for s in shares)}) of "
           f"{np.median(r['probe_peaks']):.1f} GFLOP/s")
+    if "paired_ratios" not in r:
+      continue
+    pairs = r["paired_ratios"]
+    print(f"{name} {setting.split(', ')[-1]}: jax / torch of calls run back to back (torch wall "
+          f"/ jax wall per pair, order alternating): median {np.median(pairs):.2f} "
+          f"({', '.join(f'{p:.2f}' for p in pairs)})")
 
 
 if __name__ == "__main__":

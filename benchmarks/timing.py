@@ -28,6 +28,13 @@ def sync(device):
     torch.cuda.synchronize()
 
 
+def _timed_call(fn):
+  """(wall, process-CPU) seconds of one call of fn."""
+  t0, c0 = time.perf_counter(), time.process_time()
+  fn()
+  return time.perf_counter() - t0, time.process_time() - c0
+
+
 def timed_calls(fn, repeats, after=None):
   """First-call wall seconds, then the wall and process-CPU seconds of each of the next calls.
 
@@ -40,13 +47,41 @@ def timed_calls(fn, repeats, after=None):
   first = time.perf_counter() - t0
   walls, cpus = [], []
   for _ in range(repeats):
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    walls.append(time.perf_counter() - t0)
-    cpus.append(time.process_time() - c0)
+    wall, cpu = _timed_call(fn)
+    walls.append(wall)
+    cpus.append(cpu)
     if after is not None:
       after(walls[-1])
   return first, walls, cpus
+
+
+def paired_calls(a, b, repeats, after_a=None):
+  """`timed_calls` of a and of b, their timed calls run back to back in pairs.
+
+  The pairs alternate their order (a then b, then b then a, ...), so a change
+  of load from other tenants, or a slow drift, reaches both sides alike and
+  the ratio of the two calls of a pair is steadier than a ratio of medians
+  taken minutes apart. `after_a(wall_seconds)` runs after each timed call of
+  a, outside the timing.
+
+  Returns:
+    (a's, b's) (first-call wall seconds, wall seconds per call, CPU seconds
+    per call); the i-th calls of the two form a pair.
+  """
+  calls = (a, b)
+  firsts, walls, cpus = [], ([], []), ([], [])
+  for fn in calls:
+    t0 = time.perf_counter()
+    fn()
+    firsts.append(time.perf_counter() - t0)
+  for i in range(repeats):
+    for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+      wall, cpu = _timed_call(calls[j])
+      walls[j].append(wall)
+      cpus[j].append(cpu)
+      if j == 0 and after_a is not None:
+        after_a(wall)
+  return tuple((firsts[j], walls[j], cpus[j]) for j in (0, 1))
 
 
 def timed(fn, repeats, after=None):

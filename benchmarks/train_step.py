@@ -67,17 +67,14 @@ def train_batch(args, vocab, rng):
   return tokens, attn, resp
 
 
-def jax_train_timing(jax_model, tokens, attn, resp, full_logits, repeats, first_target=1,
-                     after=None):
-  """(first, wall, cpu) seconds of the jitted train step, and XLA's flop count of one step.
+def jax_train_call(jax_model, tokens, attn, resp, full_logits, first_target=1):
+  """(call, compile seconds, XLA's flop count of one step) of the jitted train step.
 
-  first = compilation + the first call, as `timed`'s first call of a jitted
-  function would be. `after(wall_seconds)` runs after each timed call, outside
-  its timing (`timing.timed_calls`).
-
-  'token_logprobs' (full_logits False) uses `Decoder.token_logprobs` (chunked,
-  rematerialised: never stores [B, L, V] logits) from `first_target` on;
-  'full_logits' takes log_softmax of the full logits, as the torch step does.
+  call() runs one step on copies of the weights (updated in place, donated)
+  and waits for every output. 'token_logprobs' (full_logits False) uses
+  `Decoder.token_logprobs` (never stores [B, L, V] logits) from `first_target`
+  on; 'full_logits' takes log_softmax of the full logits, as the torch step
+  does.
   """
   graphdef, params = nnx.split(jax_model)
   tx = optax.adam(1e-5)
@@ -97,17 +94,31 @@ def jax_train_timing(jax_model, tokens, attn, resp, full_logits, repeats, first_
     carry[0], carry[1], loss = step(carry[0], carry[1], *batch)
     jax.block_until_ready((carry, loss))
 
-  first, wall, cpu = timed(jax_step, repeats, after)
-  del carry[:]  # frees the parameter and Adam copies before the next measurement
+  return jax_step, compile_s, flops
+
+
+def jax_train_timing(jax_model, tokens, attn, resp, full_logits, repeats, first_target=1,
+                     after=None):
+  """(first, wall, cpu) seconds of `jax_train_call`'s step, and its flop count.
+
+  first = compilation + the first call, as `timed`'s first call of a jitted
+  function would be. `after(wall_seconds)` runs after each timed call, outside
+  its timing (`timing.timed_calls`).
+  """
+  call, compile_s, flops = jax_train_call(jax_model, tokens, attn, resp, full_logits,
+                                          first_target)
+  first, wall, cpu = timed(call, repeats, after)
   return (compile_s + first, wall, cpu), flops
 
 
-def torch_train_timing(torch_model, tokens, resp, repeats, first_target=1):
-  """(first, wall, cpu) seconds of the same step in PyTorch eager (its Adam state is dropped).
+def torch_train_call(torch_model, tokens, resp, first_target=1):
+  """(call, done) of the same step in PyTorch eager.
 
-  From `first_target` > 1 on, the model returns only the logits of the last
-  L - first_target + 1 positions (transformers' `logits_to_keep`), the ones
-  that predict targets first_target .. L - 1 (and the unused last one).
+  call() runs one step (Adam) and waits for the device; done() drops the
+  gradients and puts the model back in eval mode. From `first_target` > 1 on,
+  the model returns only the logits of the last L - first_target + 1 positions
+  (transformers' `logits_to_keep`), the ones that predict targets
+  first_target .. L - 1 (and the unused last one).
   """
   torch_model.train()
   opt = torch.optim.Adam(torch_model.parameters(), lr=1e-5)
@@ -124,7 +135,16 @@ def torch_train_timing(torch_model, tokens, resp, repeats, first_target=1):
     opt.step()
     sync(torch_model.device)
 
-  timing = timed(torch_step, repeats)
-  opt.zero_grad(set_to_none=True)
-  torch_model.eval()
+  def done():
+    opt.zero_grad(set_to_none=True)
+    torch_model.eval()
+
+  return torch_step, done
+
+
+def torch_train_timing(torch_model, tokens, resp, repeats, first_target=1):
+  """(first, wall, cpu) seconds of `torch_train_call`'s step (its Adam state is dropped)."""
+  call, done = torch_train_call(torch_model, tokens, resp, first_target)
+  timing = timed(call, repeats)
+  done()
   return timing

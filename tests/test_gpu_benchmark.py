@@ -16,6 +16,7 @@ import pytest
 
 from benchmarks import gpu
 from benchmarks import sampler as sampler_bench
+from benchmarks import timing
 from onpo_jax.models import config as config_lib
 
 _CONFIG = config_lib.DecoderConfig(
@@ -68,6 +69,18 @@ def test_decoding_step_is_the_fastest_n_token_call_less_the_fastest_one_token_ca
   # The one-token run came out slower than the 9-token run: no estimate, not a negative time.
   assert sampler_bench.decode_step_ms([0.026], [0.030, 0.027], 9) is None
   assert sampler_bench.decode_step_ms([0.026], [0.026], 9) is None
+
+
+def test_paired_calls_alternate_their_order_and_keep_the_pairs():
+  order, after = [], []
+  a, b = (lambda: order.append("a")), (lambda: order.append("b"))
+  (a_first, a_walls, a_cpus), (b_first, b_walls, b_cpus) = timing.paired_calls(
+      a, b, 3, after_a=after.append)
+  # First (untimed) calls, then pairs a b, b a, a b.
+  assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
+  assert len(a_walls) == len(b_walls) == len(a_cpus) == len(b_cpus) == 3
+  assert after == a_walls  # after_a sees each timed call of a, in order
+  assert min(a_first, b_first, *a_walls, *b_walls) >= 0
 
 
 def test_decode_rows_use_the_decoding_step_and_name_the_unresolved_one(monkeypatch):
