@@ -59,10 +59,11 @@ def paired_calls(a, b, repeats, after_a=None):
   """`timed_calls` of a and of b, their timed calls run back to back in pairs.
 
   The pairs alternate their order (a then b, then b then a, ...), so a change
-  of load from other tenants, or a slow drift, reaches both sides alike and
-  the ratio of the two calls of a pair is steadier than a ratio of medians
-  taken minutes apart. `after_a(wall_seconds)` runs after each timed call of
-  a, outside the timing.
+  of load from other tenants, or a slow drift, reaches both sides alike. That
+  makes the ratio of a pair's two calls steadier only where the two do not
+  change each other's speed: a JAX and a torch train step in one process do
+  (benchmarks/README.md, "One process for both sides, or one each").
+  `after_a(wall_seconds)` runs after each timed call of a, outside the timing.
 
   Returns:
     (a's, b's) (first-call wall seconds, wall seconds per call, CPU seconds

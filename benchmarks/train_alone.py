@@ -49,6 +49,9 @@ def parse_args(argv):
                  help="(internal) time this side on the weights in --checkpoint")
   p.add_argument("--checkpoint", default=None, help="(internal) HF checkpoint directory")
   own, rest = p.parse_known_args(argv)
+  if {"-h", "--help"} & set(rest):  # sampler.parse_args prints the rest and exits
+    p.print_help()
+    print("\nmodel and step options (those of benchmarks.sampler):")
   if own.rounds < 2:
     p.error(f"--rounds: expected at least 2 (an interval needs two rounds), got {own.rounds}")
   return own, rest

@@ -47,9 +47,14 @@ def test_summary_is_the_t_interval_of_the_ratios_and_of_their_logs():
                        f"{g * np.exp(log_half):.2f}]")
 
 
-def test_one_round_is_refused():
+def test_one_round_is_refused_and_help_names_both_sets_of_options(capsys):
   with pytest.raises(SystemExit):
     train_alone.parse_args(["--rounds", "1"])
+  assert "--rounds: expected at least 2" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    train_alone.main(["--help"])
+  out = capsys.readouterr().out
+  assert "--rounds" in out and "--train-batch" in out and "--gguf" in out
 
 
 def test_each_side_times_its_own_steps_on_the_written_weights(tmp_path):
