@@ -52,6 +52,7 @@ import transformers  # noqa: E402
 from benchmarks import sampler as bench  # noqa: E402
 from benchmarks import timing  # noqa: E402
 from benchmarks import train_step  # noqa: E402
+from benchmarks import weights  # noqa: E402
 from onpo_jax.models import attention as attention_lib  # noqa: E402
 
 # Dense bfloat16 TFLOP/s from the vendors' data sheets (no sparsity), by a part of
@@ -299,7 +300,7 @@ def main(argv=None):
   rng = np.random.default_rng(args.seed)
   t0 = time.perf_counter()
   with tempfile.TemporaryDirectory() as workdir:
-    torch_model, jax_model = bench.build_models(args, workdir, attention_impl=args.attention_impl,
+    torch_model, jax_model = weights.build_models(args, workdir, attention_impl=args.attention_impl,
                                                 remat=args.remat)
   c = jax_model.config
   print(f"model: {c.num_layers} layers, d={c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads}, "

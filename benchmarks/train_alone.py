@@ -34,6 +34,7 @@ import scipy.stats
 
 from benchmarks import sampler
 from benchmarks import train_step
+from benchmarks import weights
 
 # JAX losses: (full_logits, response only); see sampler.bench_training.
 VARIANTS = {"token_logprobs": (False, False), "full_logits": (True, False),
@@ -61,9 +62,9 @@ def time_side(side, args, checkpoint):
   """{step: (tokens/s wall, tokens/s CPU)} of one side's train steps on `checkpoint`."""
   rng = np.random.default_rng(args.seed)
   if side == "jax":
-    model = sampler.load_jax_model(args, checkpoint)
+    model = weights.load_jax_model(args, checkpoint)
   else:
-    model = sampler.load_torch_model(args, checkpoint)
+    model = weights.load_torch_model(args, checkpoint)
   tokens, attn, resp = train_step.train_batch(args, model.config.vocab_size, rng)
   start = args.train_len // 2
   out = {}
@@ -121,7 +122,7 @@ def main(argv=None):
         flush=True)
   ratios = {name: [] for name in VARIANTS}
   with tempfile.TemporaryDirectory() as checkpoint:
-    sampler.write_checkpoint(args, checkpoint)
+    weights.write_checkpoint(args, checkpoint)
     for r in range(own.rounds):
       order = ("jax", "torch") if r % 2 == 0 else ("torch", "jax")
       results, seconds = {}, 0.0

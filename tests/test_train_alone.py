@@ -5,6 +5,7 @@ import pytest
 
 from benchmarks import sampler
 from benchmarks import train_alone
+from benchmarks import weights
 
 _TINY = ["--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
          "--intermediate", "64", "--vocab", "96", "--train-batch", "2", "--train-len", "8",
@@ -59,7 +60,7 @@ def test_one_round_is_refused_and_help_names_both_sets_of_options(capsys):
 
 def test_each_side_times_its_own_steps_on_the_written_weights(tmp_path):
   args = sampler.parse_args(_TINY)
-  sampler.write_checkpoint(args, str(tmp_path))
+  weights.write_checkpoint(args, str(tmp_path))
   jax_rates = train_alone.time_side("jax", args, str(tmp_path))
   torch_rates = train_alone.time_side("torch", args, str(tmp_path))
   for rates in (jax_rates, torch_rates):
