@@ -42,9 +42,7 @@ def timed_calls(fn, repeats, after=None):
   the timing: a reference measured right after each call (e.g. the GEMM peak)
   sees the same load from other tenants as the call did.
   """
-  t0 = time.perf_counter()
-  fn()
-  first = time.perf_counter() - t0
+  first, _ = _timed_call(fn)
   walls, cpus = [], []
   for _ in range(repeats):
     wall, cpu = _timed_call(fn)
@@ -70,11 +68,8 @@ def paired_calls(a, b, repeats, after_a=None):
     per call); the i-th calls of the two form a pair.
   """
   calls = (a, b)
-  firsts, walls, cpus = [], ([], []), ([], [])
-  for fn in calls:
-    t0 = time.perf_counter()
-    fn()
-    firsts.append(time.perf_counter() - t0)
+  firsts = [_timed_call(fn)[0] for fn in calls]
+  walls, cpus = ([], []), ([], [])
   for i in range(repeats):
     for j in ((0, 1) if i % 2 == 0 else (1, 0)):
       wall, cpu = _timed_call(calls[j])

@@ -13,7 +13,10 @@ round's ratio compares two runs a minute apart, each alone on the machine.
 
 Prints each round's tokens/s and ratios as it ends, then per step the mean
 ratio over rounds with its 95% t interval, and the geometric mean with the
-interval of the mean log ratio.
+interval of the mean log ratio. The JAX process also follows each timed call
+with `sampler.gemm_probe` (outside the timing) and reports the step's GFLOP/s
+(XLA's flop count / wall) as a share of the float32 GEMM peak measured right
+after that call: the median per round, then its mean over rounds.
 
 Run (the model and step options are `sampler.py`'s):
   python -m benchmarks.train_alone --threads 2 --rounds 8     # benchmark model, 8 x 128
@@ -59,10 +62,17 @@ def parse_args(argv):
 
 
 def time_side(side, args, checkpoint):
-  """{step: (tokens/s wall, tokens/s CPU)} of one side's train steps on `checkpoint`."""
+  """{step: rates} of one side's train steps on `checkpoint`.
+
+  rates: 'wall' and 'cpu' tokens/s (median of `--repeats` calls); for JAX also
+  'gflops' (XLA's flop count of the step over the median wall time) and
+  'peak_share' / 'peak', the medians over calls of the call's GFLOP/s over the
+  GEMM peak probed right after it, and of that peak.
+  """
   rng = np.random.default_rng(args.seed)
   if side == "jax":
     model = weights.load_jax_model(args, checkpoint)
+    probe = sampler.gemm_probe(args.jax_dtype)
   else:
     model = weights.load_torch_model(args, checkpoint)
   tokens, attn, resp = train_step.train_batch(args, model.config.vocab_size, rng)
@@ -71,13 +81,19 @@ def time_side(side, args, checkpoint):
   for name, (full_logits, response_only) in VARIANTS.items():
     first = start if response_only else 1
     if side == "jax":
-      (_, wall, cpu), _ = train_step.jax_train_timing(model, tokens, attn, resp, full_logits,
-                                                      args.repeats, first)
+      probed = []
+      (_, wall, cpu), flops = train_step.jax_train_timing(
+          model, tokens, attn, resp, full_logits, args.repeats, first,
+          after=lambda seconds, probed=probed: probed.append((seconds, probe())))
+      shares = [flops / seconds / 1e9 / peak for seconds, peak in probed]
+      extra = dict(gflops=flops / wall / 1e9, peak_share=float(np.median(shares)),
+                   peak=float(np.median([peak for _, peak in probed])))
     elif full_logits:
       continue  # torch's every-position step is timed once, as "token_logprobs"
     else:
       _, wall, cpu = train_step.torch_train_timing(model, tokens, resp, args.repeats, first)
-    out[name] = (tokens.size / wall, tokens.size / cpu)
+      extra = {}
+    out[name] = dict(wall=tokens.size / wall, cpu=tokens.size / cpu, **extra)
   if side == "torch":
     out["full_logits"] = out["token_logprobs"]
   return out
@@ -97,17 +113,18 @@ def _run_side(side, rest, checkpoint):
   return json.loads(lines[-1][len(_RESULT):]), time.perf_counter() - t0, settings
 
 
+def _t_interval(values):
+  """(mean, half-width of its 95% t interval) of per-round values."""
+  x = np.asarray(values, float)
+  return x.mean(), scipy.stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+
+
 def summarise(ratios):
   """'mean ± half-width [lo, hi]; geometric mean g [lo, hi]' of per-round ratios (95% t)."""
-  x = np.asarray(ratios, float)
-  n = len(x)
-  t = scipy.stats.t.ppf(0.975, n - 1)
-  h = t * x.std(ddof=1) / np.sqrt(n)
-  logs = np.log(x)
-  hl = t * logs.std(ddof=1) / np.sqrt(n)
-  g = np.exp(logs.mean())
-  return (f"{x.mean():.2f} ± {h:.2f} [{x.mean() - h:.2f}, {x.mean() + h:.2f}]; geometric mean "
-          f"{g:.2f} [{np.exp(logs.mean() - hl):.2f}, {np.exp(logs.mean() + hl):.2f}]")
+  m, h = _t_interval(ratios)
+  lm, hl = _t_interval(np.log(ratios))
+  return (f"{m:.2f} ± {h:.2f} [{m - h:.2f}, {m + h:.2f}]; geometric mean "
+          f"{np.exp(lm):.2f} [{np.exp(lm - hl):.2f}, {np.exp(lm + hl):.2f}]")
 
 
 def main(argv=None):
@@ -121,6 +138,7 @@ def main(argv=None):
         f"{own.rounds} rounds of one process per side; tokens/s (wall), ratio = jax / torch",
         flush=True)
   ratios = {name: [] for name in VARIANTS}
+  shares = {name: [] for name in VARIANTS}
   with tempfile.TemporaryDirectory() as checkpoint:
     weights.write_checkpoint(args, checkpoint)
     for r in range(own.rounds):
@@ -133,14 +151,22 @@ def main(argv=None):
           print("\n".join(settings), flush=True)  # the settings both sides run under
       cells = []
       for name in VARIANTS:
-        jax_rate, torch_rate = results["jax"][name][0], results["torch"][name][0]
-        ratios[name].append(jax_rate / torch_rate)
-        cells.append(f"{name} {jax_rate:.0f} / {torch_rate:.0f} = {ratios[name][-1]:.2f}")
+        ours, peer = results["jax"][name], results["torch"][name]
+        ratios[name].append(ours["wall"] / peer["wall"])
+        shares[name].append(100 * ours["peak_share"])
+        cells.append(f"{name} {ours['wall']:.0f} / {peer['wall']:.0f} = {ratios[name][-1]:.2f} "
+                     f"(jax {ours['gflops']:.0f} GFLOP/s, {shares[name][-1]:.0f}% of "
+                     f"{ours['peak']:.0f})")
       print(f"round {r + 1}/{own.rounds} ({order[0]} first, {seconds:.0f} s): "
             + "; ".join(cells), flush=True)
   for name, x in ratios.items():
     print(f"{name}: jax / torch over {own.rounds} rounds: {summarise(x)} "
           f"(per round {', '.join(f'{v:.2f}' for v in x)})")
+  for name, x in shares.items():
+    m, h = _t_interval(x)
+    print(f"{name}: jax, % of the {args.jax_dtype} GEMM peak probed after each call (median per "
+          f"round) over {own.rounds} rounds: {m:.0f} ± {h:.0f} [{m - h:.0f}, {m + h:.0f}] "
+          f"(per round {', '.join(f'{v:.0f}' for v in x)})")
 
 
 if __name__ == "__main__":
