@@ -42,6 +42,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -234,7 +235,11 @@ def measure_peaks(args):
   # The table holds bfloat16 peaks; a float32 run has none unless --peak-tflops gives it.
   nominal = args.peak_tflops or (nominal_peak_tflops(kind) if args.dtype == "bfloat16" else None)
   sizes = (4096, 8192) if on_accelerator else (1024, 2048)
-  gemm = bench.gemm_peak(args.repeats, args.dtype, sizes) / 1e3
+  # An 8192^3 bfloat16 product takes about 1.5 ms on an H100-class GPU: the
+  # median of 3 such calls moved from 531 to 712 TFLOP/s between two runs on
+  # one H200, so accelerators take the median of at least 20.
+  repeats = max(args.repeats, 20) if on_accelerator else args.repeats
+  gemm = bench.gemm_peak(repeats, args.dtype, sizes) / 1e3
   read, how = bench.read_bandwidth(args.repeats, 2.0 if on_accelerator else 0.25,
                                    args.torch_device)
   return dict(device_kind=kind, nominal_tflops=nominal, gemm_tflops=gemm, read_gb_s=read,
@@ -254,12 +259,14 @@ def decode_line(batch, row):
   return line
 
 
-def report(args, results):
-  p, t = results["peaks"], results["train"]
+def report_peaks(args, p):
   nominal = "unknown" if p["nominal_tflops"] is None else f"{p['nominal_tflops']:.1f} TFLOP/s"
   print(f"device {p['device_kind']}: nominal dense {args.dtype} peak {nominal}, measured GEMM peak "
         f"{p['gemm_tflops']:.1f} TFLOP/s, read bandwidth {p['read_gb_s']:.0f} GB/s "
         f"({p['read_by']})")
+
+
+def report_train(args, t):
   print(f"\ntrain step {args.train_batch}x{args.train_len} tokens, Adam, {args.dtype}, "
         f"attention {args.attention_impl}, remat {args.remat}: "
         f"{t['model_tflop_per_step']:.2f} model TFLOP per step "
@@ -271,19 +278,52 @@ def report(args, results):
     print(f"{side:<7}{r['tokens_per_s']:>10.0f}{r['model_tflops']:>10.1f}{mfu:>8}"
           f"{100 * r['of_measured_gemm_peak']:>13.1f}%{r['first_call_s']:>12.1f}")
   print(f"jax / torch: {t['jax_over_torch']:.2f}x")
+
+
+def report_decode(args, rows, read_gb_s):
   print(f"\nsampling, prompts <= {args.prompt_len}, {args.new_tokens} new tokens "
         f"(decoding step: prefill and first token excluded; bound: weights + filled KV cache "
-        f"read once at {p['read_gb_s']:.0f} GB/s)")
+        f"read once at {read_gb_s:.0f} GB/s)")
   print(f"{'batch':>6}{'tok/s jax / torch':>22}{'ratio':>7}{'step ms jax / torch':>22}"
         f"{'bound ms':>10}{'of bound jax / torch':>23}")
-  for batch, r in results["decode"].items():
+  for batch, r in rows.items():
     print(decode_line(batch, r))
+
+
+def report_attention(args, rows):
   print(f"\nattention, causal, [{args.train_batch}, {args.train_len}] x {args.heads} heads "
         f"({args.kv_heads} kv) x {args.hidden // args.heads}, {args.dtype}, forward + backward")
   print(f"{'kernel':<24}{'ms':>9}{'max |out - dense|':>19}{'cuDNN fused':>13}")
-  for impl, r in results["attention"].items():
+  for impl, r in rows.items():
     print(f"{impl:<24}{r['fwd_bwd_ms']:>9.2f}{r['max_abs_diff_vs_dense']:>19.2e}"
           f"{str(r['cudnn_fused']):>13}")
+
+
+def run_phases(args, results, phases):
+  """Runs each (name, measure, report) in turn, printing and saving its numbers when it ends.
+
+  A lease lasts minutes: a phase that fails (say torch out of memory) is
+  recorded as an error in the results and the next one still runs, and
+  everything measured so far is already on disk should the lease end first.
+
+  Returns:
+    The names of the phases that failed.
+  """
+  failed = []
+  for name, measure, show in phases:
+    t0 = time.perf_counter()
+    try:
+      results[name] = measure()
+      show(results[name])
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      results[name] = {"error": f"{type(e).__name__}: {e}"}
+      failed.append(name)
+    print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+  return failed
 
 
 def main(argv=None):
@@ -312,14 +352,19 @@ def main(argv=None):
   results = dict(args=dict(vars(args)))
   results["parity_max_abs_logit_diff"] = bench.check_parity(torch_model, jax_model, tokens, mask)
   print(f"parity: max |logits_jax - logits_torch| = {results['parity_max_abs_logit_diff']:.2e}")
-  results["peaks"] = measure_peaks(args)
-  results["train"] = bench_train(args, torch_model, jax_model, results["peaks"], rng)
-  results["decode"] = bench_decode(args, torch_model, jax_model, results["peaks"], rng)
-  results["attention"] = bench_attention(args, c, rng)
-  report(args, results)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=1)
+  # Each phase reads the peaks the first one stored.
+  phases = (
+      ("peaks", lambda: measure_peaks(args), lambda p: report_peaks(args, p)),
+      ("train", lambda: bench_train(args, torch_model, jax_model, results["peaks"], rng),
+       lambda t: report_train(args, t)),
+      ("decode", lambda: bench_decode(args, torch_model, jax_model, results["peaks"], rng),
+       lambda rows: report_decode(args, rows, results["peaks"]["read_gb_s"])),
+      ("attention", lambda: bench_attention(args, c, rng), lambda rows: report_attention(args, rows)),
+  )
+  failed = run_phases(args, results, phases)
+  if failed:
+    raise SystemExit(f"failed: {', '.join(failed)} (the error of each is in the output above"
+                     f"{' and in ' + args.out if args.out else ''})")
   return results
 
 

@@ -131,3 +131,22 @@ def test_tiny_run_on_cpu_measures_every_part(tmp_path, capsys):
     assert row["max_abs_diff_vs_dense"] <= 2 ** -5, impl
     assert not row["cudnn_fused"]  # no cuDNN on CPU
   assert "jax / torch" in printed and "of bound" in printed and "cuDNN fused" in printed
+
+
+def test_a_failing_phase_is_recorded_and_the_next_one_still_runs(tmp_path, capsys):
+  out = tmp_path / "gpu.json"
+  shown, results = [], {}
+
+  def broken():
+    raise RuntimeError("CUDA out of memory")
+
+  failed = gpu.run_phases(
+      argparse.Namespace(out=str(out)), results,
+      (("a", lambda: {"x": 1}, shown.append), ("b", broken, shown.append),
+       ("c", lambda: {"y": results["a"]["x"] + 1}, shown.append)))
+  assert failed == ["b"]
+  assert shown == [{"x": 1}, {"y": 2}]
+  assert results["b"] == {"error": "RuntimeError: CUDA out of memory"}
+  # What each phase measured is on disk once it ends, the failure included.
+  assert json.loads(out.read_text()) == results
+  assert "CUDA out of memory" in capsys.readouterr().err
