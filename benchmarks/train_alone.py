@@ -165,8 +165,8 @@ def main(argv=None):
   for name, x in shares.items():
     m, h = _t_interval(x)
     print(f"{name}: jax, % of the {args.jax_dtype} GEMM peak probed after each call (median per "
-          f"round) over {own.rounds} rounds: {m:.0f} ± {h:.0f} [{m - h:.0f}, {m + h:.0f}] "
-          f"(per round {', '.join(f'{v:.0f}' for v in x)})")
+          f"round) over {own.rounds} rounds: {m:.1f} ± {h:.1f} [{m - h:.1f}, {m + h:.1f}] "
+          f"(per round {', '.join(f'{v:.1f}' for v in x)})")
 
 
 if __name__ == "__main__":

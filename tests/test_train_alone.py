@@ -40,7 +40,7 @@ def test_rounds_alternate_the_first_side_and_pass_the_options_on(monkeypatch, ca
   assert "full_logits: jax / torch over 3 rounds: 2.00 ± 0.00" in out
   assert "response_logprobs: jax / torch over 3 rounds: 1.00 ± 0.00" in out
   assert ("token_logprobs: jax, % of the float32 GEMM peak probed after each call (median per "
-          "round) over 3 rounds: 70 ± 0 [70, 70]") in out
+          "round) over 3 rounds: 70.0 ± 0.0 [70.0, 70.0] (per round 70.0, 70.0, 70.0)") in out
 
 
 def test_summary_is_the_t_interval_of_the_ratios_and_of_their_logs():
