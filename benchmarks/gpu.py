@@ -260,6 +260,7 @@ def decode_line(batch, row):
 
 
 def report_peaks(args, p):
+  """Prints the device, its data-sheet peak and the peaks this run measured."""
   nominal = "unknown" if p["nominal_tflops"] is None else f"{p['nominal_tflops']:.1f} TFLOP/s"
   print(f"device {p['device_kind']}: nominal dense {args.dtype} peak {nominal}, measured GEMM peak "
         f"{p['gemm_tflops']:.1f} TFLOP/s, read bandwidth {p['read_gb_s']:.0f} GB/s "
@@ -267,6 +268,7 @@ def report_peaks(args, p):
 
 
 def report_train(args, t):
+  """Prints the train step's table: tokens/s, TFLOP/s, MFU and first call of each side."""
   print(f"\ntrain step {args.train_batch}x{args.train_len} tokens, Adam, {args.dtype}, "
         f"attention {args.attention_impl}, remat {args.remat}: "
         f"{t['model_tflop_per_step']:.2f} model TFLOP per step "
@@ -281,6 +283,7 @@ def report_train(args, t):
 
 
 def report_decode(args, rows, read_gb_s):
+  """Prints the sampling table, a row per batch size (`decode_line`)."""
   print(f"\nsampling, prompts <= {args.prompt_len}, {args.new_tokens} new tokens "
         f"(decoding step: prefill and first token excluded; bound: weights + filled KV cache "
         f"read once at {read_gb_s:.0f} GB/s)")
@@ -291,6 +294,7 @@ def report_decode(args, rows, read_gb_s):
 
 
 def report_attention(args, rows):
+  """Prints each attention kernel's forward + backward time and distance to dense."""
   print(f"\nattention, causal, [{args.train_batch}, {args.train_len}] x {args.heads} heads "
         f"({args.kv_heads} kv) x {args.hidden // args.heads}, {args.dtype}, forward + backward")
   print(f"{'kernel':<24}{'ms':>9}{'max |out - dense|':>19}{'cuDNN fused':>13}")
