@@ -309,6 +309,8 @@ def run_phases(args, results, phases):
   A lease lasts minutes: a phase that fails (say torch out of memory) is
   recorded as an error in the results and the next one still runs, and
   everything measured so far is already on disk should the lease end first.
+  A phase whose numbers were measured but could not be printed keeps them,
+  with the error beside them.
 
   Returns:
     The names of the phases that failed.
@@ -321,7 +323,7 @@ def run_phases(args, results, phases):
       show(results[name])
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()
-      results[name] = {"error": f"{type(e).__name__}: {e}"}
+      results[name] = {**results.get(name, {}), "error": f"{type(e).__name__}: {e}"}
       failed.append(name)
     print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
     if args.out:

@@ -140,13 +140,19 @@ def test_a_failing_phase_is_recorded_and_the_next_one_still_runs(tmp_path, capsy
   def broken():
     raise RuntimeError("CUDA out of memory")
 
+  def unprintable(row):
+    raise KeyError("tok/s")
+
   failed = gpu.run_phases(
       argparse.Namespace(out=str(out)), results,
       (("a", lambda: {"x": 1}, shown.append), ("b", broken, shown.append),
-       ("c", lambda: {"y": results["a"]["x"] + 1}, shown.append)))
-  assert failed == ["b"]
+       ("c", lambda: {"y": results["a"]["x"] + 1}, shown.append),
+       ("d", lambda: {"z": 3}, unprintable)))
+  assert failed == ["b", "d"]
   assert shown == [{"x": 1}, {"y": 2}]
   assert results["b"] == {"error": "RuntimeError: CUDA out of memory"}
+  # Measured but not printed: the numbers stay, the error beside them.
+  assert results["d"] == {"z": 3, "error": "KeyError: 'tok/s'"}
   # What each phase measured is on disk once it ends, the failure included.
   assert json.loads(out.read_text()) == results
   assert "CUDA out of memory" in capsys.readouterr().err
