@@ -12,7 +12,9 @@ transformers Llama, Llama-3.2-1B's shapes by default, imported with
   * sampling (`onpo_jax.sampler.Sampler` against `model.generate`) at each
     `--decode-batches` size: tokens/s, and the decoding step without the
     prefill against its memory bound, the time to read every weight and the
-    filled part of the KV cache once at the measured read bandwidth;
+    filled part of the KV cache once at the measured read bandwidth; then
+    JAX's step again with an EOS id checked every k steps (`--eos-check-every`,
+    `SamplingConfig.eos_check_every`: on a GPU each check waits for the device);
   * the attention kernels (`attention_impl`): forward + backward time of one
     causal self-attention at the train step's shape, agreement with the dense
     kernel, and whether cuDNN's fused kernel was compiled in.
@@ -82,6 +84,10 @@ def parse_args(argv=None):
                  help="the JAX model's attention kernel in the train step and the prefill")
   p.add_argument("--remat", action="store_true", help="rematerialise each block (nnx.remat)")
   p.add_argument("--decode-batches", default="1,64")
+  p.add_argument("--eos-check-every", default="1,8",
+                 help="also time JAX's decoding step with an EOS id checked every k steps, for "
+                      "each k in this comma-separated list ('' for none; the main rows sample "
+                      "fixed-length responses, a loop without checks)")
   p.add_argument("--prompt-len", type=int, default=128, help="longest prompt (left-padded)")
   p.add_argument("--new-tokens", type=int, default=128)
   p.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up")
@@ -98,16 +104,20 @@ def parse_args(argv=None):
     args.intermediate, args.vocab = 128, 512
     args.train_batch, args.train_len, args.prompt_len, args.new_tokens = 2, 32, 8, 16
     args.decode_batches = "1,4"
-  try:
-    args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
-  except ValueError:
-    p.error(f"--decode-batches: expected comma-separated integers, got {args.decode_batches!r}")
+  for name in ("decode_batches", "eos_check_every"):
+    text = getattr(args, name)
+    try:
+      setattr(args, name, [int(b) for b in text.split(",")] if text else [])
+    except ValueError:
+      p.error(f"--{name.replace('_', '-')}: expected comma-separated integers, got {text!r}")
   for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "train_batch",
                "train_len", "prompt_len", "new_tokens", "repeats"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
-  if min(args.decode_batches) < 1:
+  if not args.decode_batches or min(args.decode_batches) < 1:
     p.error(f"--decode-batches: expected sizes >= 1, got {args.decode_batches}")
+  if args.eos_check_every and min(args.eos_check_every) < 1:
+    p.error(f"--eos-check-every: expected steps >= 1, got {args.eos_check_every}")
   if args.hidden % args.heads or args.heads % args.kv_heads:
     p.error(f"--hidden {args.hidden} / --heads {args.heads} / --kv-heads {args.kv_heads}: "
             "hidden must split into heads, and heads into kv-heads groups")
@@ -187,6 +197,10 @@ def bench_decode(args, torch_model, jax_model, peaks, rng):
       step_ms = dict(jax=rates["jax_decode_ms"], torch=rates["torch_decode_ms"])
       row.update(step_ms=step_ms, bound_ms=bound_ms,
                  of_bound={side: bound_ms / ms if ms else None for side, ms in step_ms.items()})
+      # JSON keys are strings: "every k steps" -> ms.
+      row["jax_step_ms_eos_checked"] = {
+          str(k): bench.jax_decode_ms_with_eos_checks(a, jax_model, tokens, mask, k)
+          for k in args.eos_check_every}
     rows[batch] = row
   return rows
 
@@ -291,6 +305,14 @@ def report_decode(args, rows, read_gb_s):
         f"{'bound ms':>10}{'of bound jax / torch':>23}")
   for batch, r in rows.items():
     print(decode_line(batch, r))
+  for batch, r in rows.items():
+    checked = r.get("jax_step_ms_eos_checked")
+    if checked:
+      steps = ", ".join(
+          f"every {k}: " + ("noise" if ms is None else
+                            f"{ms:.2f} ms ({100 * r['bound_ms'] / ms:.0f}% of bound)")
+          for k, ms in checked.items())
+      print(f"batch {batch}, jax decoding step with an EOS id checked {steps}")
 
 
 def report_attention(args, rows):

@@ -235,10 +235,14 @@ def check_parity(torch_model, jax_model, tokens, mask):
   return float(np.abs(np.asarray(ours[:, -1]) - ref.numpy()).max())
 
 
-def _jax_sampling_time(args, jax_model, tokens, mask, new_tokens):
-  cfg = sampler_lib.SamplingConfig(max_new_tokens=new_tokens, eos_ids=(),
-                                   prompt_buckets=(args.prompt_len,),
-                                   cache_dtype=args.cache_dtype)
+def _jax_sampling_time(args, jax_model, tokens, mask, new_tokens, eos_check_every=None):
+  """(first call s, walls, cpus) of the JAX sampler: fixed-length responses, or with
+  `eos_check_every` an EOS id (the vocabulary's last, which rows almost never
+  draw) checked every that many steps."""
+  eos = {} if eos_check_every is None else dict(
+      eos_ids=(jax_model.config.vocab_size - 1,), eos_check_every=eos_check_every)
+  cfg = sampler_lib.SamplingConfig(max_new_tokens=new_tokens, prompt_buckets=(args.prompt_len,),
+                                   cache_dtype=args.cache_dtype, **eos)
   graphdef, state = nnx.split(jax_model)
   smp = sampler_lib.Sampler(graphdef, cfg, model_config=jax_model.config)
   keys = iter(jax.random.split(jax.random.key(args.seed), args.repeats + 1))
@@ -289,6 +293,13 @@ def bench_sampling(args, torch_model, jax_model, tokens, mask):
     rates["jax_decode_ms"] = decode_step_ms(jax_n[1], jax_one, args.new_tokens)
     rates["torch_decode_ms"] = decode_step_ms(torch_n[1], torch_one, args.new_tokens)
   return rates
+
+
+def jax_decode_ms_with_eos_checks(args, jax_model, tokens, mask, every):
+  """The JAX decoding step (`decode_step_ms`) when an EOS is checked every `every` steps."""
+  n_walls = _jax_sampling_time(args, jax_model, tokens, mask, args.new_tokens, every)[1]
+  one_walls = _jax_sampling_time(args, jax_model, tokens, mask, 1, every)[1]
+  return decode_step_ms(n_walls, one_walls, args.new_tokens)
 
 
 def read_bandwidth(repeats, gigabytes=0.5, torch_device="cpu"):

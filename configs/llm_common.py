@@ -103,6 +103,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.sampling.micro_batch_size = 64  # sampler rows (prompts × K) per call
   c.sampling.prompt_buckets = (128, 256, 512, 1024)  # left-padded prompt lengths (one compile each)
   c.sampling.cache_dtype = "bfloat16"  # KV-cache dtype
+  # Decoding steps between checks whether every row has ended; 0: 8 on GPUs, where a
+  # check waits for the device, 1 elsewhere. Samples do not depend on it.
+  c.sampling.eos_check_every = 0
 
   c.selfplay = ml_collections.ConfigDict()
   # onpo_jax.selfplay.engine.METHODS names, each trained from the same SFT policy.

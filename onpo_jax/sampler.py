@@ -3,8 +3,11 @@
 Two jitted functions per sampler, as in tunix `generate/sampler.py`:
   * `prefill`: runs the left-padded prompt through every model once, filling a
     fresh KV cache, and returns the next-token logits at the last prompt slot;
-  * `decode`: a `lax.while_loop` that samples one token per step for the whole
-    batch and feeds it back through the model(s); the KV caches are donated.
+  * `decode`: a loop that samples one token per step for the whole batch and
+    feeds it back through the model(s); the KV caches are donated. With
+    `eos_ids` it is a `lax.while_loop` that stops once every row has ended
+    (checked every `SamplingConfig.eos_check_every` steps), without them a
+    loop of fixed length.
 Prompts are padded on the left up to a bucket length (`SamplingConfig.prompt_buckets`)
 on the host, so a new batch of the same size within a bucket reuses the compiled
 code. Positions always come from the padding mask (`positions_from_mask`), so the
@@ -42,6 +45,10 @@ from onpo_jax.models import decoder as decoder_lib
 from onpo_jax.next_token import categorical, filter_logits, geometric_mixture_logprobs
 
 _CACHE_DTYPES = ("float32", "bfloat16", "float16")
+# A check per 8 steps on GPUs: XLA:GPU copies each check's result to the host
+# and waits for the device before it launches the next step's kernels, and an
+# early stop then runs at most 7 steps past the last EOS.
+GPU_EOS_CHECK_EVERY = 8
 
 
 # --------------------------------------------------------------------------- config
@@ -67,6 +74,14 @@ class SamplingConfig:
       left-padded to the smallest bucket that fits it.
     cache_dtype: KV-cache dtype ('float32' | 'bfloat16' | 'float16'); None
       uses the model's compute dtype.
+    eos_check_every: decoding steps run between two checks whether every row
+      has ended (only with `eos_ids`). None: 1 on CPU and TPU, which evaluate
+      the check where the loop runs, and `GPU_EOS_CHECK_EVERY` on GPUs, where
+      XLA copies each check's result to the host and waits for the device,
+      so the next step's kernels are launched only after the previous step
+      finished. Samples do not depend on it: steps after every row ended are
+      masked like any token after an EOS; at most `eos_check_every - 1` such
+      steps run.
   """
 
   max_new_tokens: int
@@ -78,6 +93,7 @@ class SamplingConfig:
   pad_id: int = 0
   prompt_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
   cache_dtype: str | None = None
+  eos_check_every: int | None = None
 
   def __post_init__(self):
     # Lists (e.g. generation_config.json's eos_token_id) are accepted and frozen.
@@ -112,6 +128,14 @@ class SamplingConfig:
       raise ValueError(
           f"SamplingConfig.cache_dtype must be None or one of {_CACHE_DTYPES}, "
           f"got {self.cache_dtype!r}")
+    if self.eos_check_every is not None:
+      _check_int("eos_check_every", self.eos_check_every, minimum=1)
+
+  def steps_per_eos_check(self, backend: str) -> int:
+    """`eos_check_every`, or its default on `backend` (a `jax.default_backend()` name)."""
+    if self.eos_check_every is not None:
+      return self.eos_check_every
+    return GPU_EOS_CHECK_EVERY if backend in ("gpu", "cuda", "rocm") else 1
 
 
 def _check_int(name, value, *, minimum):
@@ -300,7 +324,13 @@ class _MultiModelSampler:
     return tok, _gather(logp_sampling, tok)
 
   def _decode_impl(self, states, caches, last_logits, prompt_tokens, prompt_mask, key, extra):
-    """Samples N tokens (stopping early once every row hit EOS)."""
+    """Samples N tokens (stopping early once every row hit EOS).
+
+    Returns (SampleOutput, caches). With `eos_check_every` > 1 the loop may
+    run up to that many steps minus one past the last EOS, or past N: their
+    tokens are masked (or dropped), and the caches hold their writes (slots
+    past N clamp to the last one).
+    """
     cfg = self.config
     n_new = cfg.max_new_tokens
     batch = prompt_tokens.shape[0]
@@ -316,11 +346,12 @@ class _MultiModelSampler:
       logp_comb = self._combine(logp_models, extra)
       # fold_in keeps each step's randomness independent of early stopping.
       tok, lp_s = self._choose(logp_comb, jax.random.fold_in(key, step))
-      tokens = tokens.at[:, step].set(tok)
-      lp_comb = lp_comb.at[:, step].set(_gather(logp_comb, tok))
-      lp_samp = lp_samp.at[:, step].set(lp_s)
+      # Steps past N (a check every few steps can overrun) write nothing.
+      tokens = tokens.at[:, step].set(tok, mode="drop")
+      lp_comb = lp_comb.at[:, step].set(_gather(logp_comb, tok), mode="drop")
+      lp_samp = lp_samp.at[:, step].set(lp_s, mode="drop")
       lp_models = lp_models.at[:, :, step].set(
-          jnp.stack([_gather(lp, tok) for lp in logp_models]))
+          jnp.stack([_gather(lp, tok) for lp in logp_models]), mode="drop")
       if eos is not None:
         done = done | jnp.isin(tok, eos)
       return (tokens, lp_comb, lp_samp, lp_models), done, tok
@@ -331,11 +362,7 @@ class _MultiModelSampler:
             jnp.zeros((num_models, batch, n_new), jnp.float32))
     bufs, done, tok = sample_step(0, last_logits, bufs, jnp.zeros((batch,), bool))
 
-    def cond(carry):
-      step, _, _, done, _ = carry
-      return (step < n_new) & ~jnp.all(done)
-
-    def body(carry):
+    def decode_step(carry):
       step, caches, prev_tok, done, bufs = carry
       pos = (next_pos0 + step - 1)[:, None]
       real = jnp.ones((batch, 1), bool)
@@ -347,8 +374,25 @@ class _MultiModelSampler:
       bufs, done, tok = sample_step(step, logits, bufs, done)
       return step + 1, tuple(new_caches), tok, done, bufs
 
-    _, caches, _, _, bufs = jax.lax.while_loop(
-        cond, body, (jnp.asarray(1, jnp.int32), tuple(caches), tok, done, bufs))
+    carry = (jnp.asarray(1, jnp.int32), tuple(caches), tok, done, bufs)
+    if eos is None:
+      # Fixed length: a loop of known trip count, which XLA:GPU runs without a
+      # check (and a wait for the device) per step.
+      carry = jax.lax.fori_loop(1, n_new, lambda _, c: decode_step(c), carry)
+    else:
+      every = cfg.steps_per_eos_check(jax.default_backend())
+
+      def cond(carry):
+        step, _, _, done, _ = carry
+        return (step < n_new) & ~jnp.all(done)
+
+      def steps(carry):
+        if every == 1:
+          return decode_step(carry)
+        return jax.lax.fori_loop(0, every, lambda _, c: decode_step(c), carry)
+
+      carry = jax.lax.while_loop(cond, steps, carry)
+    _, caches, _, _, bufs = carry
     tokens, lp_comb, lp_samp, lp_models = bufs
 
     resp_mask, lengths = response_mask_from_tokens(tokens, cfg.eos_ids)

@@ -55,6 +55,8 @@ def test_nominal_peaks_by_device_kind():
 def test_bad_flags_are_named(capsys):
   for flags, named in ((["--decode-batches", "1,x"], "--decode-batches"),
                        (["--decode-batches", "0"], "--decode-batches"),
+                       (["--eos-check-every", "1,y"], "--eos-check-every"),
+                       (["--eos-check-every", "0"], "--eos-check-every"),
                        (["--train-len", "0"], "--train-len"),
                        (["--hidden", "100", "--heads", "32"], "--hidden 100")):
     with pytest.raises(SystemExit):
@@ -88,13 +90,19 @@ def test_decode_rows_use_the_decoding_step_and_name_the_unresolved_one(monkeypat
   walls = {("jax", 5): [0.020, 0.018], ("jax", 1): [0.006, 0.010],  # 4 steps of 3 ms
            ("torch", 5): [0.030, 0.050], ("torch", 1): [0.031, 0.040]}  # noise: no estimate
 
+  # With an EOS checked every 2 steps: 4 steps of 3.5 ms.
+  walls.update({("jax every 2", 5): [0.022, 0.020], ("jax every 2", 1): [0.007, 0.006]})
+
   def fake(side):
-    return lambda args, model, tokens, mask, new_tokens: (1.0, walls[side, new_tokens],
-                                                          [0.1, 0.1])
+    def times(args, model, tokens, mask, new_tokens, eos_check_every=None):
+      name = side if eos_check_every is None else f"{side} every {eos_check_every}"
+      return 1.0, walls[name, new_tokens], [0.1, 0.1]
+    return times
 
   monkeypatch.setattr(sampler_bench, "_jax_sampling_time", fake("jax"))
   monkeypatch.setattr(sampler_bench, "_torch_sampling_time", fake("torch"))
-  args = argparse.Namespace(decode_batches=[2], prompt_len=6, new_tokens=5, torch_device="cpu")
+  args = argparse.Namespace(decode_batches=[2], prompt_len=6, new_tokens=5, torch_device="cpu",
+                            eos_check_every=[2])
   rows = gpu.bench_decode(args, None, types.SimpleNamespace(config=_CONFIG), {"read_gb_s": 10.0},
                           np.random.default_rng(0))
   row = rows[2]
@@ -103,6 +111,7 @@ def test_decode_rows_use_the_decoding_step_and_name_the_unresolved_one(monkeypat
   assert row["step_ms"] == {"jax": pytest.approx(3.0, rel=1e-12), "torch": None}
   assert row["of_bound"] == {"jax": pytest.approx(row["bound_ms"] / 3.0, rel=1e-12),
                              "torch": None}
+  assert row["jax_step_ms_eos_checked"] == {"2": pytest.approx(3.5, rel=1e-12)}
   line = gpu.decode_line(2, row)
   assert "3.00 / noise" in line and "n/a" in line
 
@@ -125,12 +134,15 @@ def test_tiny_run_on_cpu_measures_every_part(tmp_path, capsys):
   for row in r["decode"].values():
     # A decoding step is a difference of two timings: None where noise hid it.
     assert row["bound_ms"] > 0 and all(ms is None or ms > 0 for ms in row["step_ms"].values())
+    assert set(row["jax_step_ms_eos_checked"]) == {"1", "8"}
+    assert all(ms is None or ms > 0 for ms in row["jax_step_ms_eos_checked"].values())
     assert min(row["tokens_per_s"].values()) > 0
   assert set(r["attention"]) == set(gpu.IMPLS)
   for impl, row in r["attention"].items():
     assert row["max_abs_diff_vs_dense"] <= 2 ** -5, impl
     assert not row["cudnn_fused"]  # no cuDNN on CPU
   assert "jax / torch" in printed and "of bound" in printed and "cuDNN fused" in printed
+  assert "batch 4, jax decoding step with an EOS id checked every 1: " in printed
 
 
 def test_a_failing_phase_is_recorded_and_the_next_one_still_runs(tmp_path, capsys):

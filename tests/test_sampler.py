@@ -15,6 +15,8 @@ Distribution tests use scipy.stats.chisquare with fixed seeds and require
 p > 1e-3; cells the reference gives probability 0 must never be sampled.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -396,10 +398,21 @@ def test_bucketing_and_prompt_validation():
     ("top_p", 0.0, "top_p"), ("top_p", 1.5, "top_p"), ("greedy", 1, "greedy"),
     ("eos_ids", (2, -1), "eos_ids"), ("eos_ids", 2, "eos_ids"), ("pad_id", -1, "pad_id"),
     ("prompt_buckets", (), "prompt_buckets"), ("prompt_buckets", (8, 4), "prompt_buckets"),
-    ("cache_dtype", "int8", "cache_dtype")])
+    ("cache_dtype", "int8", "cache_dtype"), ("eos_check_every", 0, "eos_check_every"),
+    ("eos_check_every", 2.0, "eos_check_every")])
 def test_sampling_config_validation(field, value, match):
   with pytest.raises(ValueError, match=match):
     sampler_lib.SamplingConfig(**{"max_new_tokens": 4, field: value})
+
+
+def test_steps_per_eos_check_defaults_by_backend():
+  default = sampler_lib.SamplingConfig(max_new_tokens=4)
+  assert [default.steps_per_eos_check(b) for b in ("cpu", "tpu", "gpu", "cuda", "rocm")] == [
+      1, 1, sampler_lib.GPU_EOS_CHECK_EVERY, sampler_lib.GPU_EOS_CHECK_EVERY,
+      sampler_lib.GPU_EOS_CHECK_EVERY]
+  assert sampler_lib.GPU_EOS_CHECK_EVERY > 1
+  chosen = sampler_lib.SamplingConfig(max_new_tokens=4, eos_check_every=5)
+  assert chosen.steps_per_eos_check("gpu") == chosen.steps_per_eos_check("cpu") == 5
 
 
 def test_sampling_config_accepts_lists():
@@ -551,6 +564,73 @@ def test_eos_stops_each_row_and_ignores_prompt_eos(policy):
   for field in (out.response_logprobs, out.sampling_logprobs, out.model_logprobs[0]):
     np.testing.assert_array_equal(np.asarray(field)[~expected], 0.0)
   assert (np.asarray(out.response_logprobs)[expected] < 0).all()
+
+
+def _assert_same_output(a, b, what):
+  for field, x, y in zip(a._fields, a, b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{what}: {field}")
+
+
+@pytest.mark.parametrize("mixture_alpha", [None, 0.5])
+def test_eos_check_every_gives_the_same_samples(policy, reference, mixture_alpha):
+  """Checking for the end every few steps only adds masked steps (or dropped ones past N)."""
+  (pm, pcfg), (rm, _) = policy, reference
+
+  def sample(key, **kw):
+    config = sampler_lib.SamplingConfig(max_new_tokens=N_NEW, prompt_buckets=(8,), **kw)
+    if mixture_alpha is None:
+      smp = sampler_lib.Sampler(nnx.split(pm)[0], config, model_config=pcfg)
+      return smp(nnx.state(pm), PROMPTS, PROMPT_MASK, key)
+    smp = sampler_lib.MixtureSampler(nnx.split(pm)[0], nnx.split(rm)[0], config,
+                                     policy_model_config=pcfg, ref_model_config=pcfg)
+    return smp(nnx.state(pm), nnx.state(rm), PROMPTS, PROMPT_MASK, key, mixture_alpha)
+
+  key = jax.random.key(7)
+  free = np.asarray(sample(key).response_tokens)
+  # Every row ends by its third token (the loop then stops between checks), or
+  # only row 0 ends (the loop runs to N, past it where N - 1 is no multiple).
+  for eos_ids in (tuple(sorted(set(free[:, 2].tolist()))), (int(free[0, 1]),)):
+    if len(eos_ids) == VOCAB:
+      continue
+    pad = min(set(range(VOCAB)) - set(eos_ids))
+    every_step = sample(key, eos_ids=eos_ids, pad_id=pad, eos_check_every=1)
+    assert (np.asarray(every_step.lengths) < N_NEW).any()
+    for every in (2, 4, 7):
+      _assert_same_output(
+          sample(key, eos_ids=eos_ids, pad_id=pad, eos_check_every=every), every_step,
+          f"eos_ids {eos_ids}, a check every {every} steps")
+
+
+def _decoding_loops(sampler, state):
+  """(op_name, known trip count or None) of each loop of the compiled decode
+  that runs decoding steps (not the loops inside the random-number draws)."""
+  toks, mask = sampler_lib.pad_prompts_to_bucket(PROMPTS, PROMPT_MASK, (8,), 0)
+  caches, logits = sampler.prefill((state,), jnp.asarray(toks), jnp.asarray(mask))
+  hlo = sampler.decode.lower((state,), caches, logits, jnp.asarray(toks), jnp.asarray(mask),
+                             jax.random.key(0), jnp.float32(0)).compile().as_text()
+  loops = []
+  for line in hlo.splitlines():
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    if " while(" in line and re.fullmatch(r"jit\(_decode_impl\)(/while/body)*/while",
+                                          op_name.group(1)):
+      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+      loops.append((op_name.group(1), int(trips.group(1)) if trips else None))
+  return sorted(loops)
+
+
+def test_decoding_loops_have_known_trip_counts_between_checks(policy):
+  """XLA:GPU waits for the device only at loops without a known trip count."""
+  model, cfg = policy
+  graphdef, state = nnx.split(model)
+
+  def loops(**kw):
+    config = sampler_lib.SamplingConfig(max_new_tokens=N_NEW, prompt_buckets=(8,), **kw)
+    return _decoding_loops(sampler_lib.Sampler(graphdef, config, model_config=cfg), state)
+
+  outer, inner = "jit(_decode_impl)/while", "jit(_decode_impl)/while/body/while"
+  assert loops() == [(outer, N_NEW - 1)]  # fixed length: no check at all
+  assert loops(eos_ids=(3,), eos_check_every=1) == [(outer, None)]
+  assert loops(eos_ids=(3,), eos_check_every=4) == [(outer, None), (inner, 4)]
 
 
 def test_no_recompilation_within_bucket_and_cache_donation(policy):

@@ -102,7 +102,8 @@ class Evaluator:
         max_new_tokens=int(ec.max_new_tokens), temperature=1.0 if greedy else float(ec.temperature),
         greedy=greedy, eos_ids=tuple(eos_ids), pad_id=int(pad_id),
         prompt_buckets=tuple(config.sampling.prompt_buckets),
-        cache_dtype=config.sampling.cache_dtype)
+        cache_dtype=config.sampling.cache_dtype,
+        eos_check_every=int(config.sampling.eos_check_every) or None)
     self.sampler = MicroBatchedSampler(
         sampler_lib.Sampler(graphdef, sampling, model_config=model_config),
         ec.micro_batch_size, eos_ids)
