@@ -67,6 +67,7 @@ NOMINAL_PEAK_TFLOPS = (
     ("TPU v6", 918.0), ("TPU v4", 275.0),
 )
 IMPLS = ("dense", "chunked", "dot_product_attention")
+PHASES = ("peaks", "train", "decode", "attention")
 
 
 def parse_args(argv=None):
@@ -97,8 +98,18 @@ def parse_args(argv=None):
                  help="the device's dense peak in --dtype (0: NOMINAL_PEAK_TFLOPS by device kind)")
   p.add_argument("--tiny", action="store_true",
                  help="a 2-layer d=64 model and short sequences: checks the whole path in seconds")
+  p.add_argument("--phases", default=",".join(PHASES),
+                 help=f"comma-separated subset of {','.join(PHASES)} to run, in that order (train "
+                      "and decode need peaks, which then runs too); a short lease runs what it "
+                      "needs")
   p.add_argument("--out", default="", help="JSON file for every number printed")
   args = p.parse_args(argv)
+  phases = set(args.phases.split(",")) - {""}
+  if not phases or phases - set(PHASES):
+    p.error(f"--phases: expected a comma-separated subset of {PHASES}, got {args.phases!r}")
+  if phases & {"train", "decode"}:
+    phases.add("peaks")
+  args.phases = [name for name in PHASES if name in phases]
   if args.tiny:
     args.layers, args.hidden, args.heads, args.kv_heads = 2, 64, 4, 2
     args.intermediate, args.vocab = 128, 512
@@ -389,7 +400,7 @@ def main(argv=None):
        lambda rows: report_decode(args, rows, results["peaks"]["read_gb_s"])),
       ("attention", lambda: bench_attention(args, c, rng), lambda rows: report_attention(args, rows)),
   )
-  failed = run_phases(args, results, phases)
+  failed = run_phases(args, results, [phase for phase in phases if phase[0] in args.phases])
   if failed:
     raise SystemExit(f"failed: {', '.join(failed)} (the error of each is in the output above"
                      f"{' and in ' + args.out if args.out else ''})")

@@ -57,11 +57,20 @@ def test_bad_flags_are_named(capsys):
                        (["--decode-batches", "0"], "--decode-batches"),
                        (["--eos-check-every", "1,y"], "--eos-check-every"),
                        (["--eos-check-every", "0"], "--eos-check-every"),
+                       (["--phases", "decode,sampling"], "--phases"),
+                       (["--phases", ""], "--phases"),
                        (["--train-len", "0"], "--train-len"),
                        (["--hidden", "100", "--heads", "32"], "--hidden 100")):
     with pytest.raises(SystemExit):
       gpu.parse_args(flags)
     assert named in capsys.readouterr().err
+
+
+def test_phases_run_in_order_with_the_peaks_they_read():
+  assert gpu.parse_args([]).phases == list(gpu.PHASES)
+  assert gpu.parse_args(["--phases", "decode"]).phases == ["peaks", "decode"]
+  assert gpu.parse_args(["--phases", "attention,train"]).phases == ["peaks", "train", "attention"]
+  assert gpu.parse_args(["--phases", "attention"]).phases == ["attention"]
 
 
 def test_decoding_step_is_the_fastest_n_token_call_less_the_fastest_one_token_call():
@@ -143,6 +152,15 @@ def test_tiny_run_on_cpu_measures_every_part(tmp_path, capsys):
     assert not row["cudnn_fused"]  # no cuDNN on CPU
   assert "jax / torch" in printed and "of bound" in printed and "cuDNN fused" in printed
   assert "batch 4, jax decoding step with an EOS id checked every 1: " in printed
+
+
+def test_a_run_of_one_phase_measures_only_that_phase(tmp_path):
+  out = tmp_path / "gpu.json"
+  results = gpu.main(["--tiny", "--torch-device", "cpu", "--repeats", "1", "--phases",
+                      "attention", f"--out={out}"])
+  assert json.loads(out.read_text()) == results
+  assert set(results) == {"args", "parity_max_abs_logit_diff", "attention"}
+  assert set(results["attention"]) == set(gpu.IMPLS)
 
 
 def test_a_failing_phase_is_recorded_and_the_next_one_still_runs(tmp_path, capsys):
