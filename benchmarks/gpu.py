@@ -102,6 +102,9 @@ def parse_args(argv=None):
                  help=f"comma-separated subset of {','.join(PHASES)} to run, in that order (train "
                       "and decode need peaks, which then runs too); a short lease runs what it "
                       "needs")
+  p.add_argument("--trace-dir", default="",
+                 help="also trace one JAX sampling call per decoding batch size into "
+                      "DIR/decode_batch<B> (jax.profiler: each kernel's device time)")
   p.add_argument("--out", default="", help="JSON file for every number printed")
   args = p.parse_args(argv)
   phases = set(args.phases.split(",")) - {""}
@@ -194,7 +197,8 @@ def bench_train(args, torch_model, jax_model, peaks, rng):
 def bench_decode(args, torch_model, jax_model, peaks, rng):
   rows = {}
   for batch in args.decode_batches:
-    a = argparse.Namespace(**{**vars(args), "batch": batch})
+    a = argparse.Namespace(**{**vars(args), "batch": batch, "trace_dir": os.path.join(
+        args.trace_dir, f"decode_batch{batch}") if args.trace_dir else ""})
     tokens, mask = bench.make_prompts(a, rng, jax_model.config.vocab_size)
     rates = bench.bench_sampling(a, torch_model, jax_model, tokens, mask)
     _free_torch_cache(args.torch_device)

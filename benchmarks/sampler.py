@@ -235,19 +235,29 @@ def check_parity(torch_model, jax_model, tokens, mask):
   return float(np.abs(np.asarray(ours[:, -1]) - ref.numpy()).max())
 
 
-def _jax_sampling_time(args, jax_model, tokens, mask, new_tokens, eos_check_every=None):
+def _jax_sampling_time(args, jax_model, tokens, mask, new_tokens, eos_check_every=None,
+                       trace_dir=""):
   """(first call s, walls, cpus) of the JAX sampler: fixed-length responses, or with
   `eos_check_every` an EOS id (the vocabulary's last, which rows almost never
-  draw) checked every that many steps."""
+  draw) checked every that many steps. With `trace_dir`, one more call runs
+  under `jax.profiler.trace` (every kernel with its device time, for
+  TensorBoard's profile plugin or Perfetto)."""
   eos = {} if eos_check_every is None else dict(
       eos_ids=(jax_model.config.vocab_size - 1,), eos_check_every=eos_check_every)
   cfg = sampler_lib.SamplingConfig(max_new_tokens=new_tokens, prompt_buckets=(args.prompt_len,),
                                    cache_dtype=args.cache_dtype, **eos)
   graphdef, state = nnx.split(jax_model)
   smp = sampler_lib.Sampler(graphdef, cfg, model_config=jax_model.config)
-  keys = iter(jax.random.split(jax.random.key(args.seed), args.repeats + 1))
-  return timed_calls(lambda: jax.block_until_ready(smp(state, tokens, mask, next(keys))),
-                     args.repeats)
+  keys = iter(jax.random.split(jax.random.key(args.seed), args.repeats + 2))
+
+  def call():
+    jax.block_until_ready(smp(state, tokens, mask, next(keys)))
+
+  timing = timed_calls(call, args.repeats)
+  if trace_dir:
+    with jax.profiler.trace(trace_dir):
+      call()
+  return timing
 
 
 def _torch_sampling_time(args, torch_model, tokens, mask, new_tokens):
@@ -284,7 +294,8 @@ def decode_step_ms(n_token_walls, one_token_walls, new_tokens):
 def bench_sampling(args, torch_model, jax_model, tokens, mask):
   """Sampling rates of both sides, plus each side's decoding step (`decode_step_ms`)."""
   n_tokens = args.batch * args.new_tokens
-  jax_n = _jax_sampling_time(args, jax_model, tokens, mask, args.new_tokens)
+  jax_n = _jax_sampling_time(args, jax_model, tokens, mask, args.new_tokens,
+                             trace_dir=getattr(args, "trace_dir", ""))
   torch_n = _torch_sampling_time(args, torch_model, tokens, mask, args.new_tokens)
   rates = _rates(n_tokens, medians(jax_n), medians(torch_n), args.new_tokens)
   if args.new_tokens > 1:

@@ -103,7 +103,7 @@ def test_decode_rows_use_the_decoding_step_and_name_the_unresolved_one(monkeypat
   walls.update({("jax every 2", 5): [0.022, 0.020], ("jax every 2", 1): [0.007, 0.006]})
 
   def fake(side):
-    def times(args, model, tokens, mask, new_tokens, eos_check_every=None):
+    def times(args, model, tokens, mask, new_tokens, eos_check_every=None, trace_dir=""):
       name = side if eos_check_every is None else f"{side} every {eos_check_every}"
       return 1.0, walls[name, new_tokens], [0.1, 0.1]
     return times
@@ -111,7 +111,7 @@ def test_decode_rows_use_the_decoding_step_and_name_the_unresolved_one(monkeypat
   monkeypatch.setattr(sampler_bench, "_jax_sampling_time", fake("jax"))
   monkeypatch.setattr(sampler_bench, "_torch_sampling_time", fake("torch"))
   args = argparse.Namespace(decode_batches=[2], prompt_len=6, new_tokens=5, torch_device="cpu",
-                            eos_check_every=[2])
+                            eos_check_every=[2], trace_dir="")
   rows = gpu.bench_decode(args, None, types.SimpleNamespace(config=_CONFIG), {"read_gb_s": 10.0},
                           np.random.default_rng(0))
   row = rows[2]
@@ -127,7 +127,8 @@ def test_decode_rows_use_the_decoding_step_and_name_the_unresolved_one(monkeypat
 
 def test_tiny_run_on_cpu_measures_every_part(tmp_path, capsys):
   out = tmp_path / "gpu.json"
-  gpu.main(["--tiny", "--torch-device", "cpu", "--repeats", "1", f"--out={out}"])
+  gpu.main(["--tiny", "--torch-device", "cpu", "--repeats", "1", f"--out={out}",
+            f"--trace-dir={tmp_path / 'trace'}"])
   r = json.loads(out.read_text())
   printed = capsys.readouterr().out
   assert r["parity_max_abs_logit_diff"] < 2 ** -5 * 8  # logits reach about 8 in magnitude
@@ -152,6 +153,8 @@ def test_tiny_run_on_cpu_measures_every_part(tmp_path, capsys):
     assert not row["cudnn_fused"]  # no cuDNN on CPU
   assert "jax / torch" in printed and "of bound" in printed and "cuDNN fused" in printed
   assert "batch 4, jax decoding step with an EOS id checked every 1: " in printed
+  for batch in (1, 4):  # one traced sampling call per batch size
+    assert list((tmp_path / "trace" / f"decode_batch{batch}").glob("**/*.xplane.pb"))
 
 
 def test_a_run_of_one_phase_measures_only_that_phase(tmp_path):
