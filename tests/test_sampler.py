@@ -574,7 +574,7 @@ def _assert_same_output(a, b, what):
 @pytest.mark.parametrize("mixture_alpha", [None, 0.5])
 def test_eos_check_every_gives_the_same_samples(policy, reference, mixture_alpha):
   """Checking for the end every few steps only adds masked steps (or dropped ones past N)."""
-  (pm, pcfg), (rm, _) = policy, reference
+  (pm, pcfg), (rm, rcfg) = policy, reference
 
   def sample(key, **kw):
     config = sampler_lib.SamplingConfig(max_new_tokens=N_NEW, prompt_buckets=(8,), **kw)
@@ -582,19 +582,23 @@ def test_eos_check_every_gives_the_same_samples(policy, reference, mixture_alpha
       smp = sampler_lib.Sampler(nnx.split(pm)[0], config, model_config=pcfg)
       return smp(nnx.state(pm), PROMPTS, PROMPT_MASK, key)
     smp = sampler_lib.MixtureSampler(nnx.split(pm)[0], nnx.split(rm)[0], config,
-                                     policy_model_config=pcfg, ref_model_config=pcfg)
+                                     policy_model_config=pcfg, ref_model_config=rcfg)
     return smp(nnx.state(pm), nnx.state(rm), PROMPTS, PROMPT_MASK, key, mixture_alpha)
 
   key = jax.random.key(7)
   free = np.asarray(sample(key).response_tokens)
   # Every row ends by its third token (the loop then stops between checks), or
-  # only row 0 ends (the loop runs to N, past it where N - 1 is no multiple).
-  for eos_ids in (tuple(sorted(set(free[:, 2].tolist()))), (int(free[0, 1]),)):
-    if len(eos_ids) == VOCAB:
-      continue
+  # some row runs to N (the loop then runs to N, past it where N - 1 is no
+  # multiple of the steps per check).
+  for eos_ids, all_end_early in ((tuple(sorted(set(free[:, 2].tolist()))), True),
+                                 ((int(free[0, 1]),), False)):
     pad = min(set(range(VOCAB)) - set(eos_ids))
     every_step = sample(key, eos_ids=eos_ids, pad_id=pad, eos_check_every=1)
-    assert (np.asarray(every_step.lengths) < N_NEW).any()
+    lengths = np.asarray(every_step.lengths)
+    if all_end_early:
+      assert (lengths <= 3).all(), lengths
+    else:
+      assert lengths[0] <= 2 and (lengths == N_NEW).any(), lengths
     for every in (2, 4, 7):
       _assert_same_output(
           sample(key, eos_ids=eos_ids, pad_id=pad, eos_check_every=every), every_step,
