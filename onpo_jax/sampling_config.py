@@ -1,0 +1,107 @@
+"""Static sampling settings (`SamplingConfig`), re-exported by `onpo_jax.sampler`.
+
+Every field is static: the sampler's jitted functions are compiled per config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from onpo_jax.infra import checks
+
+_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+# A check per 8 steps on GPUs: XLA:GPU copies each check's result to the host
+# and waits for the device before it launches the next step's kernels, and an
+# early stop then runs at most 7 steps past the last EOS.
+GPU_EOS_CHECK_EVERY = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static sampling settings; changing any of them recompiles the sampler.
+
+  Attributes:
+    max_new_tokens: N, number of response tokens generated per prompt (> 0).
+    temperature: divides the logits before sampling (> 0); ignored when greedy.
+    top_k: keep only the k most likely tokens (0 = off). Ties with the k-th
+      logit are kept, as in transformers' `TopKLogitsWarper`.
+    top_p: nucleus sampling, keep the smallest top set of mass ≥ top_p
+      (1.0 = off), applied after temperature and top-k as in transformers.
+    greedy: take the argmax of the model's logits (temperature/top-k/top-p
+      cannot change the argmax, so they are ignored).
+    eos_ids: a sequence stops after generating any of these ids (Llama 3 lists
+      several); empty = never stop (fixed-length responses).
+    pad_id: written on every response position after the first EOS.
+    prompt_buckets: strictly increasing prompt lengths; a prompt batch is
+      left-padded to the smallest bucket that fits it.
+    cache_dtype: KV-cache dtype ('float32' | 'bfloat16' | 'float16'); None
+      uses the model's compute dtype.
+    eos_check_every: decoding steps run between two checks whether every row
+      has ended (only with `eos_ids`). None: 1 on CPU and TPU, which evaluate
+      the check where the loop runs, and `GPU_EOS_CHECK_EVERY` on GPUs, where
+      XLA copies each check's result to the host and waits for the device,
+      so the next step's kernels are launched only after the previous step
+      finished. Samples do not depend on it: steps after every row ended are
+      masked like any token after an EOS; at most `eos_check_every - 1` such
+      steps run.
+  """
+
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+  prompt_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
+  cache_dtype: str | None = None
+  eos_check_every: int | None = None
+
+  def __post_init__(self):
+    # Lists (e.g. generation_config.json's eos_token_id) are accepted and frozen.
+    for name in ("eos_ids", "prompt_buckets"):
+      value = getattr(self, name)
+      if isinstance(value, (list, np.ndarray)):
+        object.__setattr__(self, name, tuple(int(v) for v in value))
+    _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+    if not checks.is_real(self.temperature) or self.temperature <= 0:
+      raise ValueError(
+          f"SamplingConfig.temperature must be a finite float > 0, got {self.temperature!r}")
+    _check_int("top_k", self.top_k, minimum=0)
+    if not checks.is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
+    if not isinstance(self.greedy, bool):
+      raise ValueError(f"SamplingConfig.greedy must be a bool, got {self.greedy!r}")
+    if not isinstance(self.eos_ids, tuple):
+      raise ValueError(f"SamplingConfig.eos_ids must be a tuple of ints, got {self.eos_ids!r}")
+    for e in self.eos_ids:
+      _check_int("eos_ids[...]", e, minimum=0)
+    _check_int("pad_id", self.pad_id, minimum=0)
+    if not isinstance(self.prompt_buckets, tuple) or not self.prompt_buckets:
+      raise ValueError(
+          "SamplingConfig.prompt_buckets must be a non-empty tuple of ints, "
+          f"got {self.prompt_buckets!r}")
+    for b in self.prompt_buckets:
+      _check_int("prompt_buckets[...]", b, minimum=1)
+    if any(b >= c for b, c in zip(self.prompt_buckets, self.prompt_buckets[1:])):
+      raise ValueError(
+          f"SamplingConfig.prompt_buckets must be strictly increasing, got {self.prompt_buckets}")
+    if self.cache_dtype is not None and self.cache_dtype not in _CACHE_DTYPES:
+      raise ValueError(
+          f"SamplingConfig.cache_dtype must be None or one of {_CACHE_DTYPES}, "
+          f"got {self.cache_dtype!r}")
+    if self.eos_check_every is not None:
+      _check_int("eos_check_every", self.eos_check_every, minimum=1)
+
+  def steps_per_eos_check(self, backend: str) -> int:
+    """`eos_check_every`, or its default on `backend` (a `jax.default_backend()` name)."""
+    if self.eos_check_every is not None:
+      return self.eos_check_every
+    return GPU_EOS_CHECK_EVERY if backend in ("gpu", "cuda", "rocm") else 1
+
+
+def _check_int(name, value, *, minimum):
+  if not checks.is_int(value, minimum):
+    raise ValueError(f"SamplingConfig.{name} must be an int >= {minimum}, got {value!r}")
