@@ -202,8 +202,7 @@ class _MultiModelSampler:
     caches, logits = [], []
     for graphdef, state, mcfg in zip(self._graphdefs, states, self._model_configs):
       model = nnx.merge(graphdef, state)
-      cache = decoder_lib.init_cache(mcfg, batch, max_len, dtype)
-      h, cache = model.hidden_states(prompt_tokens, positions, prompt_mask, cache)
+      h, cache = model.prefill(prompt_tokens, positions, prompt_mask, max_len, dtype)
       # Only the last slot's logits are needed: [B, 1, V] instead of [B, P, V].
       logits.append(model.logits_from_hidden(h[:, -1:, :])[:, 0, :].astype(jnp.float32))
       caches.append(cache)

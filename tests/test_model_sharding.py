@@ -204,3 +204,14 @@ def test_sharded_decode_with_sharded_cache(mesh):
   tolerances.assert_close_rel(np.asarray(last[:, 0]), np.asarray(full[:, 4]),
                               rtol=tolerances.DECODER_RTOL,
                               what="sharded cached decode")
+  # A prefill builds its cache already laid out by the sharding rules (no
+  # out_shardings needed) and decodes the same next step.
+  with sharding.activation_sharding(mesh):
+    prefill = jax.jit(lambda s, t, p, m: nnx.merge(graphdef, s).prefill(t, p, m, 8))
+    _, filled = prefill(state, tokens[:, :4], pos[:, :4], mask[:, :4])
+    after_prefill, _ = step(state, tokens[:, 4:], pos[:, 4:], mask[:, 4:], filled)
+  for x, s in zip(filled.k + filled.v, shardings.k + shardings.v):
+    assert _spec(x.sharding.spec, 4) == _spec(s.spec, 4)
+  tolerances.assert_close_rel(np.asarray(after_prefill[:, 0]), np.asarray(full[:, 4]),
+                              rtol=tolerances.DECODER_RTOL,
+                              what="sharded decode after a prefill")

@@ -3,7 +3,7 @@
 Public API (shared with the sampler, testbed and judge code):
   Decoder(config, rngs=...)(tokens, positions, attention_mask, cache)
       -> (logits [B, L, V] float32, new_cache | None)
-  Decoder.hidden_states / logits_from_hidden / token_logprobs
+  Decoder.hidden_states / prefill / logits_from_hidden / token_logprobs
   KVCache, init_cache, positions_from_mask, chunked_token_logprobs.
 
 Left padding: pads have attention_mask False and positions come from the mask,
@@ -221,10 +221,109 @@ class Decoder(nnx.Module):
     Returns:
       (h [B, L, D] in the compute dtype, new cache with index + L, or None).
     """
+    h, inv_freq, attention_mask = self._embed(tokens, positions, attention_mask)
+    c = self.config
+    b, l = tokens.shape
+    if cache is None:
+      # The kernels build visibility (causal, valid keys, window) from the
+      # query slots and the key mask, block by block where they avoid the
+      # score matrix.
+      mask = layers.AttentionMask(jnp.arange(l, dtype=jnp.int32), attention_mask)
+      zero = jnp.zeros((), jnp.int32)
+      for block in self.layers:
+        # Only the hidden states leave a remat'd block: it is recomputed in
+        # the backward pass, so keys and values need not be kept.
+        if c.remat:
+          h = nnx.remat(lambda blk, *args: blk(*args)[0])(
+              block, h, positions, inv_freq, mask, None, None, zero)
+        else:
+          h, _, _ = block(h, positions, inv_freq, mask, None, None, zero)
+      return self.final_norm(h), None
+
+    if cache.mask.shape[0] != b:
+      raise ValueError(
+          f"cache: batch size {cache.mask.shape[0]} != tokens batch {b}")
+    s = cache.mask.shape[1]
+    hkv, d = c.num_kv_heads, c.head_dim
+    for name, arrays, expected in (("k", cache.k, (b, hkv, d, s)),
+                                   ("v", cache.v, (b, hkv, s, d))):
+      shapes = [tuple(x.shape) for x in arrays]
+      if len(shapes) != c.num_layers or any(x != expected for x in shapes):
+        raise ValueError(
+            f"cache.{name}: expected {c.num_layers} arrays of shape "
+            f"{expected} (one per layer, from init_cache), got {shapes}")
+    # dynamic_update_slice would silently clamp an overflowing write; check
+    # whenever the index is concrete (outside jit).
+    if (not isinstance(cache.index, jax.core.Tracer)
+        and int(cache.index) + l > s):
+      raise ValueError(
+          f"cache: writing {l} tokens at slot {int(cache.index)} overflows "
+          f"max_length {s}")
+    index = jnp.asarray(cache.index, jnp.int32)
+    key_mask = jax.lax.dynamic_update_slice(
+        cache.mask, attention_mask, (jnp.zeros((), jnp.int32), index))
+    mask = layers.AttentionMask(index + jnp.arange(l, dtype=jnp.int32),
+                                key_mask)
+    # Remat only pays off in a backward pass; cached decoding (the sampler's
+    # loop) has none, and nnx.remat cannot be traced inside that loop.
+    new_k, new_v = [], []
+    for block, layer_k, layer_v in zip(self.layers, cache.k, cache.v):
+      h, layer_k, layer_v = block(h, positions, inv_freq, mask, layer_k,
+                                  layer_v, index)
+      new_k.append(layer_k)
+      new_v.append(layer_v)
+    return self.final_norm(h), KVCache(k=tuple(new_k), v=tuple(new_v),
+                                       mask=key_mask, index=index + l)
+
+  def prefill(self, tokens, positions, attention_mask, max_length: int,
+              cache_dtype=None):
+    """Hidden states of a prompt, and a new KV cache that holds it.
+
+    The same as `hidden_states(tokens, positions, attention_mask,
+    init_cache(config, B, max_length, cache_dtype))`, but cheaper: the
+    prompt's queries attend only to the prompt's own L keys, with
+    `config.attention_impl`'s self-attention kernel, instead of to all
+    `max_length` slots of an empty cache (of which only the first L can be
+    valid); the cache is then written once.
+
+    Args:
+      tokens, positions, attention_mask: the prompt, [B, L] (as hidden_states).
+      max_length: the cache's slots S ≥ L (prompt and generated tokens).
+      cache_dtype: the cache's dtype (default: config.dtype).
+
+    Returns:
+      (h [B, L, D] in the compute dtype, KVCache with slots [0, L) written
+      and index L).
+    """
+    l = tokens.shape[-1]
+    if max_length < l:
+      raise ValueError(
+          f"max_length: expected at least the prompt's length {l}, got {max_length}")
+    h, inv_freq, attention_mask = self._embed(tokens, positions, attention_mask)
+    c = self.config
+    dtype = jnp.dtype(cache_dtype or c.dtype)
+    mask = layers.AttentionMask(jnp.arange(l, dtype=jnp.int32), attention_mask)
+    zero = jnp.zeros((), jnp.int32)
+    pad = max_length - l
+    cache_k, cache_v = [], []
+    for block in self.layers:
+      h, k, v = block(h, positions, inv_freq, mask, None, None, zero)
+      # The cache's layouts (KVCache): keys [B, Hkv, d, S], values [B, Hkv, S, d].
+      k = jnp.pad(jnp.transpose(k, (0, 2, 3, 1)).astype(dtype),
+                  ((0, 0), (0, 0), (0, 0), (0, pad)))
+      v = jnp.pad(jnp.swapaxes(v, 1, 2).astype(dtype),
+                  ((0, 0), (0, 0), (0, pad), (0, 0)))
+      cache_k.append(constrain(k, KEY_CACHE_AXES))
+      cache_v.append(constrain(v, VALUE_CACHE_AXES))
+    key_mask = jnp.pad(attention_mask, ((0, 0), (0, pad)))
+    return self.final_norm(h), KVCache(
+        k=tuple(cache_k), v=tuple(cache_v), mask=key_mask,
+        index=jnp.asarray(l, jnp.int32))
+
+  def _embed(self, tokens, positions, attention_mask):
+    """Checks the inputs; returns (embedded tokens, RoPE inv_freq, bool mask)."""
     self._check_inputs(tokens, positions, attention_mask)
     c = self.config
-    attention_mask = attention_mask.astype(bool)
-    b, l = tokens.shape
     # FSDP gathers the embed dimension before use; gathering rows straight
     # from an fsdp-sharded table makes XLA replicate the whole lookup.
     table = constrain(self.embed[...], ("vocab", None))
@@ -232,57 +331,7 @@ class Decoder(nnx.Module):
     h = constrain(h, ("batch", "length", None))
     # A constant of the config; kept off the module so it is not nnx state.
     inv_freq = jnp.asarray(_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
-    # The kernels build visibility (causal, valid keys, window) from the query
-    # slots and the key mask, block by block where they avoid the score matrix.
-    if cache is None:
-      mask = layers.AttentionMask(jnp.arange(l, dtype=jnp.int32),
-                                  attention_mask)
-      cache_k = cache_v = (None,) * c.num_layers
-      index = jnp.zeros((), jnp.int32)
-    else:
-      if cache.mask.shape[0] != b:
-        raise ValueError(
-            f"cache: batch size {cache.mask.shape[0]} != tokens batch {b}")
-      s = cache.mask.shape[1]
-      hkv, d = c.num_kv_heads, c.head_dim
-      for name, arrays, expected in (("k", cache.k, (b, hkv, d, s)),
-                                     ("v", cache.v, (b, hkv, s, d))):
-        shapes = [tuple(x.shape) for x in arrays]
-        if len(shapes) != c.num_layers or any(x != expected for x in shapes):
-          raise ValueError(
-              f"cache.{name}: expected {c.num_layers} arrays of shape "
-              f"{expected} (one per layer, from init_cache), got {shapes}")
-      # dynamic_update_slice would silently clamp an overflowing write; check
-      # whenever the index is concrete (outside jit).
-      if (not isinstance(cache.index, jax.core.Tracer)
-          and int(cache.index) + l > s):
-        raise ValueError(
-            f"cache: writing {l} tokens at slot {int(cache.index)} overflows "
-            f"max_length {s}")
-      index = jnp.asarray(cache.index, jnp.int32)
-      key_mask = jax.lax.dynamic_update_slice(
-          cache.mask, attention_mask, (jnp.zeros((), jnp.int32), index))
-      mask = layers.AttentionMask(index + jnp.arange(l, dtype=jnp.int32),
-                                  key_mask)
-      cache_k, cache_v = cache.k, cache.v
-
-    new_k, new_v = [], []
-    for block, layer_k, layer_v in zip(self.layers, cache_k, cache_v):
-      # Remat only pays off in a backward pass; cached decoding (the sampler's
-      # while_loop) has none, and nnx.remat cannot be traced inside that loop.
-      if c.remat and cache is None:
-        h, layer_k, layer_v = nnx.remat(lambda blk, *args: blk(*args))(
-            block, h, positions, inv_freq, mask, layer_k, layer_v, index)
-      else:
-        h, layer_k, layer_v = block(h, positions, inv_freq, mask, layer_k,
-                                    layer_v, index)
-      new_k.append(layer_k)
-      new_v.append(layer_v)
-    h = self.final_norm(h)
-    if cache is None:
-      return h, None
-    return h, KVCache(k=tuple(new_k), v=tuple(new_v), mask=key_mask,
-                      index=index + l)
+    return h, inv_freq, attention_mask.astype(bool)
 
   def _unembedding(self):
     """[D, V] output projection (the transposed embedding when tied)."""

@@ -310,12 +310,15 @@ class Block(nnx.Module):
       index: int32 scalar, first slot to write.
 
     Returns:
-      (x [B, L, D], cache_k, cache_v) with this layer's slots written.
+      (x [B, L, D], cache_k, cache_v) with this layer's slots written; without
+      a cache, this call's rotated keys and values ([B, L, Hkv, d] each, for a
+      prefill to store) in their place.
     """
     h = self.attn_norm(x)
     k, v = self.attn.project_kv(h, positions, inv_freq)
     if cache_k is None:
       x = x + self.attn(h, positions, inv_freq, k, v, mask)
+      cache_k, cache_v = k, v
     else:
       zero = jnp.zeros((), jnp.int32)
       cache_k = jax.lax.dynamic_update_slice(
