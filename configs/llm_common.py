@@ -106,6 +106,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Decoding steps between checks whether every row has ended; 0: 8 on GPUs, where a
   # check waits for the device, 1 elsewhere. Samples do not depend on it.
   c.sampling.eos_check_every = 0
+  # KV-cache lengths the decoding loop grows through: a step reads every slot of its
+  # cache, so 4 segments read about 5/8 of the slots of one, for up to about twice
+  # the KV-cache memory. Samples do not depend on it.
+  c.sampling.cache_segments = 1
 
   c.selfplay = ml_collections.ConfigDict()
   # onpo_jax.selfplay.engine.METHODS names, each trained from the same SFT policy.

@@ -1,13 +1,15 @@
 """Jitted autoregressive sampling with a KV cache, incl. Nash-MD geometric mixtures.
 
 Two jitted functions per sampler, as in tunix `generate/sampler.py`:
-  * `prefill`: runs the left-padded prompt through every model once, filling a
-    fresh KV cache, and returns the next-token logits at the last prompt slot;
+  * `prefill`: runs the left-padded prompt through every model once
+    (`Decoder.prefill`: the prompt attends to its own keys), filling a fresh
+    KV cache, and returns the next-token logits at the last prompt slot;
   * `decode`: a loop that samples one token per step for the whole batch and
     feeds it back through the model(s); the KV caches are donated. With
     `eos_ids` it is a `lax.while_loop` that stops once every row has ended
     (checked every `SamplingConfig.eos_check_every` steps), without them a
-    loop of fixed length.
+    loop of fixed length. With `SamplingConfig.cache_segments` > 1 it runs
+    one such loop per segment, the caches grown in between.
 Prompts are padded on the left up to a bucket length (`SamplingConfig.prompt_buckets`)
 on the host, so a new batch of the same size within a bucket reuses the compiled
 code. Positions always come from the padding mask (`positions_from_mask`), so the
@@ -187,16 +189,24 @@ class _MultiModelSampler:
     if config.top_k > self.vocab_size:
       raise ValueError(
           f"SamplingConfig.top_k={config.top_k} exceeds vocab_size {self.vocab_size}")
+    # Steps at which the decoding loop's cache segments end (the last: N).
+    self._segment_ends = config.cache_segment_ends(jax.default_backend())
     self.prefill = jax.jit(self._prefill_impl)
-    # Caches are argument 1: donated so the loop updates them in place.
-    self.decode = jax.jit(self._decode_impl, donate_argnums=(1,))
+    # Caches are argument 1: donated so the loop updates them in place. A
+    # cache that grows between segments is copied anyway (and the donated
+    # buffers would match no output).
+    donate = (1,) if len(self._segment_ends) == 1 else ()
+    self.decode = jax.jit(self._decode_impl, donate_argnums=donate)
 
   # -- jitted bodies ------------------------------------------------------------
 
   def _prefill_impl(self, states, prompt_tokens, prompt_mask):
-    """Fills a fresh cache per model; returns (caches, last-slot logits per model)."""
-    batch, prompt_len = prompt_tokens.shape
-    max_len = prompt_len + self.config.max_new_tokens
+    """Fills a fresh cache per model; returns (caches, last-slot logits per model).
+
+    The caches have the first segment's slots (prompt + its steps), which is
+    prompt + N with a single segment.
+    """
+    max_len = prompt_tokens.shape[1] + self._segment_ends[0]
     positions = decoder_lib.positions_from_mask(prompt_mask)
     dtype = None if self.config.cache_dtype is None else jnp.dtype(self.config.cache_dtype)
     caches, logits = [], []
@@ -230,7 +240,11 @@ class _MultiModelSampler:
     Returns (SampleOutput, caches). With `eos_check_every` > 1 the loop may
     run up to that many steps minus one past the last EOS, or past N: their
     tokens are masked (or dropped), and the caches hold their writes (slots
-    past N clamp to the last one).
+    past N clamp to the last one). With several cache segments
+    (`SamplingConfig.cache_segments`) the loop runs once per segment, each
+    time with the caches grown to the segment's slots (prompt + its last
+    step); the caches come in with the first segment's slots and leave with
+    prompt + N.
     """
     cfg = self.config
     n_new = cfg.max_new_tokens
@@ -275,24 +289,33 @@ class _MultiModelSampler:
       bufs, done, tok = sample_step(step, logits, bufs, done)
       return step + 1, tuple(new_caches), tok, done, bufs
 
+    every = cfg.steps_per_eos_check(jax.default_backend())
+
+    def steps(carry):
+      if every == 1:
+        return decode_step(carry)
+      return jax.lax.fori_loop(0, every, lambda _, c: decode_step(c), carry)
+
     carry = (jnp.asarray(1, jnp.int32), tuple(caches), tok, done, bufs)
-    if eos is None:
-      # Fixed length: a loop of known trip count, which XLA:GPU runs without a
-      # check (and a wait for the device) per step.
-      carry = jax.lax.fori_loop(1, n_new, lambda _, c: decode_step(c), carry)
-    else:
-      every = cfg.steps_per_eos_check(jax.default_backend())
+    start = 1
+    for end in self._segment_ends:
+      slots = prompt_tokens.shape[1] + end
+      step, loop_caches, *rest = carry
+      if loop_caches[0].mask.shape[1] < slots:
+        carry = (step, tuple(decoder_lib.grow_cache(c, slots) for c in loop_caches), *rest)
+      if eos is None:
+        # Fixed length: a loop of known trip count, which XLA:GPU runs without
+        # a check (and a wait for the device) per step.
+        carry = jax.lax.fori_loop(start, end, lambda _, c: decode_step(c), carry)
+      else:
+        # Blocks of `every` steps start at 1 + a multiple of `every`, and so
+        # does every segment but the first: no block crosses into the next.
+        def cond(carry, end=end):
+          step, _, _, done, _ = carry
+          return (step < end) & ~jnp.all(done)
 
-      def cond(carry):
-        step, _, _, done, _ = carry
-        return (step < n_new) & ~jnp.all(done)
-
-      def steps(carry):
-        if every == 1:
-          return decode_step(carry)
-        return jax.lax.fori_loop(0, every, lambda _, c: decode_step(c), carry)
-
-      carry = jax.lax.while_loop(cond, steps, carry)
+        carry = jax.lax.while_loop(cond, steps, carry)
+      start = end
     _, caches, _, _, bufs = carry
     tokens, lp_comb, lp_samp, lp_models = bufs
 

@@ -46,6 +46,16 @@ class SamplingConfig:
       finished. Samples do not depend on it: steps after every row ended are
       masked like any token after an EOS; at most `eos_check_every - 1` such
       steps run.
+    cache_segments: G, the number of KV-cache lengths the decoding loop goes
+      through. A decoding step reads every slot of the cache it carries,
+      filled or not; with G segments the cache starts at the prompt's length
+      plus about N/G slots and grows (one copy) each time the steps reach its
+      end, so a long response's steps read about (G + 1) / 2G of the slots
+      that one cache of prompt + N slots would have them read. Samples do not
+      depend on it. The price: each segment compiles the decoding step once
+      more, and caches of several lengths are alive at once (the first
+      segment's, passed in, and the two around the last growth): up to about
+      twice the KV-cache memory of one segment (`peak_cache_slots`).
   """
 
   max_new_tokens: int
@@ -58,6 +68,7 @@ class SamplingConfig:
   prompt_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
   cache_dtype: str | None = None
   eos_check_every: int | None = None
+  cache_segments: int = 1
 
   def __post_init__(self):
     # Lists (e.g. generation_config.json's eos_token_id) are accepted and frozen.
@@ -94,12 +105,46 @@ class SamplingConfig:
           f"got {self.cache_dtype!r}")
     if self.eos_check_every is not None:
       _check_int("eos_check_every", self.eos_check_every, minimum=1)
+    _check_int("cache_segments", self.cache_segments, minimum=1)
 
   def steps_per_eos_check(self, backend: str) -> int:
     """`eos_check_every`, or its default on `backend` (a `jax.default_backend()` name)."""
     if self.eos_check_every is not None:
       return self.eos_check_every
     return GPU_EOS_CHECK_EVERY if backend in ("gpu", "cuda", "rocm") else 1
+
+  def cache_segment_ends(self, backend: str) -> tuple[int, ...]:
+    """The decoding steps at which each cache segment ends, the last being N.
+
+    Segment j runs steps [ends[j - 1], ends[j]) (the first from step 1: step
+    0 samples from the prefill's logits) with a cache of prompt + ends[j]
+    slots: step t writes slot prompt + t - 1. With EOS ids every inner
+    boundary is 1 plus a multiple of the steps between two checks, so the
+    loop's blocks of steps never cross one. Fewer segments than asked come
+    out when N is too short to split that many times.
+
+    Args:
+      backend: a `jax.default_backend()` name (for the default check period).
+    """
+    n, segments = self.max_new_tokens, self.cache_segments
+    every = self.steps_per_eos_check(backend) if self.eos_ids else 1
+    ends = []
+    for j in range(1, segments):
+      end = 1 + round((n - 1) * j / segments / every) * every
+      if 1 < end < n and (not ends or end > ends[-1]):
+        ends.append(end)
+    return tuple(ends) + (n,)
+
+  def peak_cache_slots(self, prompt_length: int, backend: str) -> int:
+    """KV-cache slots (per model) alive at once while a prompt bucket decodes.
+
+    One segment: prompt + N. Several: the first segment's cache (the decoding
+    call's argument, alive until it returns), and the caches before and after
+    the last growth.
+    """
+    ends = self.cache_segment_ends(backend)
+    slots = [prompt_length + e for e in (ends[0],) + ends[-2:]]
+    return slots[-1] if len(ends) == 1 else sum(slots[int(len(ends) == 2):])
 
 
 def _check_int(name, value, *, minimum):

@@ -399,7 +399,8 @@ def test_bucketing_and_prompt_validation():
     ("eos_ids", (2, -1), "eos_ids"), ("eos_ids", 2, "eos_ids"), ("pad_id", -1, "pad_id"),
     ("prompt_buckets", (), "prompt_buckets"), ("prompt_buckets", (8, 4), "prompt_buckets"),
     ("cache_dtype", "int8", "cache_dtype"), ("eos_check_every", 0, "eos_check_every"),
-    ("eos_check_every", 2.0, "eos_check_every")])
+    ("eos_check_every", 2.0, "eos_check_every"), ("cache_segments", 0, "cache_segments"),
+    ("cache_segments", 2.0, "cache_segments")])
 def test_sampling_config_validation(field, value, match):
   with pytest.raises(ValueError, match=match):
     sampler_lib.SamplingConfig(**{"max_new_tokens": 4, field: value})

@@ -104,14 +104,16 @@ def test_backends_build_identical_examples_and_losses(world, name):
   np.testing.assert_allclose(float(m_tb["l2_grads"]), float(m_llm["l2_grads"]), rtol=1e-4)
 
 
-def test_llm_backend_passes_the_eos_check_interval_to_its_samplers(world):
+def test_llm_backend_passes_the_eos_check_interval_and_cache_segments_to_its_samplers(world):
   cfg, w = world
-  for value, expected in ((0, None), (3, 3)):  # 0: the sampler's per-backend default
+  for every, expected_every, segments in ((0, None, 1), (3, 3, 2)):  # 0: the per-backend default
     c = _llm_config_like(cfg)
-    c.sampling.eos_check_every = value
+    c.sampling.eos_check_every = every
+    c.sampling.cache_segments = segments
     llm = LLMBackend(w.graphdef, w.model_config, w.oracle, c, eos_ids=(1,), pad_id=0)
     for sampler in (llm.sampler.sampler, llm.mixture_sampler.sampler):
-      assert sampler.config.eos_check_every == expected
+      assert sampler.config.eos_check_every == expected_every
+      assert sampler.config.cache_segments == segments
 
 
 def test_online_ipo_trains_on_lambda_p_pairs_whatever_the_configured_pairing(world):

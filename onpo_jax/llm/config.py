@@ -238,7 +238,8 @@ def validate_config(config) -> None:
       "prompt_buckets": (lambda v: isinstance(v, (tuple, list)) and len(v) >= 1
                          and all(_is_int(b, 1) for b in v),
                          "a non-empty tuple of prompt lengths (ints >= 1)"),
-      "cache_dtype": _choice(CACHE_DTYPES), "eos_check_every": _INT0})
+      "cache_dtype": _choice(CACHE_DTYPES), "eos_check_every": _INT0,
+      "cache_segments": _INT1})
   methods_lib.validate_selfplay(sp, _need)
   methods_lib.validate_method_params(config, _need)
   _check(sp, "selfplay", {

@@ -103,7 +103,8 @@ class Evaluator:
         greedy=greedy, eos_ids=tuple(eos_ids), pad_id=int(pad_id),
         prompt_buckets=tuple(config.sampling.prompt_buckets),
         cache_dtype=config.sampling.cache_dtype,
-        eos_check_every=int(config.sampling.eos_check_every) or None)
+        eos_check_every=int(config.sampling.eos_check_every) or None,
+        cache_segments=int(config.sampling.cache_segments))
     self.sampler = MicroBatchedSampler(
         sampler_lib.Sampler(graphdef, sampling, model_config=model_config),
         ec.micro_batch_size, eos_ids)

@@ -17,7 +17,9 @@ What one device holds during an ONPO round (ONPO arXiv 2502.16852, Alg. 1):
     model); 0 when offloaded to host memory between phases;
   * gradients of one train step: a tree shaped like the trained parameters,
     alive from the backward pass to the optimizer update;
-  * KV cache of one sampling micro-batch (K responses per prompt).
+  * KV cache of one sampling micro-batch (K responses per prompt): the largest
+    prompt bucket + N slots, or with `sampling.cache_segments` > 1 the caches
+    of several lengths alive at once (`SamplingConfig.peak_cache_slots`).
 Activations and XLA's other temporaries are not counted (they depend on remat
 and XLA's scheduling); the job reads them from the compiled train step after
 its first round (`Engine.train_step_memory`, memory.json's
@@ -64,6 +66,7 @@ from onpo_jax.models.config import DecoderConfig
 from onpo_jax.models.decoder import KEY_CACHE_AXES, VALUE_CACHE_AXES, Decoder
 from onpo_jax.models.decoder import init_cache
 from onpo_jax.onpo_step import onpo_step
+from onpo_jax.sampling_config import SamplingConfig
 from onpo_jax.selfplay import methods as methods_lib
 
 GIB = 1024 ** 3
@@ -365,6 +368,17 @@ def judge_decoder_config(judge) -> DecoderConfig | None:
   return _section_config(judge, param_dtype=judge.dtype, dtype=judge.dtype)
 
 
+def _kv_slots(config) -> int:
+  """KV-cache slots alive at once while the largest prompt bucket decodes.
+
+  `SamplingConfig.peak_cache_slots` without EOS ids: with them the segments'
+  ends move by less than the steps between two checks.
+  """
+  sampling = SamplingConfig(max_new_tokens=int(config.sampling.max_new_tokens),
+                            cache_segments=int(config.sampling.cache_segments))
+  return sampling.peak_cache_slots(max(config.sampling.prompt_buckets), jax.default_backend())
+
+
 def estimate_memory(config, mesh_dims: tuple[int, int, int] | None = None, *,
                     lora: lora_lib.LoraConfig | None = None, base_dtype: str | None = None,
                     ref_adapter: bool = False) -> MemoryEstimate:
@@ -403,7 +417,7 @@ def estimate_memory(config, mesh_dims: tuple[int, int, int] | None = None, *,
       eval_judge_configs=[c for j in config.eval.judges.values()
                           if not j.offload and (c := judge_decoder_config(j)) is not None],
       kv_batch_size=int(config.sampling.micro_batch_size),
-      kv_length=max(config.sampling.prompt_buckets) + int(config.sampling.max_new_tokens),
+      kv_length=_kv_slots(config),
       kv_dtype=config.sampling.cache_dtype, lora=lora, base_dtype=base_dtype,
       ref_adapter=lora is not None and needs_ref and ref_adapter)
 

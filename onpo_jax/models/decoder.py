@@ -4,7 +4,7 @@ Public API (shared with the sampler, testbed and judge code):
   Decoder(config, rngs=...)(tokens, positions, attention_mask, cache)
       -> (logits [B, L, V] float32, new_cache | None)
   Decoder.hidden_states / prefill / logits_from_hidden / token_logprobs
-  KVCache, init_cache, positions_from_mask, chunked_token_logprobs.
+  KVCache, init_cache, grow_cache, positions_from_mask, chunked_token_logprobs.
 
 Left padding: pads have attention_mask False and positions come from the mask,
 so the first real token has position 0 whatever the padding.
@@ -67,6 +67,24 @@ def init_cache(config: DecoderConfig, batch_size: int, max_length: int,
       k=empty((b, h, d, max_length)), v=empty((b, h, max_length, d)),
       mask=jnp.zeros((batch_size, max_length), bool),
       index=jnp.zeros((), jnp.int32))
+
+
+def grow_cache(cache: KVCache, max_length: int) -> KVCache:
+  """The same cache with `max_length` slots: the new ones empty (zeros, mask False).
+
+  One copy of every layer's keys and values; the slots already there keep
+  their contents and the index is unchanged.
+  """
+  s = cache.mask.shape[1]
+  if max_length < s:
+    raise ValueError(f"max_length: expected at least the cache's {s} slots, got {max_length}")
+  pad = max_length - s
+  return KVCache(
+      k=tuple(constrain(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad))), KEY_CACHE_AXES)
+              for x in cache.k),
+      v=tuple(constrain(jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))), VALUE_CACHE_AXES)
+              for x in cache.v),
+      mask=jnp.pad(cache.mask, ((0, 0), (0, pad))), index=cache.index)
 
 
 def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
