@@ -308,8 +308,9 @@ class _MultiModelSampler:
         # a check (and a wait for the device) per step.
         carry = jax.lax.fori_loop(start, end, lambda _, c: decode_step(c), carry)
       else:
-        # Blocks of `every` steps start at 1 + a multiple of `every`, and so
-        # does every segment but the first: no block crosses into the next.
+        # Every segment starts at 1 + a multiple of `every`
+        # (cache_segment_ends), where a block of `every` steps starts: no
+        # block crosses into the next segment's cache.
         def cond(carry, end=end):
           step, _, _, done, _ = carry
           return (step < end) & ~jnp.all(done)

@@ -297,9 +297,11 @@ class Decoder(nnx.Module):
               cache_dtype=None):
     """Hidden states of a prompt, and a new KV cache that holds it.
 
-    The same as `hidden_states(tokens, positions, attention_mask,
-    init_cache(config, B, max_length, cache_dtype))`, but cheaper: the
-    prompt's queries attend only to the prompt's own L keys, with
+    The same hidden states and cache entries on real tokens as
+    `hidden_states(tokens, positions, attention_mask, init_cache(config, B,
+    max_length, cache_dtype))`, up to float rounding (a pad query sees no
+    key either way, and what a kernel returns for it is never read), but
+    cheaper: the prompt's queries attend only to the prompt's own L keys, with
     `config.attention_impl`'s self-attention kernel, instead of to all
     `max_length` slots of an empty cache (of which only the first L can be
     valid); the cache is then written once.
