@@ -61,12 +61,10 @@ def main(argv=None) -> dict:
   from onpo_jax import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
   from onpo_jax.infra import stats  # pylint: disable=g-import-not-at-top
   from onpo_jax.models import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
-  from onpo_jax.models.config import DecoderConfig  # pylint: disable=g-import-not-at-top
+  from benchmarks.shapes import smollm2_config  # pylint: disable=g-import-not-at-top
 
   b, p, n = args.batch, args.prompt, args.new
-  cfg = DecoderConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                      num_layers=args.layers, num_heads=9, num_kv_heads=3, head_dim=64,
-                      tie_word_embeddings=True, max_position_embeddings=max(8192, p + n))
+  cfg = smollm2_config(args.layers, max_position_embeddings=max(8192, p + n))
   graphdef, state = nnx.split(decoder_lib.Decoder(cfg, rngs=nnx.Rngs(0)))
   rng = np.random.RandomState(0)
   tokens = rng.randint(3, cfg.vocab_size, (b, p)).astype(np.int32)

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from onpo_jax.models import decoder as decoder_lib  # noqa: E402
-from onpo_jax.models.config import DecoderConfig  # noqa: E402
+from benchmarks.shapes import smollm2_config  # noqa: E402
 
 _STEPS = 20
 
@@ -69,9 +69,7 @@ def _kind(t: xla_trace.Thunk) -> str:
 def main(argv=None):
   args = parse_args(argv)
   b = args.batch
-  cfg = DecoderConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                      num_layers=args.layers, num_heads=9, num_kv_heads=3, head_dim=64,
-                      tie_word_embeddings=True, max_position_embeddings=8192)
+  cfg = smollm2_config(args.layers)
   model = decoder_lib.Decoder(cfg, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   s = args.cache_len

@@ -59,14 +59,12 @@ def main(argv=None) -> dict:
 
   from onpo_jax.infra import stats  # pylint: disable=g-import-not-at-top
   from onpo_jax.models import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
-  from onpo_jax.models.config import DecoderConfig  # pylint: disable=g-import-not-at-top
+  from benchmarks.shapes import smollm2_config  # pylint: disable=g-import-not-at-top
 
   b, l = args.batch, args.prompt
   s = l + args.new
-  cfg = DecoderConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                      num_layers=args.layers, num_heads=9, num_kv_heads=3, head_dim=64,
-                      tie_word_embeddings=True, max_position_embeddings=max(8192, s),
-                      attention_impl=args.attention_impl)
+  cfg = smollm2_config(args.layers, max_position_embeddings=max(8192, s),
+                       attention_impl=args.attention_impl)
   graphdef, state = nnx.split(decoder_lib.Decoder(cfg, rngs=nnx.Rngs(0)))
   rng = np.random.RandomState(0)
   tokens = jnp.asarray(rng.randint(3, cfg.vocab_size, (b, l)), jnp.int32)

@@ -34,9 +34,9 @@ from flax import nnx  # noqa: E402
 
 from benchmarks import train_step  # noqa: E402
 from onpo_jax.models import decoder as decoder_lib  # noqa: E402
-from onpo_jax.models.config import DecoderConfig  # noqa: E402
+from benchmarks.shapes import smollm2_config  # noqa: E402
 
-_VOCAB = 49152
+_VOCAB = smollm2_config().vocab_size  # its unembedding thunks are found by this size
 
 
 def parse_args(argv=None):
@@ -77,10 +77,7 @@ def _phase(t: xla_trace.Thunk) -> str:
 def main(argv=None):
   args = parse_args(argv)
   b, l = args.batch, args.length
-  cfg = DecoderConfig(vocab_size=_VOCAB, hidden_size=576, intermediate_size=1536,
-                      num_layers=args.layers, num_heads=9, num_kv_heads=3, head_dim=64,
-                      tie_word_embeddings=True, max_position_embeddings=8192,
-                      param_dtype=args.dtype, dtype=args.dtype)
+  cfg = smollm2_config(args.layers, param_dtype=args.dtype, dtype=args.dtype)
   graphdef, params = nnx.split(decoder_lib.Decoder(cfg, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(3, _VOCAB, size=(b, l)), jnp.int32)

@@ -324,21 +324,15 @@ class Decoder(nnx.Module):
     dtype = jnp.dtype(cache_dtype or c.dtype)
     mask = layers.AttentionMask(jnp.arange(l, dtype=jnp.int32), attention_mask)
     zero = jnp.zeros((), jnp.int32)
-    pad = max_length - l
     cache_k, cache_v = [], []
     for block in self.layers:
       h, k, v = block(h, positions, inv_freq, mask, None, None, zero)
       # The cache's layouts (KVCache): keys [B, Hkv, d, S], values [B, Hkv, S, d].
-      k = jnp.pad(jnp.transpose(k, (0, 2, 3, 1)).astype(dtype),
-                  ((0, 0), (0, 0), (0, 0), (0, pad)))
-      v = jnp.pad(jnp.swapaxes(v, 1, 2).astype(dtype),
-                  ((0, 0), (0, 0), (0, pad), (0, 0)))
-      cache_k.append(constrain(k, KEY_CACHE_AXES))
-      cache_v.append(constrain(v, VALUE_CACHE_AXES))
-    key_mask = jnp.pad(attention_mask, ((0, 0), (0, pad)))
-    return self.final_norm(h), KVCache(
-        k=tuple(cache_k), v=tuple(cache_v), mask=key_mask,
-        index=jnp.asarray(l, jnp.int32))
+      cache_k.append(jnp.transpose(k, (0, 2, 3, 1)).astype(dtype))
+      cache_v.append(jnp.swapaxes(v, 1, 2).astype(dtype))
+    prompt_cache = KVCache(k=tuple(cache_k), v=tuple(cache_v), mask=attention_mask,
+                           index=jnp.asarray(l, jnp.int32))
+    return self.final_norm(h), grow_cache(prompt_cache, max_length)
 
   def _embed(self, tokens, positions, attention_mask):
     """Checks the inputs; returns (embedded tokens, RoPE inv_freq, bool mask)."""
