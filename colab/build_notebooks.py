@@ -601,13 +601,14 @@ alone (nothing is allocated): policy and optimizer state (which holds $\pi'$), o
 gradients, the frozen reference and judges, and the sampler's KV cache. It leaves out the
 compiler's working memory (activations, scratch; see the RAM figures above), which the run adds
 to `memory.json` from its compiled train step after each method's first round. The second line
-is the paper's setup on 8 devices, for scale.
+is the paper's setup on 8 GPUs, for scale (planned for a GPU: on CPU the sampler also holds a
+transposed copy of the kernels, `decode_kernels`).
 """),
     _code(r"""
 dims = llm_config.mesh_shape(config, jax.device_count())
 print("this run:  ", memory.estimate_memory(config, dims).summary())
 paper = llama3_8b_onpo.get_config("gpu8")
-print("paper gpu8:", memory.estimate_memory(paper).summary())"""),
+print("paper gpu8:", memory.estimate_memory(paper, backend="gpu").summary())"""),
     _md(r"""
 ## 4. Self-play rounds
 

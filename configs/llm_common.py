@@ -110,6 +110,10 @@ def default_config() -> ml_collections.ConfigDict:
   # cache, so 4 segments read about 5/8 of the slots of one, for up to about twice
   # the KV-cache memory. Samples do not depend on it.
   c.sampling.cache_segments = 1
+  # Decoding steps' activations: 'features' ([D, B], the kernels copied transposed once
+  # per sampler call: faster GEMMs on CPU, one more copy of the kernels in memory),
+  # 'tokens' ([B, 1, D]) or 'auto' ('features' on CPU only). Samples do not depend on it.
+  c.sampling.decode_layout = "auto"
 
   c.selfplay = ml_collections.ConfigDict()
   # onpo_jax.selfplay.engine.METHODS names, each trained from the same SFT policy.

@@ -9,7 +9,10 @@ Two jitted functions per sampler, as in tunix `generate/sampler.py`:
     `eos_ids` it is a `lax.while_loop` that stops once every row has ended
     (checked every `SamplingConfig.eos_check_every` steps), without them a
     loop of fixed length. With `SamplingConfig.cache_segments` > 1 it runs
-    one such loop per segment, the caches grown in between.
+    one such loop per segment, the caches grown in between. On CPU its steps
+    run feature-major by default (`SamplingConfig.decode_layout`,
+    `models.feature_major`): activations [D, B], the kernels copied
+    transposed once per call, before the loop.
 Prompts are padded on the left up to a bucket length (`SamplingConfig.prompt_buckets`)
 on the host, so a new batch of the same size within a bucket reuses the compiled
 code. Positions always come from the padding mask (`positions_from_mask`), so the
@@ -32,6 +35,7 @@ temperature / top-k / top-p; 0 for greedy).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -41,6 +45,7 @@ import numpy as np
 from flax import nnx
 
 from onpo_jax.models import decoder as decoder_lib
+from onpo_jax.models import feature_major
 # Re-exported: the sampler's public API has always included them.
 from onpo_jax.next_token import categorical, filter_logits, geometric_mixture_logprobs
 # Re-exported with SamplingConfig, which the samplers take.
@@ -254,6 +259,12 @@ class _MultiModelSampler:
     # The j-th response token sits at position (#real prompt tokens) + j.
     next_pos0 = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
     models = [nnx.merge(g, s) for g, s in zip(self._graphdefs, states)]
+    if cfg.feature_major(jax.default_backend()):
+      # The transposed kernels are built once, outside the loop.
+      steps_of = [functools.partial(feature_major.decode_step, feature_major.decode_weights(m),
+                                    mcfg) for m, mcfg in zip(models, self._model_configs)]
+    else:
+      steps_of = [functools.partial(_tokens_major_step, m) for m in models]
 
     def sample_step(step, logits_per_model, bufs, done):
       tokens, lp_comb, lp_samp, lp_models = bufs
@@ -279,12 +290,11 @@ class _MultiModelSampler:
 
     def decode_step(carry):
       step, caches, prev_tok, done, bufs = carry
-      pos = (next_pos0 + step - 1)[:, None]
-      real = jnp.ones((batch, 1), bool)
+      pos = next_pos0 + step - 1
       new_caches, logits = [], []
-      for model, cache in zip(models, caches):
-        lg, cache = model(prev_tok[:, None], pos, real, cache)
-        logits.append(lg[:, 0, :].astype(jnp.float32))
+      for step_of, cache in zip(steps_of, caches):
+        lg, cache = step_of(prev_tok, pos, cache)
+        logits.append(lg.astype(jnp.float32))
         new_caches.append(cache)
       bufs, done, tok = sample_step(step, logits, bufs, done)
       return step + 1, tuple(new_caches), tok, done, bufs
@@ -357,6 +367,13 @@ class _MultiModelSampler:
     caches, last_logits = self.prefill(states, tokens, mask)
     out, _ = self.decode(states, caches, last_logits, tokens, mask, key, extra)
     return out
+
+
+def _tokens_major_step(model, tokens, positions, cache):
+  """A decoding step through the model's own forward: (logits [B, V], cache)."""
+  logits, cache = model(tokens[:, None], positions[:, None],
+                        jnp.ones((tokens.shape[0], 1), bool), cache)
+  return logits[:, 0, :], cache
 
 
 def _gather(logp, tok):

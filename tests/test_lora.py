@@ -439,7 +439,8 @@ def _paper(name, arg):
 
 def test_llama3_8b_onpo_lora_fits_one_accelerator_where_full_fine_tuning_does_not():
   """ONPO with the judge resident, one device (an 80 GB GPU or a 95 GB TPU v5p chip)."""
-  plans = memory.lora_comparison(_paper("llama3_8b_onpo", ""), (1, 1, 1), ranks=(16, 64))
+  plans = memory.lora_comparison(_paper("llama3_8b_onpo", ""), (1, 1, 1), ranks=(16, 64),
+                                 backend="gpu")
   gib = memory.GIB
   print("\nLlama-3-8B ONPO + judge, one device, GiB (activations not counted):")
   for name, est in plans.items():

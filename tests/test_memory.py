@@ -98,7 +98,7 @@ def _paper(name, arg):
     ("llama3_8b_inpo", "v4-32", True)])
 def test_paper_configs_memory_plan(name, variant, ref_resident):
   config = _paper(name, variant)
-  est = memory.estimate_memory(config)
+  est = memory.estimate_memory(config, backend="gpu")
   dims = dict(zip(("data", "fsdp", "tensor"), config.mesh.shape))
   assert est.mesh_shape == dims
   policy, judge = memory.decoder_configs(config)
@@ -115,7 +115,30 @@ def test_paper_configs_memory_plan(name, variant, ref_resident):
   judge_norms = (2 * judge.num_layers + 1) * judge.hidden_size
   assert est.judge_params == 2 * (8_030_261_248 - judge_norms) // 8 + 2 * judge_norms
   assert (est.ref_params > 0) == ref_resident
+  assert est.decode_kernels == 0  # tokens-major decoding on a GPU or TPU
   print(f"\n{name}:{variant} {est.summary()}")
+
+
+def test_plan_counts_the_transposed_kernels_of_feature_major_decoding():
+  """`sampling.decode_layout`: 'auto' copies the kernels on CPU only, once per
+  model the sampler decodes at once (the policy; with π_ref, both)."""
+  onpo = _paper("llama3_8b_onpo", "gpu8")
+  plans = {backend: memory.estimate_memory(onpo, backend=backend) for backend in ("cpu", "gpu")}
+  one = plans["cpu"].decode_kernels
+  assert plans["gpu"].decode_kernels == 0 and one > 0
+  assert plans["cpu"].total - plans["gpu"].total == one
+  # Llama-3-8B's projections (the untied lm_head included) in the bfloat16 compute
+  # dtype, split 8 ways over fsdp.
+  policy, _ = memory.decoder_configs(onpo)
+  assert policy.dtype == "bfloat16"
+  d, f, v, layers = 4096, 14336, 128256, 32
+  assert one == 2 * (layers * (2 * d * 4096 + 2 * d * 1024 + 3 * d * f) + v * d) // 8
+  onpo.sampling.decode_layout = "features"
+  assert memory.estimate_memory(onpo, backend="gpu").decode_kernels == one
+  onpo.sampling.decode_layout = "tokens"
+  assert memory.estimate_memory(onpo, backend="cpu").decode_kernels == 0
+  inpo = _paper("llama3_8b_inpo", "gpu8")
+  assert memory.estimate_memory(inpo, backend="cpu").decode_kernels == 2 * one
 
 
 def test_paper_mesh_shardings_agree_with_jax_eval_shape():

@@ -215,3 +215,37 @@ def test_sharded_decode_with_sharded_cache(mesh):
   tolerances.assert_close_rel(np.asarray(after_prefill[:, 0]), np.asarray(full[:, 4]),
                               rtol=tolerances.DECODER_RTOL,
                               what="sharded decode after a prefill")
+
+
+def test_feature_major_decode_on_the_mesh(mesh):
+  """`feature_major.decode_step` of a sharded model after a prefill: its
+  transposed kernels keep the heads and MLP columns over 'tensor', the cache
+  keeps its shardings, and the logits are the unsharded model's."""
+  from onpo_jax.models import feature_major
+  cfg = config_lib.DecoderConfig.tiny(num_heads=4, num_kv_heads=2)
+  model = sharding.create_sharded_model(cfg, mesh, rngs=_rbg(3))
+  graphdef, state = nnx.split(model)
+  tokens = jnp.asarray(np.random.RandomState(2).randint(3, 128, (4, 5)), jnp.int32)
+  mask = jnp.ones((4, 5), bool)
+  pos = dec.positions_from_mask(mask)
+
+  def run(s):
+    m = nnx.merge(graphdef, s)
+    _, cache = m.prefill(tokens[:, :4], pos[:, :4], mask[:, :4], 8)
+    weights = feature_major.decode_weights(m)
+    logits, cache = feature_major.decode_step(weights, cfg, tokens[:, 4], pos[:, 4], cache)
+    return logits, cache, weights.layers[0]
+
+  with sharding.activation_sharding(mesh):
+    logits, cache, layer = jax.jit(run)(state)
+  assert _spec(layer.q.sharding.spec, 3) == ("tensor", None, "fsdp")
+  assert _spec(layer.o.sharding.spec, 3) == ("fsdp", "tensor", None)
+  assert _spec(layer.gate.sharding.spec, 2) == ("tensor", "fsdp")
+  shardings = sharding.cache_shardings(cache, mesh)
+  for x, s in zip(cache.k + cache.v, shardings.k + shardings.v):
+    assert _spec(x.sharding.spec, 4) == _spec(s.spec, 4)
+  full = jax.jit(lambda s: nnx.merge(graphdef, s)(tokens, pos, mask)[0])(
+      jax.device_put(jax.tree.map(np.asarray, state), jax.devices()[0]))
+  tolerances.assert_close_rel(np.asarray(logits), np.asarray(full[:, 4]),
+                              rtol=tolerances.DECODER_RTOL,
+                              what="sharded feature-major decoding step")

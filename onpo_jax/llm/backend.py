@@ -178,7 +178,7 @@ class LLMBackend:
         top_p=float(sc.top_p), eos_ids=self.eos_ids, pad_id=self.pad_id,
         prompt_buckets=tuple(sc.prompt_buckets), cache_dtype=sc.cache_dtype,
         eos_check_every=int(sc.eos_check_every) or None,
-        cache_segments=int(sc.cache_segments))
+        cache_segments=int(sc.cache_segments), decode_layout=str(sc.decode_layout))
     self.sampler = MicroBatchedSampler(
         sampler_lib.Sampler(graphdef, sampling, model_config=model_config),
         sc.micro_batch_size, self.eos_ids)

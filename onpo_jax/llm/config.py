@@ -52,6 +52,7 @@ MISTRAL_7B_HF = dict(
 # The job runs without JAX's x64 mode, so float64 (which DecoderConfig allows) is out.
 RUN_DTYPES = ("float32", "bfloat16")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")  # onpo_jax.sampler's cache_dtype
+DECODE_LAYOUTS = ("auto", "tokens", "features")  # onpo_jax.sampling_config.DECODE_LAYOUTS
 PROMPT_SOURCES = ("files", "hf_dir", "tfds")  # onpo_jax.data.sources.PROMPT_SOURCES
 OVERLONG_POLICIES = ("drop", "truncate")  # onpo_jax.data.prompts.OVERLONG_POLICIES
 JUDGE_KINDS = ("pairwise", "reward", "verifiable")
@@ -239,7 +240,7 @@ def validate_config(config) -> None:
                          and all(_is_int(b, 1) for b in v),
                          "a non-empty tuple of prompt lengths (ints >= 1)"),
       "cache_dtype": _choice(CACHE_DTYPES), "eos_check_every": _INT0,
-      "cache_segments": _INT1})
+      "cache_segments": _INT1, "decode_layout": _choice(DECODE_LAYOUTS)})
   methods_lib.validate_selfplay(sp, _need)
   methods_lib.validate_method_params(config, _need)
   _check(sp, "selfplay", {

@@ -104,7 +104,8 @@ class Evaluator:
         prompt_buckets=tuple(config.sampling.prompt_buckets),
         cache_dtype=config.sampling.cache_dtype,
         eos_check_every=int(config.sampling.eos_check_every) or None,
-        cache_segments=int(config.sampling.cache_segments))
+        cache_segments=int(config.sampling.cache_segments),
+        decode_layout=str(config.sampling.decode_layout))
     self.sampler = MicroBatchedSampler(
         sampler_lib.Sampler(graphdef, sampling, model_config=model_config),
         ec.micro_batch_size, eos_ids)

@@ -19,7 +19,10 @@ What one device holds during an ONPO round (ONPO arXiv 2502.16852, Alg. 1):
     alive from the backward pass to the optimizer update;
   * KV cache of one sampling micro-batch (K responses per prompt): the largest
     prompt bucket + N slots, or with `sampling.cache_segments` > 1 the caches
-    of several lengths alive at once (`SamplingConfig.peak_cache_slots`).
+    of several lengths alive at once (`SamplingConfig.peak_cache_slots`);
+  * with feature-major decoding steps (`sampling.decode_layout`, by default
+    on CPU) a transposed copy of the kernels of each model decoded at once,
+    in the compute dtype, while the sampler runs.
 Activations and XLA's other temporaries are not counted (they depend on remat
 and XLA's scheduling); the job reads them from the compiled train step after
 its first round (`Engine.train_step_memory`, memory.json's
@@ -223,11 +226,15 @@ class MemoryEstimate:
   merged_params: int = 0
   # One gradient of every trained leaf (the adapters with LoRA).
   gradients: int = 0
+  # The transposed copies of the kernels that feature-major decoding steps
+  # read (`SamplingConfig.decode_layout`), for the models decoded at once.
+  decode_kernels: int = 0
 
   @property
   def total(self) -> int:
     return (self.policy_params + self.adapter_params + self.merged_params + self.optimizer
-            + self.gradients + self.ref_params + self.judge_params + self.kv_cache)
+            + self.gradients + self.ref_params + self.judge_params + self.kv_cache
+            + self.decode_kernels)
 
   def as_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -238,6 +245,8 @@ class MemoryEstimate:
     keys = ("policy_params", "optimizer", "gradients", "ref_params", "judge_params", "kv_cache")
     if self.num_adapter_params:
       keys = ("policy_params", "adapter_params", "merged_params") + keys[1:]
+    if self.decode_kernels:
+      keys += ("decode_kernels",)
     parts = ", ".join(f"{k} {getattr(self, k) / GIB:.2f}" for k in keys)
     lora = (f" (LoRA: {self.num_adapter_params / 1e6:.1f}M adapter params)"
             if self.num_adapter_params else "")
@@ -250,7 +259,8 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
              judge_config: DecoderConfig | None = None,
              eval_judge_configs: Sequence[DecoderConfig] = (), kv_batch_size: int = 1,
              kv_length: int = 1, kv_dtype=None, lora: lora_lib.LoraConfig | None = None,
-             base_dtype=None, ref_adapter: bool = False) -> MemoryEstimate:
+             base_dtype=None, ref_adapter: bool = False, decode_copies: int = 0
+             ) -> MemoryEstimate:
   """Per-device memory of the policy, its optimizer, the frozen roles and a KV cache.
 
   Args:
@@ -269,11 +279,16 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
       is then ignored: the reference is the base).
     base_dtype: the frozen base's dtype with `lora` (None: policy.param_dtype).
     ref_adapter: with `lora`, the reference is the base plus a fixed adapter.
+    decode_copies: models whose kernels the sampler copies transposed at once
+      for feature-major decoding steps (0: tokens-major steps, no copy).
   """
   mesh_shape = _check_mesh_shape(mesh_shape)
+  decode_kernels = decode_copies * _kernel_bytes(policy_config, rules, mesh_shape)
   if lora is not None:
-    return _estimate_lora(policy_config, opt, mesh_shape, rules, lora, base_dtype, ref_adapter,
-                          judge_config, eval_judge_configs, kv_batch_size, kv_length, kv_dtype)
+    return dataclasses.replace(
+        _estimate_lora(policy_config, opt, mesh_shape, rules, lora, base_dtype, ref_adapter,
+                       judge_config, eval_judge_configs, kv_batch_size, kv_length, kv_dtype),
+        decode_kernels=decode_kernels)
   params, specs = abstract_params(policy_config, rules, mesh_shape)
 
   frozen = functools.partial(_frozen_bytes, rules=rules, mesh_shape=mesh_shape)
@@ -287,7 +302,23 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
       ref_params=frozen(ref_config),
       judge_params=frozen(judge_config) + sum(frozen(c) for c in eval_judge_configs),
       kv_cache=kv_cache_bytes_per_device(policy_config, kv_batch_size, kv_length, mesh_shape,
-                                         rules, kv_dtype))
+                                         rules, kv_dtype),
+      decode_kernels=decode_kernels)
+
+
+# The projections `feature_major.decode_weights` copies (the tied embedding is
+# read in place, norms and biases as they are).
+_DECODE_KERNELS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
+
+
+def _kernel_bytes(cfg: DecoderConfig, rules, mesh_shape) -> int:
+  """Per-device bytes of one copy of a decoder's kernels in its compute dtype."""
+  params, specs = abstract_params(cfg.replace(param_dtype=cfg.dtype), rules, mesh_shape)
+  spec_of = {_path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]}
+  return sum(shard_bytes(x.shape, x.dtype, spec_of[_path_key(p)], mesh_shape)
+             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+             if _path_key(p)[-1] in _DECODE_KERNELS)
 
 
 def _frozen_bytes(cfg, *, rules, mesh_shape) -> int:
@@ -368,7 +399,7 @@ def judge_decoder_config(judge) -> DecoderConfig | None:
   return _section_config(judge, param_dtype=judge.dtype, dtype=judge.dtype)
 
 
-def _kv_slots(config) -> int:
+def _kv_slots(config, backend: str) -> int:
   """KV-cache slots alive at once while the largest prompt bucket decodes.
 
   `SamplingConfig.peak_cache_slots` without EOS ids: with them the segments'
@@ -376,12 +407,25 @@ def _kv_slots(config) -> int:
   """
   sampling = SamplingConfig(max_new_tokens=int(config.sampling.max_new_tokens),
                             cache_segments=int(config.sampling.cache_segments))
-  return sampling.peak_cache_slots(max(config.sampling.prompt_buckets), jax.default_backend())
+  return sampling.peak_cache_slots(max(config.sampling.prompt_buckets), backend)
+
+
+def _decode_copies(config, needs_ref: bool, backend: str) -> int:
+  """Models whose kernels are copied transposed at once while sampling (0: none).
+
+  Feature-major decoding (`sampling.decode_layout`, 'auto' on CPU) copies the
+  kernels of each model it decodes; the mixture sampler decodes the policy and
+  π_ref together, so 2 when a method anchors on π_ref.
+  """
+  sampling = SamplingConfig(max_new_tokens=1, decode_layout=str(config.sampling.decode_layout))
+  if not sampling.feature_major(backend):
+    return 0
+  return 2 if needs_ref else 1
 
 
 def estimate_memory(config, mesh_dims: tuple[int, int, int] | None = None, *,
                     lora: lora_lib.LoraConfig | None = None, base_dtype: str | None = None,
-                    ref_adapter: bool = False) -> MemoryEstimate:
+                    ref_adapter: bool = False, backend: str | None = None) -> MemoryEstimate:
   """Per-device bytes of an llm config on its mesh, nothing allocated.
 
   The optimizer is the one the run builds for the first method; π_ref counts
@@ -394,10 +438,16 @@ def estimate_memory(config, mesh_dims: tuple[int, int, int] | None = None, *,
     config: the llm config.
     mesh_dims: (data, fsdp, tensor); None: `config.mesh.shape`, which must
       then have no -1.
+    lora, base_dtype, ref_adapter: as `estimate`.
+    backend: the platform the run samples on, a `jax.default_backend()` name
+      ('cpu', 'gpu', 'tpu'; None: this process's). It sets what
+      `sampling.decode_layout='auto'` and the EOS check period become, so a
+      GPU or TPU run planned on a laptop passes its own.
 
   Raises:
     ValueError: no mesh without -1 to plan on, or no architecture to plan from.
   """
+  backend = backend or jax.default_backend()
   policy, judge = decoder_configs(config)
   if mesh_dims is None:
     if -1 in tuple(config.mesh.shape):
@@ -417,9 +467,10 @@ def estimate_memory(config, mesh_dims: tuple[int, int, int] | None = None, *,
       eval_judge_configs=[c for j in config.eval.judges.values()
                           if not j.offload and (c := judge_decoder_config(j)) is not None],
       kv_batch_size=int(config.sampling.micro_batch_size),
-      kv_length=_kv_slots(config),
+      kv_length=_kv_slots(config, backend),
       kv_dtype=config.sampling.cache_dtype, lora=lora, base_dtype=base_dtype,
-      ref_adapter=lora is not None and needs_ref and ref_adapter)
+      ref_adapter=lora is not None and needs_ref and ref_adapter,
+      decode_copies=_decode_copies(config, needs_ref, backend))
 
 
 class MemoryPlanError(ValueError):
@@ -483,13 +534,14 @@ def check_fits(plan: MemoryEstimate, capacity: tuple[int, str] | None) -> None:
       f"memory plan: {plan.total / GIB:.2f} GiB per device before activations ({plan.summary()}) "
       f"exceeds the {capacity[0] / GIB:.2f} GiB of one device ({capacity[1]}). Smaller settings: "
       "more devices in mesh.shape's fsdp axis, lora.enabled=True, policy.param_dtype, "
-      "sampling.micro_batch_size, ref.offload / judge.offload=True; check_memory=False runs "
-      "anyway")
+      "sampling.micro_batch_size, ref.offload / judge.offload=True, sampling.decode_layout="
+      "'tokens' (no transposed kernels on CPU); check_memory=False runs anyway")
 
 
 def lora_comparison(config, mesh_dims: tuple[int, int, int], ranks: Sequence[int] = (16, 64), *,
                     lora: lora_lib.LoraConfig | None = None,
-                    base_dtype: str = "bfloat16") -> dict[str, MemoryEstimate]:
+                    base_dtype: str = "bfloat16", backend: str | None = None
+                    ) -> dict[str, MemoryEstimate]:
   """Plans of `config` with full fine-tuning and with LoRA at each rank.
 
   Args:
@@ -499,13 +551,14 @@ def lora_comparison(config, mesh_dims: tuple[int, int, int], ranks: Sequence[int
     lora: the other LoRA settings (targets, α, adapter dtype); None: the defaults
       of `LoraConfig` (every projection, α = 32).
     base_dtype: the frozen base's dtype in the LoRA plans.
+    backend: as `estimate_memory`.
 
   Returns:
     {"full": ..., "lora_r<rank>": ...}.
   """
   lora = lora or lora_lib.LoraConfig()
-  out = {"full": estimate_memory(config, mesh_dims)}
+  out = {"full": estimate_memory(config, mesh_dims, backend=backend)}
   for r in ranks:
     out[f"lora_r{r}"] = estimate_memory(config, mesh_dims, lora=dataclasses.replace(lora, rank=int(r)),
-                                        base_dtype=base_dtype)
+                                        base_dtype=base_dtype, backend=backend)
   return out

@@ -45,18 +45,21 @@ def param(rngs: nnx.Rngs | None, shape, names, dtype, init: str = "normal"
                    eager_sharding=False)
 
 
-def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
+def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float, axis: int = -1) -> jnp.ndarray:
   """RMSNorm (Zhang & Sennrich eq. 4): x / sqrt(mean(x²) + eps) · scale.
 
   The statistic is computed in float32 (float64 for float64 inputs) and the
-  result cast back to x.dtype before scaling, as HF Llama does.
+  result cast back to x.dtype before scaling, as HF Llama does. `axis` is
+  the features' axis: the last for [..., D] activations, 0 for the [D, B]
+  ones of `feature_major.decode_step`.
   """
-  if scale.shape != x.shape[-1:]:
-    raise ValueError(f"scale: expected shape {x.shape[-1:]}, got {scale.shape}")
+  axis = axis % x.ndim
+  if scale.shape != (x.shape[axis],):
+    raise ValueError(f"scale: expected shape {(x.shape[axis],)}, got {scale.shape}")
   x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+  var = jnp.mean(x32 * x32, axis=axis, keepdims=True)
   normed = (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-  return scale.astype(x.dtype) * normed
+  return jnp.expand_dims(scale, tuple(range(1, x.ndim - axis))).astype(x.dtype) * normed
 
 
 def dense(spec: str, x: jnp.ndarray, w: jnp.ndarray, out_dtype=None) -> jnp.ndarray:

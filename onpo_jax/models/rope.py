@@ -96,3 +96,38 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray,
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   return x * cos + rotated * sin
+
+
+def apply_rope_features_major(x: jnp.ndarray, positions: jnp.ndarray,
+                              inv_freq: jnp.ndarray) -> jnp.ndarray:
+  """`apply_rope` for one token per row laid out [..., d, B] (head_dim, then batch).
+
+  The layout of `feature_major.decode_step`'s queries and keys ([H, d, B]);
+  the same rotation (RoFormer eq. 34) of each column b by positions[b]. A
+  function of its own rather than a second layout inside `apply_rope`, so the
+  training path compiles as before: a rewritten `apply_rope` fused
+  differently, and the float64 Gauss-Newton solves of
+  tests/test_lora_testbed.py, which stop at an excess loss of 1e-12, moved.
+
+  Args:
+    x: [..., d, B] queries or keys.
+    positions: [B] integer positions.
+    inv_freq: [d // 2] float32 inverse frequencies.
+
+  Returns:
+    [..., d, B] array of x.dtype.
+  """
+  if x.ndim < 2 or positions.shape != x.shape[-1:]:
+    raise ValueError(
+        f"x / positions: expected [..., d, B] and [B], got {x.shape}, {positions.shape}")
+  if inv_freq.shape != (x.shape[-2] // 2,):
+    raise ValueError(
+        f"inv_freq: expected shape {(x.shape[-2] // 2,)}, got {inv_freq.shape}")
+  ft = jnp.promote_types(x.dtype, jnp.float32)
+  angles = inv_freq.astype(ft)[:, None] * positions.astype(ft)  # [d/2, B]
+  angles = jnp.concatenate([angles, angles], axis=0)
+  cos = jnp.cos(angles).astype(x.dtype)
+  sin = jnp.sin(angles).astype(x.dtype)
+  half = x.shape[-2] // 2
+  rotated = jnp.concatenate([-x[..., half:, :], x[..., :half, :]], axis=-2)
+  return x * cos + rotated * sin
