@@ -61,7 +61,7 @@ class SamplingConfig:
       [B, 1, D], the model's own forward. 'features': [D, B], with the
       kernels copied transposed to [out, in] once per call
       (`models.feature_major`), which XLA:CPU's GEMM libraries run faster
-      with few rows (10-17% of a SmolLM2-135M step at batch 16 and 64 on a
+      with few rows (9-17% of a SmolLM2-135M step at batch 16 and 64 on a
       2-core CPU, benchmarks/README.md); the copy holds every kernel once
       more, in the compute dtype, while the call runs. 'auto' (default):
       'features' on CPU, 'tokens' on GPUs and TPUs. Samples do not depend on

@@ -71,7 +71,7 @@ def _random_model(cfg, seed=0):
   return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
-def _steps(cfg, dtype_name, use_jit, features):
+def _steps(cfg, use_jit, features):
   """Logits [B, STEPS, V] of STEPS decoding steps after a prefill, and the final cache."""
   model = _random_model(cfg)
   graphdef, state = nnx.split(model)
@@ -102,8 +102,8 @@ def test_decode_step_is_the_decoders_cached_forward(arch, dtype, use_jit):
   with _x64(dtype):
     cfg = config_lib.DecoderConfig.tiny(vocab_size=128, dtype=name, param_dtype=name,
                                         **ARCHITECTURES[arch])
-    logits, cache = _steps(cfg, name, use_jit, features=True)
-    ref_logits, ref_cache = _steps(cfg, name, use_jit, features=False)
+    logits, cache = _steps(cfg, use_jit, features=True)
+    ref_logits, ref_cache = _steps(cfg, use_jit, features=False)
   rtol = tolerances.DECODER_DEPTH * EPS[dtype]
   assert logits.shape == ref_logits.shape == (3, STEPS, 128) and logits.dtype == dtype
   tolerances.assert_close_rel(np.asarray(logits), np.asarray(ref_logits), rtol=rtol,
@@ -121,8 +121,8 @@ def test_decode_step_is_the_decoders_cached_forward(arch, dtype, use_jit):
 def test_decode_step_in_bfloat16():
   cfg = config_lib.DecoderConfig.tiny(vocab_size=128, dtype="bfloat16", param_dtype="float32",
                                       num_heads=4, num_kv_heads=2)
-  logits, cache = _steps(cfg, "bfloat16", True, features=True)
-  ref_logits, ref_cache = _steps(cfg, "bfloat16", True, features=False)
+  logits, cache = _steps(cfg, True, features=True)
+  ref_logits, ref_cache = _steps(cfg, True, features=False)
   assert logits.dtype == ref_logits.dtype == jnp.float32
   assert cache.k[0].dtype == jnp.bfloat16
   tolerances.assert_close_rel(np.asarray(logits), np.asarray(ref_logits),
@@ -170,7 +170,7 @@ def test_decode_step_errors():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_features_major_norm_and_rope_are_the_token_major_ones_transposed(dtype):
+def test_feature_major_norm_and_rope_are_the_token_major_ones_transposed(dtype):
   with _x64(dtype):
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(6, 16), dtype)  # [B, D]

@@ -4,8 +4,8 @@ One decoding step multiplies a few rows of activations (one token per row)
 by every kernel of the model. XLA:CPU's GEMM libraries run such a product
 faster with the kernel as its left operand, stored [out, in], and the
 activations as its right one, [in, B]: on a 2-core AVX-512 CPU a
-SmolLM2-135M-shaped step (30 layers, float32) took 10-17% less time at batch
-16 and 64 (benchmarks/README.md, `feature_major.py`). Transposing the
+SmolLM2-135M-shaped step (30 layers, float32) took 9-17% less time at batch
+16 and 64 (benchmarks/README.md, `decode_layout.py`). Transposing the
 activations around each product does not get it, since XLA folds such
 transposes back into the product, so here the whole residual stream stays
 [D, B] from the embedding to the logits; only the attention over the KV cache
