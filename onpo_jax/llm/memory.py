@@ -161,6 +161,12 @@ def _path_key(path) -> tuple:
   return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
 
 
+def _specs_by_path(specs) -> dict[tuple, PartitionSpec]:
+  """A specs tree's PartitionSpecs by their `_path_key`."""
+  return {_path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]}
+
+
 def optimizer_bytes_per_device(opt, params, specs, mesh_shape: Mapping[str, int]) -> int:
   """Per-device bytes of `opt.init(params)`, from `jax.eval_shape` only.
 
@@ -283,7 +289,8 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
       for feature-major decoding steps (0: tokens-major steps, no copy).
   """
   mesh_shape = _check_mesh_shape(mesh_shape)
-  decode_kernels = decode_copies * _kernel_bytes(policy_config, rules, mesh_shape)
+  decode_kernels = (decode_copies * _kernel_bytes(policy_config, rules, mesh_shape)
+                    if decode_copies else 0)
   if lora is not None:
     return dataclasses.replace(
         _estimate_lora(policy_config, opt, mesh_shape, rules, lora, base_dtype, ref_adapter,
@@ -313,10 +320,11 @@ _DECODE_KERNELS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 
 def _kernel_bytes(cfg: DecoderConfig, rules, mesh_shape) -> int:
   """Per-device bytes of one copy of a decoder's kernels in its compute dtype."""
-  params, specs = abstract_params(cfg.replace(param_dtype=cfg.dtype), rules, mesh_shape)
-  spec_of = {_path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(
-      specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]}
-  return sum(shard_bytes(x.shape, x.dtype, spec_of[_path_key(p)], mesh_shape)
+  # The parameters' shapes and specs at their own dtype (the plan's cached
+  # trace), counted at the compute dtype.
+  params, specs = abstract_params(cfg, rules, mesh_shape)
+  spec_of = _specs_by_path(specs)
+  return sum(shard_bytes(x.shape, cfg.dtype, spec_of[_path_key(p)], mesh_shape)
              for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
              if _path_key(p)[-1] in _DECODE_KERNELS)
 
@@ -337,8 +345,7 @@ def _estimate_lora(policy_config, opt, mesh_shape, rules, lora, base_dtype, ref_
   adapters = jax.eval_shape(lambda: lora_lib.init_adapters(base, lora, jax.random.key(0)))
   specs = lora_lib.adapter_axes(base_specs, base, lora)
   adapter_bytes = tree_bytes_per_device(adapters, specs, mesh_shape)
-  spec_of = {_path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(
-      base_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]}
+  spec_of = _specs_by_path(base_specs)
   merged = sum(shard_bytes(t.in_shape + t.out_shape, base_cfg.param_dtype, spec_of[t.path],
                            mesh_shape)
                for t in lora_lib.targets(base, lora).values())

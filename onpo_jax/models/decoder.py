@@ -327,9 +327,9 @@ class Decoder(nnx.Module):
     cache_k, cache_v = [], []
     for block in self.layers:
       h, k, v = block(h, positions, inv_freq, mask, None, None, zero)
-      # The cache's layouts (KVCache): keys [B, Hkv, d, S], values [B, Hkv, S, d].
-      cache_k.append(jnp.transpose(k, (0, 2, 3, 1)).astype(dtype))
-      cache_v.append(jnp.swapaxes(v, 1, 2).astype(dtype))
+      k, v = layers.cache_layout(k, v)
+      cache_k.append(k.astype(dtype))
+      cache_v.append(v.astype(dtype))
     prompt_cache = KVCache(k=tuple(cache_k), v=tuple(cache_v), mask=attention_mask,
                            index=jnp.asarray(l, jnp.int32))
     return self.final_norm(h), grow_cache(prompt_cache, max_length)

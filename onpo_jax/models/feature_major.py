@@ -164,13 +164,10 @@ def decode_step(weights: DecodeWeights, config: DecoderConfig, tokens, positions
                  for y, bias in ((q, w.q_bias), (k, w.k_bias), (v, w.v_bias)))
     q = rope_lib.apply_rope_features_major(q, positions, inv_freq)
     k = rope_lib.apply_rope_features_major(k, positions, inv_freq)
-    # The cache's layouts: keys [B, Hkv, d, S], values [B, Hkv, S, d].
-    cache_k = jax.lax.dynamic_update_slice(
-        cache_k, jnp.transpose(k, (2, 0, 1))[..., None].astype(cache_k.dtype),
-        (zero, zero, zero, index))
-    cache_v = jax.lax.dynamic_update_slice(
-        cache_v, jnp.transpose(v, (2, 0, 1))[:, :, None, :].astype(cache_v.dtype),
-        (zero, zero, index, zero))
+    # As [B, 1, Hkv, d], the token-major layout the cache writer takes.
+    cache_k, cache_v = layers.write_cache(
+        cache_k, cache_v, jnp.transpose(k, (2, 0, 1))[:, None],
+        jnp.transpose(v, (2, 0, 1))[:, None], index)
     q = jnp.transpose(q.reshape(c.num_kv_heads, groups, c.head_dim, b), (3, 0, 1, 2))
     out = attention_lib.cache_attention(
         q[:, None], cache_k.astype(dt), cache_v.astype(dt), mask,

@@ -289,6 +289,20 @@ class MLP(nnx.Module):
     return dense("...f,fd->...d", h, self.down[...])
 
 
+def cache_layout(k, v):
+  """[B, L, Hkv, d] keys and values in the KV cache's layouts (`decoder.KVCache`):
+  keys [B, Hkv, d, L], values [B, Hkv, L, d]."""
+  return jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)
+
+
+def write_cache(cache_k, cache_v, k, v, index):
+  """One layer's cache with [B, L, Hkv, d] keys and values written at slots [index, index + L)."""
+  k, v = cache_layout(k, v)
+  zero = jnp.zeros((), jnp.int32)
+  return (jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (zero, zero, zero, index)),
+          jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (zero, zero, index, zero)))
+
+
 class Block(nnx.Module):
   """Pre-norm transformer block: x + attn(norm x), then x + mlp(norm x)."""
 
@@ -323,13 +337,7 @@ class Block(nnx.Module):
       x = x + self.attn(h, positions, inv_freq, k, v, mask)
       cache_k, cache_v = k, v
     else:
-      zero = jnp.zeros((), jnp.int32)
-      cache_k = jax.lax.dynamic_update_slice(
-          cache_k, jnp.transpose(k, (0, 2, 3, 1)).astype(cache_k.dtype),
-          (zero, zero, zero, index))
-      cache_v = jax.lax.dynamic_update_slice(
-          cache_v, jnp.swapaxes(v, 1, 2).astype(cache_v.dtype),
-          (zero, zero, index, zero))
+      cache_k, cache_v = write_cache(cache_k, cache_v, k, v, index)
       x = x + self.attn(h, positions, inv_freq, cache_k, cache_v, mask,
                         cached=True)
     x = constrain(x, ("batch", "length", None))
