@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from onpo_jax.llm import device_bytes
 from onpo_jax.llm import memory
 from onpo_jax.models import sharding
 from onpo_jax.models.config import DecoderConfig
@@ -40,17 +41,17 @@ def _np_shard_bytes(shape, itemsize, spec, mesh):
                                          ((3,), P()), ((4, 4, 4), P(None, "tensor", "data"))])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_shard_bytes_matches_formula(shape, spec, dtype):
-  got = memory.shard_bytes(shape, dtype, spec, MESH)
+  got = device_bytes.shard_bytes(shape, dtype, spec, MESH)
   assert got == _np_shard_bytes(shape, jnp.dtype(dtype).itemsize, spec, MESH)
 
 
 def test_shard_bytes_rejects_bad_specs():
   with pytest.raises(ValueError, match="mesh axis 'model'"):
-    memory.shard_bytes((4,), jnp.float32, P("model"), MESH)
+    device_bytes.shard_bytes((4,), jnp.float32, P("model"), MESH)
   with pytest.raises(ValueError, match="3 entries for a 2-d shape"):
-    memory.shard_bytes((4, 4), jnp.float32, P(None, None, None), MESH)
+    device_bytes.shard_bytes((4, 4), jnp.float32, P(None, None, None), MESH)
   with pytest.raises(ValueError, match=r"mesh_shape\['fsdp'\]"):
-    memory.shard_bytes((4,), jnp.float32, P(), {"fsdp": 0})
+    device_bytes.shard_bytes((4,), jnp.float32, P(), {"fsdp": 0})
 
 
 def _allocated_bytes_on_device0(tree):
@@ -65,16 +66,16 @@ def test_estimates_equal_bytes_allocated_on_a_sharded_mesh():
   mesh = sharding.make_mesh((2, 2, 2))
   model = sharding.create_sharded_model(TINY, mesh)
   params = nnx.state(model, nnx.Param)
-  abstract, specs = memory.abstract_params(TINY, mesh_shape=MESH)
-  assert memory.tree_bytes_per_device(abstract, specs, MESH) == _allocated_bytes_on_device0(params)
+  abstract, specs = device_bytes.abstract_params(TINY, mesh_shape=MESH)
+  assert device_bytes.tree_bytes_per_device(abstract, specs, MESH) == _allocated_bytes_on_device0(params)
   # Cross-check with the model package's own count.
-  assert (memory.tree_bytes_per_device(abstract, specs, MESH)
+  assert (device_bytes.tree_bytes_per_device(abstract, specs, MESH)
           == sharding.param_bytes_per_device(TINY, mesh).bytes_per_device)
   opt = onpo_step(optax.MultiSteps(optax.adam(1e-3), every_k_schedule=2).gradient_transformation(),
                   variant="two_step", init_from="policy")
   # Eager init keeps each moment / copy on its parameter's sharding.
   state = opt.init(params)
-  assert memory.optimizer_bytes_per_device(opt, abstract, specs, MESH) == \
+  assert device_bytes.optimizer_bytes_per_device(opt, abstract, specs, MESH) == \
       _allocated_bytes_on_device0(state)
   # The gradients of a step keep their parameters' shardings.
   grads = jax.jit(jax.grad(lambda p: sum(jnp.sum(x ** 2) for x in jax.tree.leaves(p))))(params)
@@ -82,7 +83,7 @@ def test_estimates_equal_bytes_allocated_on_a_sharded_mesh():
 
 
 def test_kv_cache_bytes():
-  got = memory.kv_cache_bytes_per_device(TINY, batch_size=8, max_length=20, mesh_shape=MESH,
+  got = device_bytes.kv_cache_bytes_per_device(TINY, batch_size=8, max_length=20, mesh_shape=MESH,
                                          dtype=jnp.bfloat16)
   # k and v, per layer: [B/(data·fsdp), kv_heads/tensor, S, head_dim] bf16; mask [B/4, S] bool.
   per = TINY.num_layers * (8 // 4) * 20 * (TINY.num_kv_heads // 2) * TINY.head_dim * 2

@@ -36,8 +36,8 @@ fixed reference adapter adds one adapter tree). The forward pass runs on merged
 kernels W0 + (α/r)·a@b in the base dtype; `merged_params` counts all of them at
 once, the upper bound when XLA keeps every layer's merged kernels alive.
 
-Per-device bytes of a leaf of shape s sharded by spec p over mesh sizes m:
-  Π_d ceil(s_d / Π_{a ∈ p_d} m_a) · itemsize (the largest shard, as XLA pads).
+Leaf by leaf, the bytes are those of the largest shard, as XLA pads
+(`onpo_jax.llm.device_bytes`).
 
 `estimate_memory(config, mesh_dims)` plans a whole `llm` config: the decoders
 come from config.json (`policy.path`, `judge.path`) or, when those directories
@@ -55,164 +55,19 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-from flax import nnx
-from jax.sharding import PartitionSpec
 
-from onpo_jax.infra import checks
+from onpo_jax.llm import device_bytes
 from onpo_jax.llm import optim
 from onpo_jax.models import loading
 from onpo_jax.models import lora as lora_lib
 from onpo_jax.models import sharding as sharding_lib
 from onpo_jax.models.config import DecoderConfig
-from onpo_jax.models.decoder import KEY_CACHE_AXES, VALUE_CACHE_AXES, Decoder
-from onpo_jax.models.decoder import init_cache
 from onpo_jax.onpo_step import onpo_step
 from onpo_jax.sampling_config import SamplingConfig
 from onpo_jax.selfplay import methods as methods_lib
 
-GIB = 1024 ** 3
-
-
-def _check_mesh_shape(mesh_shape: Mapping[str, int]) -> dict[str, int]:
-  if not isinstance(mesh_shape, Mapping) or not mesh_shape:
-    raise ValueError(f"mesh_shape must be a non-empty mapping axis -> size, got {mesh_shape!r}")
-  for axis, size in mesh_shape.items():
-    if not checks.is_int(size, 1):
-      raise ValueError(f"mesh_shape[{axis!r}] must be an int >= 1, got {size!r}")
-  return dict(mesh_shape)
-
-
-def shard_bytes(shape: Sequence[int], dtype, spec: PartitionSpec,
-                mesh_shape: Mapping[str, int]) -> int:
-  """Bytes of the largest shard of an array (module docstring formula).
-
-  Args:
-    shape: global array shape.
-    dtype: array dtype.
-    spec: PartitionSpec, one entry per dimension (or fewer: the rest replicated).
-    mesh_shape: {mesh axis name: size}.
-
-  Returns:
-    Per-device bytes (int).
-
-  Raises:
-    ValueError: `spec` has more entries than `shape` has dimensions, or names a
-      mesh axis that `mesh_shape` lacks.
-  """
-  mesh_shape = _check_mesh_shape(mesh_shape)
-  shape = tuple(int(d) for d in shape)
-  if len(spec) > len(shape):
-    raise ValueError(f"spec {spec} has {len(spec)} entries for a {len(shape)}-d shape {shape}")
-  shard = list(shape)
-  for d, axes in enumerate(spec):
-    if axes is None:
-      continue
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    for a in axes:
-      if a not in mesh_shape:
-        raise ValueError(f"spec {spec} names mesh axis {a!r}; mesh axes are {sorted(mesh_shape)}")
-    shard[d] = -(-shard[d] // math.prod(mesh_shape[a] for a in axes))
-  return math.prod(shard) * jnp.dtype(dtype).itemsize
-
-
-def abstract_params(config: DecoderConfig, rules=sharding_lib.DEFAULT_RULES,
-                    mesh_shape: Mapping[str, int] | None = None):
-  """(params, specs): pure-dict trees of ShapeDtypeStruct and PartitionSpec.
-
-  Args:
-    config: the decoder's config (param_dtype sets the leaf dtypes).
-    rules: logical -> mesh axis rules.
-    mesh_shape: mesh sizes; axes that do not divide a dimension are skipped,
-      exactly as `create_sharded_model` does.
-  """
-  # Tracing a 32-layer decoder takes seconds; plans reuse it (all inputs hashable).
-  mesh_key = None if mesh_shape is None else tuple(sorted(dict(mesh_shape).items()))
-  return _abstract_params(config, tuple(rules), mesh_key)
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract_params(config, rules, mesh_key):
-  mesh_shape = None if mesh_key is None else dict(mesh_key)
-  model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(params=0)))
-  state = nnx.state(model, nnx.Param)
-  params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state.to_pure_dict())
-
-  def spec(v):
-    value = v.get_value()
-    names = v.get_metadata().get("out_sharding") or (None,) * value.ndim
-    return sharding_lib.logical_to_spec(tuple(names), rules, mesh_shape, value.shape)
-
-  specs = jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return params, specs.to_pure_dict()
-
-
-def tree_bytes_per_device(tree, specs, mesh_shape: Mapping[str, int]) -> int:
-  """Σ of `shard_bytes` over matching leaves of `tree` and `specs`."""
-  leaves = jax.tree.leaves(tree)
-  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-  if len(leaves) != len(spec_leaves):
-    raise ValueError(f"tree has {len(leaves)} leaves but specs has {len(spec_leaves)}")
-  return sum(shard_bytes(x.shape, x.dtype, p, mesh_shape) for x, p in zip(leaves, spec_leaves))
-
-
-def _path_key(path) -> tuple:
-  return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
-
-
-def _specs_by_path(specs) -> dict[tuple, PartitionSpec]:
-  """A specs tree's PartitionSpecs by their `_path_key`."""
-  return {_path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(
-      specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]}
-
-
-def optimizer_bytes_per_device(opt, params, specs, mesh_shape: Mapping[str, int]) -> int:
-  """Per-device bytes of `opt.init(params)`, from `jax.eval_shape` only.
-
-  Optax states embed the parameter tree (Adam's mu and nu, `onpo_step`'s
-  anchor copy, MultiSteps' accumulator), so a state leaf whose path ends with
-  a parameter's path and has its shape is sharded like that parameter; other
-  leaves (step counters) are counted as replicated.
-
-  Args:
-    opt: an optax GradientTransformation.
-    params: pure-dict tree of ShapeDtypeStruct (`abstract_params`).
-    specs: the matching tree of PartitionSpec.
-    mesh_shape: mesh sizes.
-  """
-  state = jax.eval_shape(opt.init, params)
-  param_spec = {}
-  for (path, x), p in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                          jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec))):
-    param_spec[_path_key(path)] = (tuple(x.shape), p)
-  total = 0
-  for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
-    key = _path_key(path)
-    spec = PartitionSpec()
-    for start in range(len(key)):
-      hit = param_spec.get(key[start:])
-      if hit is not None and hit[0] == tuple(x.shape):
-        spec = hit[1]
-        break
-    total += shard_bytes(x.shape, x.dtype, spec, mesh_shape)
-  return total
-
-
-def kv_cache_bytes_per_device(config: DecoderConfig, batch_size: int, max_length: int,
-                              mesh_shape: Mapping[str, int], rules=sharding_lib.DEFAULT_RULES,
-                              dtype=None) -> int:
-  """Per-device bytes of one KV cache of `batch_size` rows and `max_length` slots."""
-  if batch_size < 1 or max_length < 1:
-    raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
-  cache = jax.eval_shape(lambda: init_cache(config, batch_size, max_length, dtype))
-  leaves = [(KEY_CACHE_AXES, x) for x in cache.k] + [(VALUE_CACHE_AXES, x) for x in cache.v]
-  leaves += [(("batch", "length"), cache.mask), ((), cache.index)]
-  total = 0
-  for names, x in leaves:
-    spec = sharding_lib.logical_to_spec(names, rules, dict(mesh_shape), x.shape)
-    total += shard_bytes(x.shape, x.dtype, spec, mesh_shape)
-  return total
+GIB = device_bytes.GIB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +143,7 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
     decode_copies: models whose kernels the sampler copies transposed at once
       for feature-major decoding steps (0: tokens-major steps, no copy).
   """
-  mesh_shape = _check_mesh_shape(mesh_shape)
+  mesh_shape = device_bytes.check_mesh_shape(mesh_shape)
   decode_kernels = (decode_copies * _kernel_bytes(policy_config, rules, mesh_shape)
                     if decode_copies else 0)
   if lora is not None:
@@ -296,19 +151,19 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
         _estimate_lora(policy_config, opt, mesh_shape, rules, lora, base_dtype, ref_adapter,
                        judge_config, eval_judge_configs, kv_batch_size, kv_length, kv_dtype),
         decode_kernels=decode_kernels)
-  params, specs = abstract_params(policy_config, rules, mesh_shape)
+  params, specs = device_bytes.abstract_params(policy_config, rules, mesh_shape)
 
   frozen = functools.partial(_frozen_bytes, rules=rules, mesh_shape=mesh_shape)
-  policy_bytes = tree_bytes_per_device(params, specs, mesh_shape)
+  policy_bytes = device_bytes.tree_bytes_per_device(params, specs, mesh_shape)
   return MemoryEstimate(
       mesh_shape=mesh_shape,
       num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
       policy_params=policy_bytes,
       gradients=policy_bytes,
-      optimizer=optimizer_bytes_per_device(opt, params, specs, mesh_shape),
+      optimizer=device_bytes.optimizer_bytes_per_device(opt, params, specs, mesh_shape),
       ref_params=frozen(ref_config),
       judge_params=frozen(judge_config) + sum(frozen(c) for c in eval_judge_configs),
-      kv_cache=kv_cache_bytes_per_device(policy_config, kv_batch_size, kv_length, mesh_shape,
+      kv_cache=device_bytes.kv_cache_bytes_per_device(policy_config, kv_batch_size, kv_length, mesh_shape,
                                          rules, kv_dtype),
       decode_kernels=decode_kernels)
 
@@ -322,43 +177,43 @@ def _kernel_bytes(cfg: DecoderConfig, rules, mesh_shape) -> int:
   """Per-device bytes of one copy of a decoder's kernels in its compute dtype."""
   # The parameters' shapes and specs at their own dtype (the plan's cached
   # trace), counted at the compute dtype.
-  params, specs = abstract_params(cfg, rules, mesh_shape)
-  spec_of = _specs_by_path(specs)
-  return sum(shard_bytes(x.shape, cfg.dtype, spec_of[_path_key(p)], mesh_shape)
+  params, specs = device_bytes.abstract_params(cfg, rules, mesh_shape)
+  spec_of = device_bytes.specs_by_path(specs)
+  return sum(device_bytes.shard_bytes(x.shape, cfg.dtype, spec_of[device_bytes.path_key(p)], mesh_shape)
              for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-             if _path_key(p)[-1] in _DECODE_KERNELS)
+             if device_bytes.path_key(p)[-1] in _DECODE_KERNELS)
 
 
 def _frozen_bytes(cfg, *, rules, mesh_shape) -> int:
   """Per-device bytes of a frozen decoder (0 for None: not resident)."""
   if cfg is None:
     return 0
-  p, s = abstract_params(cfg, rules, mesh_shape)
-  return tree_bytes_per_device(p, s, mesh_shape)
+  p, s = device_bytes.abstract_params(cfg, rules, mesh_shape)
+  return device_bytes.tree_bytes_per_device(p, s, mesh_shape)
 
 
 def _estimate_lora(policy_config, opt, mesh_shape, rules, lora, base_dtype, ref_adapter,
                    judge_config, eval_judge_configs, kv_batch_size, kv_length, kv_dtype):
   """`estimate` with a frozen base and adapters (module docstring)."""
   base_cfg = policy_config.replace(param_dtype=base_dtype or policy_config.param_dtype)
-  base, base_specs = abstract_params(base_cfg, rules, mesh_shape)
+  base, base_specs = device_bytes.abstract_params(base_cfg, rules, mesh_shape)
   adapters = jax.eval_shape(lambda: lora_lib.init_adapters(base, lora, jax.random.key(0)))
   specs = lora_lib.adapter_axes(base_specs, base, lora)
-  adapter_bytes = tree_bytes_per_device(adapters, specs, mesh_shape)
-  spec_of = _specs_by_path(base_specs)
-  merged = sum(shard_bytes(t.in_shape + t.out_shape, base_cfg.param_dtype, spec_of[t.path],
+  adapter_bytes = device_bytes.tree_bytes_per_device(adapters, specs, mesh_shape)
+  spec_of = device_bytes.specs_by_path(base_specs)
+  merged = sum(device_bytes.shard_bytes(t.in_shape + t.out_shape, base_cfg.param_dtype, spec_of[t.path],
                            mesh_shape)
                for t in lora_lib.targets(base, lora).values())
   return MemoryEstimate(
       mesh_shape=mesh_shape,
       num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(base)),
-      policy_params=tree_bytes_per_device(base, base_specs, mesh_shape),
-      optimizer=optimizer_bytes_per_device(opt, adapters, specs, mesh_shape),
+      policy_params=device_bytes.tree_bytes_per_device(base, base_specs, mesh_shape),
+      optimizer=device_bytes.optimizer_bytes_per_device(opt, adapters, specs, mesh_shape),
       ref_params=adapter_bytes if ref_adapter else 0,
       judge_params=(_frozen_bytes(judge_config, rules=rules, mesh_shape=mesh_shape)
                     + sum(_frozen_bytes(c, rules=rules, mesh_shape=mesh_shape)
                           for c in eval_judge_configs)),
-      kv_cache=kv_cache_bytes_per_device(policy_config, kv_batch_size, kv_length, mesh_shape,
+      kv_cache=device_bytes.kv_cache_bytes_per_device(policy_config, kv_batch_size, kv_length, mesh_shape,
                                          rules, kv_dtype),
       num_adapter_params=sum(math.prod(x.shape) for x in jax.tree.leaves(adapters)),
       adapter_params=adapter_bytes, merged_params=merged, gradients=adapter_bytes)
