@@ -31,6 +31,7 @@ GIB = 1024 ** 3
 
 
 def check_mesh_shape(mesh_shape: Mapping[str, int]) -> dict[str, int]:
+  """`mesh_shape` as a dict, or a ValueError naming the entry that is not an axis size >= 1."""
   if not isinstance(mesh_shape, Mapping) or not mesh_shape:
     raise ValueError(f"mesh_shape must be a non-empty mapping axis -> size, got {mesh_shape!r}")
   for axis, size in mesh_shape.items():
@@ -113,6 +114,7 @@ def tree_bytes_per_device(tree, specs, mesh_shape: Mapping[str, int]) -> int:
 
 
 def path_key(path) -> tuple:
+  """A pytree path as a tuple of its dict keys, sequence indices and attribute names."""
   return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
 
 
