@@ -1,4 +1,6 @@
-"""Tests for onpo_jax.llm.memory: per-device parameter, optimizer and KV-cache bytes.
+"""Tests for onpo_jax.llm.device_bytes and onpo_jax.llm.memory: per-device bytes.
+
+Parameters, optimizer states and KV caches, and the plans built from them.
 
 References: a numpy ceil-division formula, JAX's own `NamedSharding.shard_shape`
 on `jax.eval_shape` outputs, and the bytes actually allocated on a fake 8-device
