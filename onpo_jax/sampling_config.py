@@ -11,7 +11,7 @@ import numpy as np
 
 from onpo_jax.infra import checks
 
-_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
 DECODE_LAYOUTS = ("auto", "tokens", "features")
 # A check per 8 steps on GPUs: XLA:GPU copies each check's result to the host
 # and waits for the device before it launches the next step's kernels, and an
@@ -110,9 +110,9 @@ class SamplingConfig:
     if any(b >= c for b, c in zip(self.prompt_buckets, self.prompt_buckets[1:])):
       raise ValueError(
           f"SamplingConfig.prompt_buckets must be strictly increasing, got {self.prompt_buckets}")
-    if self.cache_dtype is not None and self.cache_dtype not in _CACHE_DTYPES:
+    if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
       raise ValueError(
-          f"SamplingConfig.cache_dtype must be None or one of {_CACHE_DTYPES}, "
+          f"SamplingConfig.cache_dtype must be None or one of {CACHE_DTYPES}, "
           f"got {self.cache_dtype!r}")
     if self.eos_check_every is not None:
       _check_int("eos_check_every", self.eos_check_every, minimum=1)

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from onpo_jax import logprobs
 from onpo_jax import sampler as sampler_lib
 from onpo_jax.llm import adapted as adapted_lib
+from onpo_jax.llm import config as llm_config
 from onpo_jax.llm.export import host_gather
 from onpo_jax.models.decoder import positions_from_mask
 from onpo_jax.selfplay import examples as examples_lib
@@ -173,12 +174,9 @@ class LLMBackend:
     self.response_len = int(sc.max_new_tokens)
     self.micro = int(sp.minibatch_size)
     self.ref_placement = roles.role_placements(config)[roles.Role.REF]
-    sampling = sampler_lib.SamplingConfig(
-        max_new_tokens=int(sc.max_new_tokens), temperature=float(sp.temperature),
-        top_p=float(sc.top_p), eos_ids=self.eos_ids, pad_id=self.pad_id,
-        prompt_buckets=tuple(sc.prompt_buckets), cache_dtype=sc.cache_dtype,
-        eos_check_every=int(sc.eos_check_every) or None,
-        cache_segments=int(sc.cache_segments), decode_layout=str(sc.decode_layout))
+    sampling = llm_config.sampling_config(
+        config, max_new_tokens=int(sc.max_new_tokens), temperature=float(sp.temperature),
+        top_p=float(sc.top_p), eos_ids=self.eos_ids, pad_id=self.pad_id)
     self.sampler = MicroBatchedSampler(
         sampler_lib.Sampler(graphdef, sampling, model_config=model_config),
         sc.micro_batch_size, self.eos_ids)

@@ -21,6 +21,7 @@ import ml_collections
 from onpo_jax.infra import checks
 from onpo_jax.llm import optim
 from onpo_jax.models import lora as lora_lib
+from onpo_jax.sampling_config import CACHE_DTYPES, DECODE_LAYOUTS, SamplingConfig
 from onpo_jax.selfplay import methods as methods_lib
 
 MESH_VARIANTS = {
@@ -51,8 +52,6 @@ MISTRAL_7B_HF = dict(
 
 # The job runs without JAX's x64 mode, so float64 (which DecoderConfig allows) is out.
 RUN_DTYPES = ("float32", "bfloat16")
-CACHE_DTYPES = ("float32", "bfloat16", "float16")  # onpo_jax.sampler's cache_dtype
-DECODE_LAYOUTS = ("auto", "tokens", "features")  # onpo_jax.sampling_config.DECODE_LAYOUTS
 PROMPT_SOURCES = ("files", "hf_dir", "tfds")  # onpo_jax.data.sources.PROMPT_SOURCES
 OVERLONG_POLICIES = ("drop", "truncate")  # onpo_jax.data.prompts.OVERLONG_POLICIES
 JUDGE_KINDS = ("pairwise", "reward", "verifiable")
@@ -301,6 +300,21 @@ def validate_config(config) -> None:
   _need(max(config.sampling.prompt_buckets) >= data.max_prompt_length,
         "sampling.prompt_buckets", f"a largest bucket >= data.max_prompt_length = "
         f"{data.max_prompt_length}", tuple(config.sampling.prompt_buckets))
+
+
+def sampling_config(config, **fields) -> SamplingConfig:
+  """A `SamplingConfig` with the run's decoding settings from `config.sampling`.
+
+  The prompt buckets, the KV cache's dtype and segments, the EOS-check period
+  and the decoding steps' layout, alike for the rounds' samplers, the
+  evaluation's and the memory plan; `fields` give the rest (max_new_tokens,
+  temperature, EOS and pad ids, ...).
+  """
+  sc = config.sampling
+  return SamplingConfig(
+      prompt_buckets=tuple(sc.prompt_buckets), cache_dtype=sc.cache_dtype,
+      eos_check_every=int(sc.eos_check_every) or None, cache_segments=int(sc.cache_segments),
+      decode_layout=str(sc.decode_layout), **fields)
 
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:

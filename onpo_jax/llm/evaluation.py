@@ -19,6 +19,7 @@ import numpy as np
 from onpo_jax import sampler as sampler_lib
 from onpo_jax.data import prompts
 from onpo_jax.llm import alpaca_eval
+from onpo_jax.llm import config as llm_config
 from onpo_jax.llm.backend import MicroBatchedSampler
 from onpo_jax.oracles import verifiable
 
@@ -98,14 +99,10 @@ class Evaluator:
     self.prompt_tokens, self.prompt_mask = data_lib.left_pad(
         toks, int(config.data.max_prompt_length), pad_id)
     greedy = float(ec.temperature) == 0.0
-    sampling = sampler_lib.SamplingConfig(
-        max_new_tokens=int(ec.max_new_tokens), temperature=1.0 if greedy else float(ec.temperature),
-        greedy=greedy, eos_ids=tuple(eos_ids), pad_id=int(pad_id),
-        prompt_buckets=tuple(config.sampling.prompt_buckets),
-        cache_dtype=config.sampling.cache_dtype,
-        eos_check_every=int(config.sampling.eos_check_every) or None,
-        cache_segments=int(config.sampling.cache_segments),
-        decode_layout=str(config.sampling.decode_layout))
+    sampling = llm_config.sampling_config(
+        config, max_new_tokens=int(ec.max_new_tokens),
+        temperature=1.0 if greedy else float(ec.temperature), greedy=greedy,
+        eos_ids=tuple(eos_ids), pad_id=int(pad_id))
     self.sampler = MicroBatchedSampler(
         sampler_lib.Sampler(graphdef, sampling, model_config=model_config),
         ec.micro_batch_size, eos_ids)

@@ -57,8 +57,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import ml_collections
 
-from onpo_jax.llm import device_bytes
+from onpo_jax.llm import config as llm_config
 from onpo_jax.llm import optim
+from onpo_jax.llm.device_bytes import GIB, abstract_params, check_mesh_shape
+from onpo_jax.llm.device_bytes import kv_cache_bytes_per_device, optimizer_bytes_per_device
+from onpo_jax.llm.device_bytes import path_key, shard_bytes, specs_by_path, tree_bytes_per_device
 from onpo_jax.models import loading
 from onpo_jax.models import lora as lora_lib
 from onpo_jax.models import sharding as sharding_lib
@@ -67,7 +70,6 @@ from onpo_jax.onpo_step import onpo_step
 from onpo_jax.sampling_config import SamplingConfig
 from onpo_jax.selfplay import methods as methods_lib
 
-GIB = device_bytes.GIB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +145,7 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
     decode_copies: models whose kernels the sampler copies transposed at once
       for feature-major decoding steps (0: tokens-major steps, no copy).
   """
-  mesh_shape = device_bytes.check_mesh_shape(mesh_shape)
+  mesh_shape = check_mesh_shape(mesh_shape)
   decode_kernels = (decode_copies * _kernel_bytes(policy_config, rules, mesh_shape)
                     if decode_copies else 0)
   if lora is not None:
@@ -151,19 +153,19 @@ def estimate(policy_config: DecoderConfig, opt, mesh_shape: Mapping[str, int], *
         _estimate_lora(policy_config, opt, mesh_shape, rules, lora, base_dtype, ref_adapter,
                        judge_config, eval_judge_configs, kv_batch_size, kv_length, kv_dtype),
         decode_kernels=decode_kernels)
-  params, specs = device_bytes.abstract_params(policy_config, rules, mesh_shape)
+  params, specs = abstract_params(policy_config, rules, mesh_shape)
 
   frozen = functools.partial(_frozen_bytes, rules=rules, mesh_shape=mesh_shape)
-  policy_bytes = device_bytes.tree_bytes_per_device(params, specs, mesh_shape)
+  policy_bytes = tree_bytes_per_device(params, specs, mesh_shape)
   return MemoryEstimate(
       mesh_shape=mesh_shape,
       num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
       policy_params=policy_bytes,
       gradients=policy_bytes,
-      optimizer=device_bytes.optimizer_bytes_per_device(opt, params, specs, mesh_shape),
+      optimizer=optimizer_bytes_per_device(opt, params, specs, mesh_shape),
       ref_params=frozen(ref_config),
       judge_params=frozen(judge_config) + sum(frozen(c) for c in eval_judge_configs),
-      kv_cache=device_bytes.kv_cache_bytes_per_device(policy_config, kv_batch_size, kv_length, mesh_shape,
+      kv_cache=kv_cache_bytes_per_device(policy_config, kv_batch_size, kv_length, mesh_shape,
                                          rules, kv_dtype),
       decode_kernels=decode_kernels)
 
@@ -177,43 +179,43 @@ def _kernel_bytes(cfg: DecoderConfig, rules, mesh_shape) -> int:
   """Per-device bytes of one copy of a decoder's kernels in its compute dtype."""
   # The parameters' shapes and specs at their own dtype (the plan's cached
   # trace), counted at the compute dtype.
-  params, specs = device_bytes.abstract_params(cfg, rules, mesh_shape)
-  spec_of = device_bytes.specs_by_path(specs)
-  return sum(device_bytes.shard_bytes(x.shape, cfg.dtype, spec_of[device_bytes.path_key(p)], mesh_shape)
+  params, specs = abstract_params(cfg, rules, mesh_shape)
+  spec_of = specs_by_path(specs)
+  return sum(shard_bytes(x.shape, cfg.dtype, spec_of[path_key(p)], mesh_shape)
              for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-             if device_bytes.path_key(p)[-1] in _DECODE_KERNELS)
+             if path_key(p)[-1] in _DECODE_KERNELS)
 
 
 def _frozen_bytes(cfg, *, rules, mesh_shape) -> int:
   """Per-device bytes of a frozen decoder (0 for None: not resident)."""
   if cfg is None:
     return 0
-  p, s = device_bytes.abstract_params(cfg, rules, mesh_shape)
-  return device_bytes.tree_bytes_per_device(p, s, mesh_shape)
+  p, s = abstract_params(cfg, rules, mesh_shape)
+  return tree_bytes_per_device(p, s, mesh_shape)
 
 
 def _estimate_lora(policy_config, opt, mesh_shape, rules, lora, base_dtype, ref_adapter,
                    judge_config, eval_judge_configs, kv_batch_size, kv_length, kv_dtype):
   """`estimate` with a frozen base and adapters (module docstring)."""
   base_cfg = policy_config.replace(param_dtype=base_dtype or policy_config.param_dtype)
-  base, base_specs = device_bytes.abstract_params(base_cfg, rules, mesh_shape)
+  base, base_specs = abstract_params(base_cfg, rules, mesh_shape)
   adapters = jax.eval_shape(lambda: lora_lib.init_adapters(base, lora, jax.random.key(0)))
   specs = lora_lib.adapter_axes(base_specs, base, lora)
-  adapter_bytes = device_bytes.tree_bytes_per_device(adapters, specs, mesh_shape)
-  spec_of = device_bytes.specs_by_path(base_specs)
-  merged = sum(device_bytes.shard_bytes(t.in_shape + t.out_shape, base_cfg.param_dtype, spec_of[t.path],
+  adapter_bytes = tree_bytes_per_device(adapters, specs, mesh_shape)
+  spec_of = specs_by_path(base_specs)
+  merged = sum(shard_bytes(t.in_shape + t.out_shape, base_cfg.param_dtype, spec_of[t.path],
                            mesh_shape)
                for t in lora_lib.targets(base, lora).values())
   return MemoryEstimate(
       mesh_shape=mesh_shape,
       num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(base)),
-      policy_params=device_bytes.tree_bytes_per_device(base, base_specs, mesh_shape),
-      optimizer=device_bytes.optimizer_bytes_per_device(opt, adapters, specs, mesh_shape),
+      policy_params=tree_bytes_per_device(base, base_specs, mesh_shape),
+      optimizer=optimizer_bytes_per_device(opt, adapters, specs, mesh_shape),
       ref_params=adapter_bytes if ref_adapter else 0,
       judge_params=(_frozen_bytes(judge_config, rules=rules, mesh_shape=mesh_shape)
                     + sum(_frozen_bytes(c, rules=rules, mesh_shape=mesh_shape)
                           for c in eval_judge_configs)),
-      kv_cache=device_bytes.kv_cache_bytes_per_device(policy_config, kv_batch_size, kv_length, mesh_shape,
+      kv_cache=kv_cache_bytes_per_device(policy_config, kv_batch_size, kv_length, mesh_shape,
                                          rules, kv_dtype),
       num_adapter_params=sum(math.prod(x.shape) for x in jax.tree.leaves(adapters)),
       adapter_params=adapter_bytes, merged_params=merged, gradients=adapter_bytes)
@@ -261,25 +263,22 @@ def judge_decoder_config(judge) -> DecoderConfig | None:
   return _section_config(judge, param_dtype=judge.dtype, dtype=judge.dtype)
 
 
-def _kv_slots(config, backend: str) -> int:
+def _kv_slots(sampling: SamplingConfig, backend: str) -> int:
   """KV-cache slots alive at once while the largest prompt bucket decodes.
 
   `SamplingConfig.peak_cache_slots` without EOS ids: with them the segments'
   ends move by less than the steps between two checks.
   """
-  sampling = SamplingConfig(max_new_tokens=int(config.sampling.max_new_tokens),
-                            cache_segments=int(config.sampling.cache_segments))
-  return sampling.peak_cache_slots(max(config.sampling.prompt_buckets), backend)
+  return sampling.peak_cache_slots(max(sampling.prompt_buckets), backend)
 
 
-def _decode_copies(config, needs_ref: bool, backend: str) -> int:
+def _decode_copies(sampling: SamplingConfig, needs_ref: bool, backend: str) -> int:
   """Models whose kernels are copied transposed at once while sampling (0: none).
 
   Feature-major decoding (`sampling.decode_layout`, 'auto' on CPU) copies the
   kernels of each model it decodes; the mixture sampler decodes the policy and
   π_ref together, so 2 when a method anchors on π_ref.
   """
-  sampling = SamplingConfig(max_new_tokens=1, decode_layout=str(config.sampling.decode_layout))
   if not sampling.feature_major(backend):
     return 0
   return 2 if needs_ref else 1
@@ -321,6 +320,9 @@ def estimate_memory(config, mesh_dims: tuple[int, int, int] | None = None, *,
   opt = (onpo_step(inner, variant=spec.variant, init_from=config.selfplay.init_from)
          if spec.variant else inner)
   needs_ref = any("ref" in methods_lib.METHODS[m].anchors for m in config.selfplay.methods)
+  # No EOS ids: `_kv_slots`.
+  sampling = llm_config.sampling_config(config,
+                                        max_new_tokens=int(config.sampling.max_new_tokens))
   return estimate(
       policy, opt, dict(zip(("data", "fsdp", "tensor"), mesh_dims)),
       ref_config=(policy.replace(param_dtype=config.ref.dtype)
@@ -329,10 +331,10 @@ def estimate_memory(config, mesh_dims: tuple[int, int, int] | None = None, *,
       eval_judge_configs=[c for j in config.eval.judges.values()
                           if not j.offload and (c := judge_decoder_config(j)) is not None],
       kv_batch_size=int(config.sampling.micro_batch_size),
-      kv_length=_kv_slots(config, backend),
+      kv_length=_kv_slots(sampling, backend),
       kv_dtype=config.sampling.cache_dtype, lora=lora, base_dtype=base_dtype,
       ref_adapter=lora is not None and needs_ref and ref_adapter,
-      decode_copies=_decode_copies(config, needs_ref, backend))
+      decode_copies=_decode_copies(sampling, needs_ref, backend))
 
 
 class MemoryPlanError(ValueError):
