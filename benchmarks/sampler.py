@@ -6,6 +6,10 @@ directory and imported with `onpo_jax.models.load_hf_checkpoint`. Measured:
   * sampling: tokens/s of `onpo_jax.sampler.Sampler` (jitted prefill + decode
     loop, donated KV cache) vs `model.generate` (KV cache, do_sample, top_k=0),
     exactly `--new-tokens` tokens per prompt on both sides (no EOS stop);
+    with `--samples-per-prompt` K the batch repeats each prompt K times, as
+    self-play's batches do: the JAX sampler prefills each prompt once
+    (`SamplingConfig.share_prefill`; off with `--no-share-prefill`), while
+    `generate` prefills every row;
   * training: tokens/s of one jitted forward+backward+Adam step on a
     sequence log-prob loss (sum of response-token log-probs, the second half
     of each row) vs the same step in PyTorch (eager): every position's
@@ -40,6 +44,8 @@ Run (CPU, defaults: 4 layers, d=256, vocab 32k, batch 32, 64 new tokens):
   python -m benchmarks.sampler --layers 2 --batch 8 --new-tokens 16   # quicker
   python -m benchmarks.sampler --gguf smollm2 --batch 16 --train-batch 4   # real weights
   python -m benchmarks.sampler --filter-logits   # top-k / top-p: bisection vs sort
+  python -m benchmarks.sampler --gguf smollm2 --batch 16 --samples-per-prompt 4 \
+      --prompt-len 128 --skip-train   # the smollm2 job's sampling: 4 prompts x 4 responses
 """
 
 from __future__ import annotations
@@ -83,6 +89,13 @@ def parse_args(argv=None):
   add_model_args(p)
   p.add_argument("--batch", type=int, default=32, help="prompts per sampling call")
   p.add_argument("--prompt-len", type=int, default=32, help="longest prompt (left-padded)")
+  p.add_argument("--samples-per-prompt", type=int, default=1,
+                 help="K: the batch holds batch/K distinct prompts, each K times in a row, as "
+                      "self-play samples them (transformers' num_return_sequences repeats them "
+                      "the same way before its prefill)")
+  p.add_argument("--no-share-prefill", dest="share_prefill", action="store_false",
+                 help="prefill every row, also those repeating a prompt "
+                      "(SamplingConfig.share_prefill=False)")
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--train-batch", type=int, default=8)
   p.add_argument("--train-len", type=int, default=128, help="prompt + response length")
@@ -125,11 +138,18 @@ def parse_args(argv=None):
 
 
 def make_prompts(args, rng, vocab):
-  """Left-padded prompts with lengths between prompt_len/2 and prompt_len."""
-  lengths = rng.integers(max(1, args.prompt_len // 2), args.prompt_len + 1, size=args.batch)
-  tokens = rng.integers(3, vocab, size=(args.batch, args.prompt_len))
+  """Left-padded prompts with lengths between prompt_len/2 and prompt_len.
+
+  With `args.samples_per_prompt` K > 1: batch/K of them, each repeated K times in a row.
+  """
+  k = getattr(args, "samples_per_prompt", 1)
+  if k < 1 or args.batch % k:
+    raise ValueError(f"--samples-per-prompt: expected a divisor of --batch {args.batch}, got {k}")
+  n = args.batch // k
+  lengths = rng.integers(max(1, args.prompt_len // 2), args.prompt_len + 1, size=n)
+  tokens = rng.integers(3, vocab, size=(n, args.prompt_len))
   mask = np.arange(args.prompt_len)[None, :] >= (args.prompt_len - lengths)[:, None]
-  return np.where(mask, tokens, 0).astype(np.int64), mask
+  return np.where(mask, tokens, 0).astype(np.int64).repeat(k, 0), mask.repeat(k, 0)
 
 
 def _rates(n_tokens, jax_timing, torch_timing, steps=1):
@@ -212,7 +232,8 @@ def _jax_sampling_time(args, jax_model, tokens, mask, new_tokens, eos_check_ever
   eos = {} if eos_check_every is None else dict(
       eos_ids=(jax_model.config.vocab_size - 1,), eos_check_every=eos_check_every)
   cfg = sampler_lib.SamplingConfig(max_new_tokens=new_tokens, prompt_buckets=(args.prompt_len,),
-                                   cache_dtype=args.cache_dtype, **eos)
+                                   cache_dtype=args.cache_dtype,
+                                   share_prefill=getattr(args, "share_prefill", True), **eos)
   graphdef, state = nnx.split(jax_model)
   smp = sampler_lib.Sampler(graphdef, cfg, model_config=jax_model.config)
   keys = iter(jax.random.split(jax.random.key(args.seed), args.repeats + 2))
@@ -448,9 +469,11 @@ def main(argv=None):
   tokens, mask = make_prompts(args, rng, c.vocab_size)
   print(f"parity: max |logits_jax - logits_torch| = "
         f"{check_parity(torch_model, jax_model, tokens, mask):.2e}")
-  rows = [("sampling", f"batch {args.batch}, prompt<={args.prompt_len}, "
-           f"{args.new_tokens} new tokens", bench_sampling(args, torch_model, jax_model,
-                                                         tokens, mask))]
+  k = args.samples_per_prompt
+  batch = f"batch {args.batch}" + (f" ({args.batch // k}x{k})" if k > 1 else "")
+  rows = [("sampling", f"{batch}, prompt<={args.prompt_len}, {args.new_tokens} new tokens"
+           + ("" if args.share_prefill else ", no shared prefill"),
+           bench_sampling(args, torch_model, jax_model, tokens, mask))]
   if not args.skip_train:
     for variant, rates in bench_training(args, torch_model, jax_model, rng).items():
       rows.append(("train step", f"{args.train_batch}x{args.train_len} tok, adam, {variant}",

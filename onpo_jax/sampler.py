@@ -3,7 +3,9 @@
 Two jitted functions per sampler, as in tunix `generate/sampler.py`:
   * `prefill`: runs the left-padded prompt through every model once
     (`Decoder.prefill`: the prompt attends to its own keys), filling a fresh
-    KV cache, and returns the next-token logits at the last prompt slot;
+    KV cache, and returns the next-token logits at the last prompt slot; a
+    prompt that several rows hold is run once and its cache copied to each
+    of them (`SamplingConfig.share_prefill`, `distinct_prompt_rows`);
   * `decode`: a loop that samples one token per step for the whole batch and
     feeds it back through the model(s); the KV caches are donated. With
     `eos_ids` it is a `lax.while_loop` that stops once every row has ended
@@ -36,6 +38,7 @@ temperature / top-k / top-p; 0 for greedy).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -46,6 +49,7 @@ from flax import nnx
 
 from onpo_jax.models import decoder as decoder_lib
 from onpo_jax.models import feature_major
+from onpo_jax.models import partitioning
 # Re-exported: the sampler's public API has always included them.
 from onpo_jax.next_token import categorical, filter_logits, geometric_mixture_logprobs
 # Re-exported with SamplingConfig, which the samplers take.
@@ -136,6 +140,47 @@ def pad_prompts_to_bucket(prompt_tokens, prompt_mask, buckets: Sequence[int], pa
   return tokens, mask
 
 
+def distinct_prompt_rows(tokens: np.ndarray, mask: np.ndarray, multiple: int = 1
+                         ) -> tuple[np.ndarray, np.ndarray] | None:
+  """Rows to prefill so that each distinct prompt runs once (host side).
+
+  Two rows hold the same prompt when their masks and their real tokens agree
+  (what a pad slot holds is never read). The distinct prompts' count U is
+  rounded up to a power of two, then to a multiple of `multiple` (the batch
+  axis's shards), so that a few prefill shapes serve every batch; the extra
+  rows repeat the first distinct prompt.
+
+  Args:
+    tokens: [B, P] int prompt tokens.
+    mask: [B, P] bool, False on padding.
+    multiple: the number of rows to prefill is a multiple of it.
+
+  Returns:
+    (first [U'] int, of_row [B] int): prefill rows `first`, then row b's
+    cache is row `of_row[b]` of theirs, so `first[of_row[b]]` holds b's
+    prompt. None when U' is not below B (nothing to save).
+  """
+  batch = tokens.shape[0]
+  key = np.concatenate([np.where(mask, tokens, -1), mask], axis=1)
+  _, first, of_row = np.unique(key, axis=0, return_index=True, return_inverse=True)
+  count = 1 << (first.size - 1).bit_length()
+  count = -(-count // multiple) * multiple
+  if count >= batch:
+    return None
+  first = np.concatenate([first, np.full(count - first.size, first[0])])
+  return first, of_row.reshape(-1)
+
+
+def batch_shards() -> int:
+  """Devices over which the enclosing `activation_sharding` splits the batch (1: none)."""
+  active = partitioning.active_sharding()
+  if active is None:
+    return 1
+  mesh, rules = active
+  spec = partitioning.logical_to_spec(("batch",), rules, dict(mesh.shape))
+  return math.prod(mesh.shape[a] for a in partitioning.axes_tuple(spec[0]))
+
+
 # --------------------------------------------------------------------------- outputs
 
 
@@ -205,11 +250,13 @@ class _MultiModelSampler:
 
   # -- jitted bodies ------------------------------------------------------------
 
-  def _prefill_impl(self, states, prompt_tokens, prompt_mask):
+  def _prefill_impl(self, states, prompt_tokens, prompt_mask, rows=None):
     """Fills a fresh cache per model; returns (caches, last-slot logits per model).
 
     The caches have the first segment's slots (prompt + its steps), which is
-    prompt + N with a single segment.
+    prompt + N with a single segment. With `rows` ([B] int), the prompts
+    given are the distinct ones and the caches and logits returned are their
+    rows `rows` (`distinct_prompt_rows`).
     """
     max_len = prompt_tokens.shape[1] + self._segment_ends[0]
     positions = decoder_lib.positions_from_mask(prompt_mask)
@@ -221,6 +268,9 @@ class _MultiModelSampler:
       # Only the last slot's logits are needed: [B, 1, V] instead of [B, P, V].
       logits.append(model.logits_from_hidden(h[:, -1:, :])[:, 0, :].astype(jnp.float32))
       caches.append(cache)
+    if rows is not None:
+      caches = [decoder_lib.select_rows(c, rows) for c in caches]
+      logits = [jnp.take(lg, rows, axis=0) for lg in logits]
     return tuple(caches), tuple(logits)
 
   def _choose(self, logp_combined, key):
@@ -363,8 +413,16 @@ class _MultiModelSampler:
     if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or
             (key.dtype == jnp.uint32 and key.shape == (2,))):
       raise ValueError(f"key must be a jax.random key, got dtype {key.dtype} shape {key.shape}")
+    shared = (distinct_prompt_rows(tokens, mask, batch_shards())
+              if self.config.share_prefill else None)
+    if shared is None:
+      caches, last_logits = self.prefill(states, jnp.asarray(tokens), jnp.asarray(mask))
+    else:
+      first, of_row = shared
+      caches, last_logits = self.prefill(states, jnp.asarray(tokens[first]),
+                                         jnp.asarray(mask[first]),
+                                         jnp.asarray(of_row, jnp.int32))
     tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
-    caches, last_logits = self.prefill(states, tokens, mask)
     out, _ = self.decode(states, caches, last_logits, tokens, mask, key, extra)
     return out
 

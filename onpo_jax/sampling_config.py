@@ -66,6 +66,13 @@ class SamplingConfig:
       more, in the compute dtype, while the call runs. 'auto' (default):
       'features' on CPU, 'tokens' on GPUs and TPUs. Samples do not depend on
       it beyond float rounding.
+    share_prefill: prefill each distinct prompt of a batch once (default
+      True). Self-play samples K responses per prompt, so its batches hold
+      every prompt K times; the prefill then runs on the distinct prompts
+      only (their count rounded up to a power of two and to a multiple of
+      the batch's shards, so few shapes compile) and each row's cache is
+      gathered from its prompt's. Nothing changes when that count is not
+      below the batch. Samples do not depend on it beyond float rounding.
   """
 
   max_new_tokens: int
@@ -80,6 +87,7 @@ class SamplingConfig:
   eos_check_every: int | None = None
   cache_segments: int = 1
   decode_layout: str = "auto"
+  share_prefill: bool = True
 
   def __post_init__(self):
     # Lists (e.g. generation_config.json's eos_token_id) are accepted and frozen.
@@ -117,6 +125,9 @@ class SamplingConfig:
     if self.eos_check_every is not None:
       _check_int("eos_check_every", self.eos_check_every, minimum=1)
     _check_int("cache_segments", self.cache_segments, minimum=1)
+    if not isinstance(self.share_prefill, bool):
+      raise ValueError(
+          f"SamplingConfig.share_prefill must be a bool, got {self.share_prefill!r}")
     if self.decode_layout not in DECODE_LAYOUTS:
       raise ValueError(
           f"SamplingConfig.decode_layout must be one of {DECODE_LAYOUTS}, "

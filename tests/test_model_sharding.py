@@ -249,3 +249,40 @@ def test_feature_major_decode_on_the_mesh(mesh):
   tolerances.assert_close_rel(np.asarray(logits), np.asarray(full[:, 4]),
                               rtol=tolerances.DECODER_RTOL,
                               what="sharded feature-major decoding step")
+
+
+def test_shared_prefill_on_the_mesh(mesh):
+  """A batch of 16 rows holding 4 prompts prefills 4 rows, one per batch shard;
+  the rows' caches come back laid out by the sharding rules and the samples
+  are those of a prefill of every row."""
+  from onpo_jax import sampler as sampler_lib
+  cfg = config_lib.DecoderConfig.tiny()
+  model = sharding.create_sharded_model(cfg, mesh, rngs=_rbg(4))
+  graphdef, state = nnx.split(model)
+  prompts = np.random.RandomState(3).randint(3, 128, (4, 6))
+  tokens, mask = prompts.repeat(4, 0), np.ones((16, 6), bool)
+  mask[:4, :2] = False  # the first prompt is shorter
+
+  def sample(share_prefill):
+    config = sampler_lib.SamplingConfig(max_new_tokens=4, prompt_buckets=(8,),
+                                        share_prefill=share_prefill, decode_layout="tokens")
+    smp = sampler_lib.Sampler(graphdef, config, model_config=cfg)
+    with sharding.activation_sharding(mesh):
+      assert sampler_lib.batch_shards() == 4  # ('data', 'fsdp') of the (2, 2, 2) mesh
+      return smp(state, tokens, mask, jax.random.key(5)), smp
+
+  shared, smp = sample(True)
+  alone, _ = sample(False)
+  np.testing.assert_array_equal(np.asarray(shared.sequences), np.asarray(alone.sequences))
+  tolerances.assert_close_rel(np.asarray(shared.response_logprobs),
+                              np.asarray(alone.response_logprobs),
+                              rtol=tolerances.DECODER_RTOL, what="shared prefill on the mesh")
+  padded, pmask = sampler_lib.pad_prompts_to_bucket(tokens, mask, (8,), 0)
+  first, of_row = sampler_lib.distinct_prompt_rows(padded, pmask, 4)
+  assert first.shape == (4,)
+  with sharding.activation_sharding(mesh):
+    caches, _ = smp.prefill((state,), jnp.asarray(padded[first]), jnp.asarray(pmask[first]),
+                            jnp.asarray(of_row, jnp.int32))
+  shardings = sharding.cache_shardings(caches[0], mesh)
+  for x, s in zip(caches[0].k + caches[0].v, shardings.k + shardings.v):
+    assert x.shape[0] == 16 and _spec(x.sharding.spec, 4) == _spec(s.spec, 4)

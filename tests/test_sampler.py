@@ -400,7 +400,7 @@ def test_bucketing_and_prompt_validation():
     ("prompt_buckets", (), "prompt_buckets"), ("prompt_buckets", (8, 4), "prompt_buckets"),
     ("cache_dtype", "int8", "cache_dtype"), ("eos_check_every", 0, "eos_check_every"),
     ("eos_check_every", 2.0, "eos_check_every"), ("cache_segments", 0, "cache_segments"),
-    ("cache_segments", 2.0, "cache_segments")])
+    ("cache_segments", 2.0, "cache_segments"), ("share_prefill", 1, "share_prefill")])
 def test_sampling_config_validation(field, value, match):
   with pytest.raises(ValueError, match=match):
     sampler_lib.SamplingConfig(**{"max_new_tokens": 4, field: value})
@@ -691,6 +691,72 @@ def test_same_key_same_samples_and_input_errors(policy):
     _sampler(policy, max_new_tokens=2, top_k=VOCAB + 1)
   with pytest.raises(ValueError, match="max_position_embeddings"):
     _sampler(policy, max_new_tokens=60)[0](state, PROMPTS, PROMPT_MASK, jax.random.key(0))
+
+
+def test_distinct_prompt_rows():
+  """Rows sharing a prompt (mask and real tokens; pad slots ignored) map to one prefill row."""
+  a, b, c = [0, 0, 5, 6], [0, 7, 5, 6], [1, 2, 3, 4]
+  a_other_pad = [3, 3, 5, 6]  # a's real tokens, other ids in its pad slots
+  rows = "abacabca"
+  tokens = np.array([a, b, a_other_pad, c, a, b, c, a])
+  masks = {"a": [0, 0, 1, 1], "b": [0, 1, 1, 1], "c": [1, 1, 1, 1]}
+  mask = np.array([masks[r] for r in rows], bool)
+  first, of_row = sampler_lib.distinct_prompt_rows(tokens, mask)
+  assert first.shape == (4,) and of_row.shape == (8,)  # 3 prompts, rounded up to 4 rows
+  np.testing.assert_array_equal(mask[first[of_row]], mask)
+  np.testing.assert_array_equal(np.where(mask, tokens[first[of_row]], -1),
+                                np.where(mask, tokens, -1))
+  assert len(set(of_row[[0, 2, 4, 7]].tolist())) == 1  # a, whatever its pad slots hold
+  assert len({of_row[0], of_row[1], of_row[3]}) == 3  # a, b (other mask), c
+  # Rounded up to a multiple of the batch's shards: 8 rows save nothing.
+  assert sampler_lib.distinct_prompt_rows(tokens, mask, multiple=8) is None
+  first, _ = sampler_lib.distinct_prompt_rows(tokens[:6].repeat(2, 0), mask[:6].repeat(2, 0),
+                                             multiple=3)
+  assert first.shape == (6,)  # 3 prompts -> 4 -> a multiple of 3
+  # Every row its own prompt: nothing to share.
+  assert sampler_lib.distinct_prompt_rows(tokens[[0, 1, 3]], mask[[0, 1, 3]]) is None
+
+
+@pytest.mark.parametrize("mixture_alpha", [None, 0.5])
+def test_shared_prefill_gives_the_same_samples(policy, reference, mixture_alpha):
+  """A batch holding each prompt several times prefills it once, and samples as if not."""
+  (pm, pcfg), (rm, rcfg) = policy, reference
+  order = [0, 1, 0, 2, 1, 0, 2, 0]  # 3 prompts, 8 rows
+  tokens, mask = PROMPTS[order], PROMPT_MASK[order]
+  key = jax.random.key(12)
+
+  def sample(share_prefill):
+    config = sampler_lib.SamplingConfig(max_new_tokens=N_NEW, prompt_buckets=(8,),
+                                        temperature=0.8, share_prefill=share_prefill)
+    if mixture_alpha is None:
+      smp = sampler_lib.Sampler(nnx.split(pm)[0], config, model_config=pcfg)
+      states = (nnx.state(pm),)
+    else:
+      smp = sampler_lib.MixtureSampler(nnx.split(pm)[0], nnx.split(rm)[0], config,
+                                       policy_model_config=pcfg, ref_model_config=rcfg)
+      states = (nnx.state(pm), nnx.state(rm), mixture_alpha)
+    prefilled = []
+    jitted = smp.prefill
+
+    def prefill(*args):
+      prefilled.append(args[1].shape[0])
+      return jitted(*args)
+
+    smp.prefill = prefill
+    return smp(*states[:len(states) - (mixture_alpha is not None)], tokens, mask, key,
+               *states[len(states) - (mixture_alpha is not None):]), prefilled
+
+  shared, rows = sample(True)
+  alone, rows_alone = sample(False)
+  assert rows == [4] and rows_alone == [8]
+  np.testing.assert_array_equal(np.asarray(shared.sequences), np.asarray(alone.sequences))
+  assert len({tuple(r) for r in np.asarray(shared.response_tokens)}) > 3  # rows differ
+  logits = full_logits(pm, alone.sequences, alone.attention_mask)
+  for field in ("response_logprobs", "sampling_logprobs", "model_logprobs"):
+    tolerances.assert_close_rel(
+        getattr(shared, field), getattr(alone, field), rtol=tolerances.LOGPROB_RTOL,
+        scale=tolerances.logprob_scale(logits, alone.response_logprobs),
+        what=f"shared vs per-row prefill: {field}")
 
 
 # ------------------------------------------------------------------------ mixture

@@ -87,6 +87,23 @@ def grow_cache(cache: KVCache, max_length: int) -> KVCache:
       mask=jnp.pad(cache.mask, ((0, 0), (0, pad))), index=cache.index)
 
 
+def select_rows(cache: KVCache, rows: jnp.ndarray) -> KVCache:
+  """The cache whose row b is `cache`'s row `rows[b]` (a gather on the batch axis).
+
+  Lets rows that share a prompt share its prefill: the prompt is run once and
+  its keys, values and mask are copied to every row that holds it. The index
+  is unchanged.
+
+  Args:
+    cache: a KVCache of B rows.
+    rows: [B'] int indices into those rows (repeats allowed).
+  """
+  return KVCache(
+      k=tuple(constrain(jnp.take(x, rows, axis=0), KEY_CACHE_AXES) for x in cache.k),
+      v=tuple(constrain(jnp.take(x, rows, axis=0), VALUE_CACHE_AXES) for x in cache.v),
+      mask=jnp.take(cache.mask, rows, axis=0), index=cache.index)
+
+
 def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
   """Positions counted over real tokens: clip(cumsum(mask) - 1, 0), int32.
 
