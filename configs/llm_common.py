@@ -114,6 +114,10 @@ def default_config() -> ml_collections.ConfigDict:
   # per sampler call: faster GEMMs on CPU, one more copy of the kernels in memory),
   # 'tokens' ([B, 1, D]) or 'auto' ('features' on CPU only). Samples do not depend on it.
   c.sampling.decode_layout = "auto"
+  # Prefill each distinct prompt of a sampler call once (a round's batch holds every
+  # prompt selfplay.num_samples times) and copy its KV cache to the rows that hold it.
+  # Samples do not depend on it.
+  c.sampling.share_prefill = True
 
   c.selfplay = ml_collections.ConfigDict()
   # onpo_jax.selfplay.engine.METHODS names, each trained from the same SFT policy.

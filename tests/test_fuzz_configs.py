@@ -299,6 +299,7 @@ def specs_of_llm(base, paths) -> dict[str, Spec]:
       "sampling.cache_dtype": CHOICE(llm_config.CACHE_DTYPES),
       "sampling.eos_check_every": INT(0), "sampling.cache_segments": INT(1),
       "sampling.decode_layout": CHOICE(llm_config.DECODE_LAYOUTS),
+      "sampling.share_prefill": BOOL,
       "selfplay.global_batch_size": INT(1),
       "selfplay.lr_schedule": CHOICE(("cosine", "constant")),
       "selfplay.warmup_ratio": REAL(0.0, 1.0, hi_open=True),

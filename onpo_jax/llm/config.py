@@ -239,7 +239,8 @@ def validate_config(config) -> None:
                          and all(_is_int(b, 1) for b in v),
                          "a non-empty tuple of prompt lengths (ints >= 1)"),
       "cache_dtype": _choice(CACHE_DTYPES), "eos_check_every": _INT0,
-      "cache_segments": _INT1, "decode_layout": _choice(DECODE_LAYOUTS)})
+      "cache_segments": _INT1, "decode_layout": _choice(DECODE_LAYOUTS),
+      "share_prefill": _BOOL})
   methods_lib.validate_selfplay(sp, _need)
   methods_lib.validate_method_params(config, _need)
   _check(sp, "selfplay", {
@@ -305,8 +306,8 @@ def validate_config(config) -> None:
 def sampling_config(config, **fields) -> SamplingConfig:
   """A `SamplingConfig` with the run's decoding settings from `config.sampling`.
 
-  The prompt buckets, the KV cache's dtype and segments, the EOS-check period
-  and the decoding steps' layout, alike for the rounds' samplers, the
+  The prompt buckets, the KV cache's dtype and segments, the EOS-check period,
+  the decoding steps' layout and the shared prefill of repeated prompts, alike for the rounds' samplers, the
   evaluation's and the memory plan; `fields` give the rest (max_new_tokens,
   temperature, EOS and pad ids, ...).
   """
@@ -314,7 +315,7 @@ def sampling_config(config, **fields) -> SamplingConfig:
   return SamplingConfig(
       prompt_buckets=tuple(sc.prompt_buckets), cache_dtype=sc.cache_dtype,
       eos_check_every=int(sc.eos_check_every) or None, cache_segments=int(sc.cache_segments),
-      decode_layout=str(sc.decode_layout), **fields)
+      decode_layout=str(sc.decode_layout), share_prefill=bool(sc.share_prefill), **fields)
 
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
