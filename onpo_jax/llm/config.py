@@ -307,9 +307,9 @@ def sampling_config(config, **fields) -> SamplingConfig:
   """A `SamplingConfig` with the run's decoding settings from `config.sampling`.
 
   The prompt buckets, the KV cache's dtype and segments, the EOS-check period,
-  the decoding steps' layout and the shared prefill of repeated prompts, alike for the rounds' samplers, the
-  evaluation's and the memory plan; `fields` give the rest (max_new_tokens,
-  temperature, EOS and pad ids, ...).
+  the decoding steps' layout and the shared prefill of repeated prompts, alike
+  for the rounds' samplers, the evaluation's and the memory plan; `fields`
+  give the rest (max_new_tokens, temperature, EOS and pad ids, ...).
   """
   sc = config.sampling
   return SamplingConfig(
