@@ -730,12 +730,12 @@ def test_shared_prefill_gives_the_same_samples(policy, reference, mixture_alpha)
                                         temperature=0.8, share_prefill=share_prefill)
     if mixture_alpha is None:
       smp = sampler_lib.Sampler(nnx.split(pm)[0], config, model_config=pcfg)
-      states = (nnx.state(pm),)
+      states, extra = (nnx.state(pm),), ()
     else:
       smp = sampler_lib.MixtureSampler(nnx.split(pm)[0], nnx.split(rm)[0], config,
                                        policy_model_config=pcfg, ref_model_config=rcfg)
-      states = (nnx.state(pm), nnx.state(rm), mixture_alpha)
-    prefilled = []
+      states, extra = (nnx.state(pm), nnx.state(rm)), (mixture_alpha,)
+    prefilled = []  # rows of each prefill call
     jitted = smp.prefill
 
     def prefill(*args):
@@ -743,15 +743,15 @@ def test_shared_prefill_gives_the_same_samples(policy, reference, mixture_alpha)
       return jitted(*args)
 
     smp.prefill = prefill
-    return smp(*states[:len(states) - (mixture_alpha is not None)], tokens, mask, key,
-               *states[len(states) - (mixture_alpha is not None):]), prefilled
+    return smp(*states, tokens, mask, key, *extra), prefilled
 
   shared, rows = sample(True)
   alone, rows_alone = sample(False)
-  assert rows == [4] and rows_alone == [8]
+  assert rows == [4] and rows_alone == [8]  # 3 prompts, rounded up to 4 rows
   np.testing.assert_array_equal(np.asarray(shared.sequences), np.asarray(alone.sequences))
   assert len({tuple(r) for r in np.asarray(shared.response_tokens)}) > 3  # rows differ
-  logits = full_logits(pm, alone.sequences, alone.attention_mask)
+  models = [pm] if mixture_alpha is None else [pm, rm]
+  logits = np.stack([full_logits(m, alone.sequences, alone.attention_mask) for m in models])
   for field in ("response_logprobs", "sampling_logprobs", "model_logprobs"):
     tolerances.assert_close_rel(
         getattr(shared, field), getattr(alone, field), rtol=tolerances.LOGPROB_RTOL,
