@@ -255,6 +255,7 @@ def test_shared_prefill_on_the_mesh(mesh):
   """A batch of 16 rows holding 4 prompts prefills 4 rows, one per batch shard;
   the rows' caches come back laid out by the sharding rules and the samples
   are those of a prefill of every row."""
+  from onpo_jax import prompt_batches
   from onpo_jax import sampler as sampler_lib
   cfg = config_lib.DecoderConfig.tiny()
   model = sharding.create_sharded_model(cfg, mesh, rngs=_rbg(4))
@@ -268,7 +269,7 @@ def test_shared_prefill_on_the_mesh(mesh):
                                         share_prefill=share_prefill, decode_layout="tokens")
     smp = sampler_lib.Sampler(graphdef, config, model_config=cfg)
     with sharding.activation_sharding(mesh):
-      assert sampler_lib.batch_shards() == 4  # ('data', 'fsdp') of the (2, 2, 2) mesh
+      assert sharding.batch_shards() == 4  # ('data', 'fsdp') of the (2, 2, 2) mesh
       return smp(state, tokens, mask, jax.random.key(5)), smp
 
   shared, smp = sample(True)
@@ -277,8 +278,8 @@ def test_shared_prefill_on_the_mesh(mesh):
   tolerances.assert_close_rel(np.asarray(shared.response_logprobs),
                               np.asarray(alone.response_logprobs),
                               rtol=tolerances.DECODER_RTOL, what="shared prefill on the mesh")
-  padded, pmask = sampler_lib.pad_prompts_to_bucket(tokens, mask, (8,), 0)
-  first, of_row = sampler_lib.distinct_prompt_rows(padded, pmask, 4)
+  padded, pmask = prompt_batches.pad_prompts_to_bucket(tokens, mask, (8,), 0)
+  first, of_row = prompt_batches.distinct_prompt_rows(padded, pmask, 4)
   assert first.shape == (4,)
   with sharding.activation_sharding(mesh):
     caches, _ = smp.prefill((state,), jnp.asarray(padded[first]), jnp.asarray(pmask[first]),

@@ -24,6 +24,7 @@ import pytest
 from flax import nnx
 from scipy import stats
 
+from onpo_jax import prompt_batches
 from onpo_jax import sampler as sampler_lib
 from onpo_jax.models import config as config_lib
 from onpo_jax.models import decoder as decoder_lib
@@ -701,7 +702,7 @@ def test_distinct_prompt_rows():
   tokens = np.array([a, b, a_other_pad, c, a, b, c, a])
   masks = {"a": [0, 0, 1, 1], "b": [0, 1, 1, 1], "c": [1, 1, 1, 1]}
   mask = np.array([masks[r] for r in rows], bool)
-  first, of_row = sampler_lib.distinct_prompt_rows(tokens, mask)
+  first, of_row = prompt_batches.distinct_prompt_rows(tokens, mask)
   assert first.shape == (4,) and of_row.shape == (8,)  # 3 prompts, rounded up to 4 rows
   np.testing.assert_array_equal(mask[first[of_row]], mask)
   np.testing.assert_array_equal(np.where(mask, tokens[first[of_row]], -1),
@@ -709,12 +710,12 @@ def test_distinct_prompt_rows():
   assert len(set(of_row[[0, 2, 4, 7]].tolist())) == 1  # a, whatever its pad slots hold
   assert len({of_row[0], of_row[1], of_row[3]}) == 3  # a, b (other mask), c
   # Rounded up to a multiple of the batch's shards: 8 rows save nothing.
-  assert sampler_lib.distinct_prompt_rows(tokens, mask, multiple=8) is None
-  first, _ = sampler_lib.distinct_prompt_rows(tokens[:6].repeat(2, 0), mask[:6].repeat(2, 0),
+  assert prompt_batches.distinct_prompt_rows(tokens, mask, multiple=8) is None
+  first, _ = prompt_batches.distinct_prompt_rows(tokens[:6].repeat(2, 0), mask[:6].repeat(2, 0),
                                              multiple=3)
   assert first.shape == (6,)  # 3 prompts -> 4 -> a multiple of 3
   # Every row its own prompt: nothing to share.
-  assert sampler_lib.distinct_prompt_rows(tokens[[0, 1, 3]], mask[[0, 1, 3]]) is None
+  assert prompt_batches.distinct_prompt_rows(tokens[[0, 1, 3]], mask[[0, 1, 3]]) is None
 
 
 @pytest.mark.parametrize("mixture_alpha", [None, 0.5])

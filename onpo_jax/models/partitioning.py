@@ -129,3 +129,13 @@ def constrain(x: jnp.ndarray, names: Sequence[str | None]) -> jnp.ndarray:
   mesh, rules = active
   spec = logical_to_spec(names, rules, dict(mesh.shape), x.shape)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_shards() -> int:
+  """Devices over which the enclosing `activation_sharding` splits the batch (1: none)."""
+  active = active_sharding()
+  if active is None:
+    return 1
+  mesh, rules = active
+  spec = logical_to_spec(("batch",), rules, dict(mesh.shape))
+  return math.prod(mesh.shape[a] for a in axes_tuple(spec[0]))

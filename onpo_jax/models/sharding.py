@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from onpo_jax.models.decoder import KEY_CACHE_AXES, VALUE_CACHE_AXES, Decoder
 from onpo_jax.models.partitioning import activation_sharding as activation_sharding
 from onpo_jax.models.partitioning import axes_tuple
+from onpo_jax.models.partitioning import batch_shards as batch_shards
 from onpo_jax.models.partitioning import constrain as constrain
 from onpo_jax.models.partitioning import DEFAULT_RULES as DEFAULT_RULES
 from onpo_jax.models.partitioning import logical_to_spec as logical_to_spec
