@@ -46,6 +46,8 @@ Run (CPU, defaults: 4 layers, d=256, vocab 32k, batch 32, 64 new tokens):
   python -m benchmarks.sampler --filter-logits   # top-k / top-p: bisection vs sort
   python -m benchmarks.sampler --gguf smollm2 --batch 16 --samples-per-prompt 4 \
       --prompt-len 128 --skip-train   # the smollm2 job's sampling: 4 prompts x 4 responses
+  python -m benchmarks.sampler --gguf smollm2 --batch 64 --skip-train --cpu-devices 2   # JAX's
+      # batch over two XLA host devices, one per core (host_devices.py)
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ import transformers
 from flax import nnx
 
 from benchmarks import filter_logits
+from benchmarks import host_devices
 from benchmarks import train_step
 from benchmarks.weights import build_models
 from benchmarks.peaks import gemm_peak, read_bandwidth
@@ -135,7 +138,13 @@ def parse_args(argv=None):
   p.add_argument("--torch-device", default="cpu",
                  help="device of the torch peer ('cuda' on a GPU machine; JAX uses its default "
                       "backend, so run both on the same kind of device)")
-  return p.parse_args(argv)
+  host_devices.add_arg(p)
+  args = p.parse_args(argv)
+  try:
+    host_devices.check(args)
+  except ValueError as e:
+    p.error(str(e))
+  return args
 
 
 def make_prompts(args, rng, vocab):
@@ -187,9 +196,11 @@ def _jax_sampling_time(args, jax_model, tokens, mask, new_tokens, eos_check_ever
   graphdef, state = nnx.split(jax_model)
   smp = sampler_lib.Sampler(graphdef, cfg, model_config=jax_model.config)
   keys = iter(jax.random.split(jax.random.key(args.seed), args.repeats + 2))
+  mesh = host_devices.mesh(args)
 
   def call():
-    jax.block_until_ready(smp(state, tokens, mask, next(keys)))
+    with host_devices.on_mesh(mesh):
+      jax.block_until_ready(smp(state, tokens, mask, next(keys)))
 
   timing = timed_calls(call, args.repeats)
   if trace_dir:
@@ -315,10 +326,11 @@ def bench_training(args, torch_model, jax_model, rng):
   variants = {"token_logprobs": (False, 1), "full_logits": (True, 1),
               "response_logprobs": (False, start)}
   probe = gemm_probe(args.jax_dtype)
+  mesh = host_devices.mesh(args)
   jax_runs, torch_runs = {}, {}
   for name, (full_logits, first) in variants.items():
     call, compile_s, flops = train_step.jax_train_call(jax_model, tokens, attn, resp,
-                                                       full_logits, first)
+                                                       full_logits, first, mesh)
     probed = []
     after = lambda wall, probed=probed: probed.append((wall, probe()))  # noqa: E731
     if args.train_pairs:
@@ -360,6 +372,7 @@ def setup_process(args):
   if args.threads > 0:
     set_xla_threads(args.threads)
     torch.set_num_threads(args.threads)
+  host_devices.request(args.cpu_devices)
   # Left alone, JAX multiplies float32 on GPUs in TF32 and torch in full float32: set
   # both, so a GPU ratio compares the same arithmetic.
   jax.config.update("jax_default_matmul_precision",
@@ -385,6 +398,7 @@ def main(argv=None):
     return
   with tempfile.TemporaryDirectory() as workdir:
     torch_model, jax_model = build_models(args, workdir)
+  host_devices.replicate(jax_model, host_devices.mesh(args))
   c = jax_model.config
   print(f"model: {c.model_type} {c.num_layers} layers, d={c.hidden_size}, "
         f"heads={c.num_heads}/{c.num_kv_heads}, ffn={c.intermediate_size}, vocab={c.vocab_size}, "
@@ -396,7 +410,8 @@ def main(argv=None):
   k = args.samples_per_prompt
   batch = f"batch {args.batch}" + (f" ({args.batch // k}x{k})" if k > 1 else "")
   rows = [("sampling", f"{batch}, prompt<={args.prompt_len}, {args.new_tokens} new tokens"
-           + ("" if args.share_prefill else ", no shared prefill"),
+           + ("" if args.share_prefill else ", no shared prefill")
+           + (f", jax on {args.cpu_devices} cpu devices" if args.cpu_devices > 1 else ""),
            bench_sampling(args, torch_model, jax_model, tokens, mask))]
   if not args.skip_train:
     for variant, rates in bench_training(args, torch_model, jax_model, rng).items():

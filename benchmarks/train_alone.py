@@ -35,6 +35,7 @@ import time
 import numpy as np
 import scipy.stats
 
+from benchmarks import host_devices
 from benchmarks import sampler
 from benchmarks import train_step
 from benchmarks import weights
@@ -70,8 +71,9 @@ def time_side(side, args, checkpoint):
   GEMM peak probed right after it, and of that peak.
   """
   rng = np.random.default_rng(args.seed)
+  mesh = host_devices.mesh(args) if side == "jax" else None
   if side == "jax":
-    model = weights.load_jax_model(args, checkpoint)
+    model = host_devices.replicate(weights.load_jax_model(args, checkpoint), mesh)
     probe = sampler.gemm_probe(args.jax_dtype)
   else:
     model = weights.load_torch_model(args, checkpoint)
@@ -84,7 +86,7 @@ def time_side(side, args, checkpoint):
       probed = []
       (_, wall, cpu), flops = train_step.jax_train_timing(
           model, tokens, attn, resp, full_logits, args.repeats, first,
-          after=lambda seconds, probed=probed: probed.append((seconds, probe())))
+          after=lambda seconds, probed=probed: probed.append((seconds, probe())), mesh=mesh)
       shares = [flops / seconds / 1e9 / peak for seconds, peak in probed]
       extra = dict(gflops=flops / wall / 1e9, peak_share=float(np.median(shares)),
                    peak=float(np.median([peak for _, peak in probed])))

@@ -18,6 +18,7 @@ import optax
 import torch
 from flax import nnx
 
+from benchmarks import host_devices
 from benchmarks.timing import sync, timed
 from onpo_jax.models import decoder as decoder_lib
 
@@ -67,28 +68,37 @@ def train_batch(args, vocab, rng):
   return tokens, attn, resp
 
 
-def jax_train_call(jax_model, tokens, attn, resp, full_logits, first_target=1):
+def jax_train_call(jax_model, tokens, attn, resp, full_logits, first_target=1,
+                   mesh=None):
   """(call, compile seconds, XLA's flop count of one step) of the jitted train step.
 
   call() runs one step on copies of the weights (updated in place, donated)
   and waits for every output. 'token_logprobs' (full_logits False) uses
   `Decoder.token_logprobs` (never stores [B, L, V] logits) from `first_target`
   on; 'full_logits' takes log_softmax of the full logits, as the torch step
-  does.
+  does. With a `mesh` (`host_devices.mesh`; the model's weights placed on
+  it), the batch is spread over its 'data' axis and the step compiled in its
+  activation sharding; the flop count is then summed over the mesh's devices
+  (replicated work, as the optimizer's update of replicated weights, counted
+  on each).
   """
   graphdef, params = nnx.split(jax_model)
   tx = optax.adam(1e-5)
-  batch = tuple(jnp.asarray(x) for x in (np.asarray(tokens, np.int32), attn, resp))
+  batch = tuple(jax.device_put(x, host_devices.batch_sharding(mesh))
+                for x in (np.asarray(tokens, np.int32), attn, resp))
   fresh = jax.tree.map(jnp.copy, params)  # donation must not consume the model's arrays
   carry = [fresh, tx.init(fresh)]
   t0 = time.perf_counter()
   # One compilation serves the flop count and the timed calls.
-  step = make_step(graphdef, tx, full_logits, first_target).lower(
-      carry[0], carry[1], *batch).compile()
+  with host_devices.on_mesh(mesh):
+    step = make_step(graphdef, tx, full_logits, first_target).lower(
+        carry[0], carry[1], *batch).compile()
   compile_s = time.perf_counter() - t0
   cost = step.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  if mesh is not None:  # XLA counts one device's share: the step's is their sum
+    flops *= mesh.size
 
   def jax_step():
     carry[0], carry[1], loss = step(carry[0], carry[1], *batch)
@@ -98,15 +108,16 @@ def jax_train_call(jax_model, tokens, attn, resp, full_logits, first_target=1):
 
 
 def jax_train_timing(jax_model, tokens, attn, resp, full_logits, repeats, first_target=1,
-                     after=None):
+                     after=None, mesh=None):
   """(first, wall, cpu) seconds of `jax_train_call`'s step, and its flop count.
 
   first = compilation + the first call, as `timed`'s first call of a jitted
   function would be. `after(wall_seconds)` runs after each timed call, outside
-  its timing (`timing.timed_calls`).
+  its timing (`timing.timed_calls`) and outside the `mesh`'s context, so that
+  a GEMM probe there runs on one device.
   """
   call, compile_s, flops = jax_train_call(jax_model, tokens, attn, resp, full_logits,
-                                          first_target)
+                                          first_target, mesh)
   first, wall, cpu = timed(call, repeats, after)
   return (compile_s + first, wall, cpu), flops
 
