@@ -2,12 +2,13 @@
 
 XLA:CPU runs a jitted call on one device with its matmuls threaded over the
 cores. With `--xla_force_host_platform_device_count=N` the host instead holds N
-devices; a batch spread over them (mesh axis 'data', weights replicated) runs
-one single-threaded share per core, with no synchronisation inside each
-matmul, at the price of every per-call cost done N times (the optimizer's
-update of replicated weights, the gradients' all-reduce). Whether that pays
-depends on the call (benchmarks/README.md, "`--cpu-devices`"). The torch
-peer is untouched: it keeps `--threads` threads on one process.
+devices; a batch spread over them (mesh axis 'data', weights replicated)
+gives each device its own rows, so no matmul waits for a share computed on
+another core, at the price of every per-call cost not split by rows done N
+times (the optimizer's update of replicated weights, the gradients'
+all-reduce). Whether that pays depends on the call (benchmarks/README.md,
+"`sampler.py --cpu-devices`"). The torch peer is untouched: it keeps
+`--threads` threads in one process.
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ def add_arg(p: argparse.ArgumentParser) -> None:
 
 
 def check(args) -> None:
-  """Raises ValueError naming the flag when the batches do not divide by --cpu-devices."""
+  """Raises ValueError naming the flag when a batch that runs does not divide by --cpu-devices."""
   n = args.cpu_devices
   if n < 1:
     raise ValueError(f"--cpu-devices: expected at least 1, got {n}")
-  for flag, size in (("--batch", args.batch), ("--train-batch", args.train_batch)):
+  batches = [("--batch", args.batch)]
+  if not getattr(args, "skip_train", False):
+    batches.append(("--train-batch", args.train_batch))
+  for flag, size in batches:
     if size % n:
       raise ValueError(f"--cpu-devices {n}: {flag} {size} must be a multiple of it")
 

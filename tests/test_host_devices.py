@@ -81,6 +81,12 @@ def test_bad_device_counts_are_refused_before_any_work(capsys):
   with pytest.raises(SystemExit):
     sampler.parse_args(_TINY + ["--cpu-devices", "0"])
   assert "--cpu-devices: expected at least 1, got 0" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    sampler.parse_args(_TINY + ["--batch", "6", "--cpu-devices", "3"])  # train batch 2
+  assert "--cpu-devices 3: --train-batch 2 must be a multiple of it" in capsys.readouterr().err
+  # Without the train step its batch does not matter.
+  assert sampler.parse_args(_TINY + ["--batch", "6", "--cpu-devices", "3",
+                                     "--skip-train"]).cpu_devices == 3
   with pytest.raises(ValueError, match="--cpu-devices 16: needs 16 CPU devices, JAX has 8"):
     host_devices.mesh(argparse.Namespace(cpu_devices=16))
 
