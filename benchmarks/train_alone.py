@@ -71,8 +71,8 @@ def time_side(side, args, checkpoint):
   GEMM peak probed right after it, and of that peak.
   """
   rng = np.random.default_rng(args.seed)
-  mesh = host_devices.mesh(args) if side == "jax" else None
   if side == "jax":
+    mesh = host_devices.mesh(args)
     model = host_devices.replicate(weights.load_jax_model(args, checkpoint), mesh)
     probe = sampler.gemm_probe(args.jax_dtype)
   else:

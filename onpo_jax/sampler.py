@@ -49,12 +49,11 @@ from flax import nnx
 from onpo_jax.models import decoder as decoder_lib
 from onpo_jax.models import feature_major
 from onpo_jax.models import partitioning
-# Re-exported: the sampler's public API has always included them.
+# Re-exported (these five): the sampler's public API has always included them.
 from onpo_jax.next_token import categorical, filter_logits, geometric_mixture_logprobs
-# Re-exported: the sampler's public API has always included them.
 from onpo_jax.prompt_batches import bucket_length as bucket_length
-from onpo_jax.prompt_batches import distinct_prompt_rows
 from onpo_jax.prompt_batches import pad_prompts_to_bucket as pad_prompts_to_bucket
+from onpo_jax.prompt_batches import distinct_prompt_rows
 # Re-exported with SamplingConfig, which the samplers take.
 from onpo_jax.sampling_config import GPU_EOS_CHECK_EVERY as GPU_EOS_CHECK_EVERY
 from onpo_jax.sampling_config import SamplingConfig

@@ -712,7 +712,7 @@ def test_distinct_prompt_rows():
   # Rounded up to a multiple of the batch's shards: 8 rows save nothing.
   assert prompt_batches.distinct_prompt_rows(tokens, mask, multiple=8) is None
   first, _ = prompt_batches.distinct_prompt_rows(tokens[:6].repeat(2, 0), mask[:6].repeat(2, 0),
-                                             multiple=3)
+                                                multiple=3)
   assert first.shape == (6,)  # 3 prompts -> 4 -> a multiple of 3
   # Every row its own prompt: nothing to share.
   assert prompt_batches.distinct_prompt_rows(tokens[[0, 1, 3]], mask[[0, 1, 3]]) is None
